@@ -1,0 +1,46 @@
+"""The library's exceptions: one small hierarchy, so the CLI can turn each into one line."""
+
+from __future__ import annotations
+
+
+class RetrieveError(Exception):
+    """Base of every error a user can cause; the CLI prints it as one line and exits 1."""
+
+
+class ImageReadError(RetrieveError):
+    """An image file cannot be used; ``reason`` is a short stable tag such as ``truncated``."""
+
+    def __init__(self, path: object, reason: str, detail: str = "") -> None:
+        self.path = str(path)
+        self.reason = reason
+        self.detail = detail
+        message = f"{self.path}: {reason}" + (f" ({detail})" if detail else "")
+        super().__init__(message)
+
+
+class WeightsError(RetrieveError):
+    """Weights cannot be loaded: missing file, corrupt checkpoint, wrong architecture, no download."""
+
+
+class DataError(RetrieveError):
+    """A training or evaluation data set is missing or laid out in a way we cannot read."""
+
+
+class IndexStoreError(RetrieveError):
+    """Base of the errors about an index directory."""
+
+
+class IndexNotFoundError(IndexStoreError):
+    """No index at the given place yet."""
+
+
+class IndexCorruptError(IndexStoreError):
+    """An index directory exists but a file in it is damaged, missing or from another version."""
+
+
+class IndexMismatchError(IndexStoreError):
+    """A query or an update uses a model or preprocessing other than the index was built with."""
+
+
+class IndexLockedError(IndexStoreError):
+    """Another process is writing this index."""
