@@ -1,0 +1,41 @@
+# `make install` builds .venv from nothing; every other target installs first if needed.
+# Pick the torch build with TORCH_INDEX, e.g. the CPU-only wheels:
+#   make install TORCH_INDEX=https://download.pytorch.org/whl/cpu
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+TORCH_INDEX ?=
+STAMP := $(VENV)/.installed
+
+.PHONY: install test test-all lint format demo bench clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+ifneq ($(TORCH_INDEX),)
+	$(BIN)/python -m pip install --index-url $(TORCH_INDEX) torch torchvision
+endif
+	$(BIN)/python -m pip install -e '.[dev]'
+	touch $@
+
+test: install
+	$(BIN)/python -m pytest -q
+
+lint: install
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+format: install
+	$(BIN)/ruff format .
+	$(BIN)/ruff check --fix .
+
+demo: install
+	$(BIN)/retrieve demo
+
+bench: install
+	$(BIN)/python bench/extract.py
+	$(BIN)/python bench/search.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache *.egg-info demo-out bench-out .retrieve

@@ -1,0 +1,383 @@
+"""``retrieve index``: make an index directory follow an image folder.
+
+The run is: walk the folder, plan what changed (``indexes.sync``), extract fc7 for new and edited
+files into staged chunks (``indexes.staging``, so a killed run resumes), then commit one new
+generation (``indexes.store``). Bad files become skipped rows with a reason; the run goes on.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from . import __version__
+from .errors import IndexMismatchError, RetrieveError
+from .extract import ExtractOptions, StageTimes, extract_fc7
+from .images import find_images
+from .weights import LoadedModel, load_model
+from .indexes import kinds, store
+from .indexes.staging import Staging, StagedFile, iter_chunk_features
+from .indexes.sync import DiskFile, SyncPlan, plan_sync, stat_files
+
+log = logging.getLogger(__name__)
+
+DEFAULT_CHUNK_SIZE = 1024
+TRAINING_SEED = 1234
+
+
+@dataclass
+class IndexReport:
+    """What a run did, for the summary line and ``--json``."""
+
+    index_dir: str
+    added: int = 0
+    updated: int = 0
+    removed: int = 0
+    unchanged: int = 0
+    touched: int = 0
+    skipped: int = 0
+    skip_reasons: dict[str, int] = field(default_factory=dict)
+    skipped_files: list[dict[str, str]] = field(default_factory=list)
+    walk_problems: list[dict[str, str]] = field(default_factory=list)
+    extracted: int = 0  # files run through the model in this run
+    resumed: int = 0  # files taken from chunks an earlier, interrupted run finished
+    count: int = 0
+    total_skipped: int = 0
+    index_kind: str = ""
+    index_kind_reason: str = ""
+    seconds: float = 0.0
+    times: dict[str, float] = field(default_factory=dict)
+
+    def summary(self) -> str:
+        reasons = ", ".join(f"{n} {r}" for r, n in sorted(self.skip_reasons.items()))
+        text = (
+            f"{self.added} added, {self.updated} updated, {self.removed} removed, "
+            f"{self.unchanged + self.touched} unchanged, {self.skipped} skipped"
+        )
+        if reasons:
+            text += f" ({reasons})"
+        return text + f"; the index holds {self.count} images ({self.index_dir})"
+
+
+@dataclass(frozen=True)
+class IndexOptions:
+    weights: str | None = None  # None: the index's own model, else "imagenet"
+    spec: kinds.IndexSpec | None = None  # None: the index's own kind, Flat for a new one
+    memory_budget: int | None = None
+    rebuild: bool = False
+    strict: bool = False
+    chunk_size: int = DEFAULT_CHUNK_SIZE
+    extract: ExtractOptions = field(default_factory=ExtractOptions)
+
+
+def default_index_dir() -> Path:
+    """``$RETRIEVE_INDEX`` or ``.retrieve`` in the current directory."""
+    return Path(os.environ.get("RETRIEVE_INDEX") or ".retrieve")
+
+
+def index_folder(
+    images_dir: Path,
+    index_dir: Path | None = None,
+    options: IndexOptions = IndexOptions(),
+    progress: Callable[[int, int], None] | None = None,
+) -> IndexReport:
+    """Index every image under ``images_dir``; on an existing index, apply only the changes."""
+    started = time.perf_counter()
+    index_dir = Path(index_dir or default_index_dir())
+    root = Path(os.path.abspath(images_dir))
+    paths, problems = find_images(root)
+    report = IndexReport(index_dir=str(index_dir))
+    report.walk_problems = [{"path": str(p.path), "reason": p.reason} for p in problems]
+    for problem in problems:
+        log.warning("%s: %s", problem.path, problem.reason)
+    with store.write_lock(index_dir):
+        base = _open_base(index_dir)
+        store.remove_unreferenced(index_dir, base.manifest if base else None)
+        loaded = _choose_model(base, options)
+        if base and options.rebuild:
+            base_rows: list[store.Row] = []
+        else:
+            base_rows = list(base.iter_rows(under=str(root))) if base else []
+        _check_compatible(base, loaded, options)
+        disk, stat_problems = stat_files(paths)
+        for path, why in stat_problems:
+            report.walk_problems.append({"path": path, "reason": why})
+        plan = plan_sync(disk, base_rows)
+        if base and not options.rebuild and plan.is_empty:
+            report.unchanged, report.count = plan.unchanged, base.count
+            report.total_skipped = int(base.manifest.get("skipped", 0))
+            report.index_kind = base.manifest["index"]["kind"]
+            report.seconds = time.perf_counter() - started
+            base.close()
+            return report
+        staging = Staging(index_dir, _staging_identity(loaded, options))
+        times = _extract_to_staging(plan.extract, loaded, options, staging, report, progress)
+        _commit(index_dir, base, loaded, options, plan, staging, root, report)
+        staging.clear()
+    report.seconds = time.perf_counter() - started
+    times.wall = report.seconds
+    report.times = {k: round(v, 3) for k, v in vars(times).items()}
+    return report
+
+
+def _open_base(index_dir: Path) -> store.Snapshot | None:
+    if not (index_dir / store.MANIFEST).exists():
+        return None
+    return store.open_snapshot(index_dir)
+
+
+def _choose_model(base: store.Snapshot | None, options: IndexOptions) -> LoadedModel:
+    device = options.extract.device
+    if options.weights:
+        return load_model(options.weights, device="cpu" if device == "auto" else device)
+    if base and not options.rebuild:
+        return load_model(base.manifest["model"]["source"], device="cpu")
+    return load_model("imagenet", device="cpu")
+
+
+def _check_compatible(
+    base: store.Snapshot | None, loaded: LoadedModel, options: IndexOptions
+) -> None:
+    if base is None or options.rebuild:
+        return
+    recorded = base.manifest["model"]
+    if recorded["sha256"] != loaded.sha256:
+        raise IndexMismatchError(
+            f"the index at {base.directory} was built with other weights ({recorded['source']}, "
+            f"sha256 {recorded['sha256'][:12]}); add --rebuild to rebuild it with "
+            f"{loaded.source}"
+        )
+    wanted = options.spec
+    if wanted and wanted.kind != "auto" and wanted != kinds.IndexSpec.from_dict(
+        base.manifest["index"]
+    ):
+        raise IndexMismatchError(
+            f"the index at {base.directory} is {base.manifest['index']['kind']}; add --rebuild "
+            "to change its kind, reduction or normalisation"
+        )
+
+
+def _staging_identity(loaded: LoadedModel, options: IndexOptions) -> dict[str, Any]:
+    return {
+        "model": loaded.sha256,
+        "preprocessing": loaded.preprocessing.to_dict(),
+        "max_megapixels": options.extract.max_megapixels,
+    }
+
+
+def _extract_to_staging(
+    files: list[DiskFile],
+    loaded: LoadedModel,
+    options: IndexOptions,
+    staging: Staging,
+    report: IndexReport,
+    progress: Callable[[int, int], None] | None,
+) -> StageTimes:
+    """Run the model on files not already staged, writing a chunk every ``chunk_size`` files."""
+    staged = staging.load_entries()
+    todo = [f for f in files if (f.path, f.size, f.mtime_ns) not in staged]
+    report.resumed = len(files) - len(todo)
+    if report.resumed:
+        log.info("resuming: %d files already extracted by an interrupted run", report.resumed)
+    times = StageTimes()
+    pending: list[StagedFile] = []
+    pending_features: list[np.ndarray] = []
+    done = report.resumed
+    if progress:
+        progress(done, len(files))
+    for batch in extract_fc7([Path(f.path) for f in todo], loaded, options.extract):
+        times.add(batch.times)
+        row = sum(len(x) for x in pending_features)
+        for record in batch.records:
+            disk = todo[record.position]
+            if record.ok:
+                item = StagedFile(disk.path, disk.size, disk.mtime_ns, record.sha256, row=row)
+                row += 1
+            else:
+                if options.strict:
+                    raise RetrieveError(
+                        f"{record.path}: {record.reason} {record.detail} (--strict: stopped; "
+                        "the files done so far are kept for the next run)".replace("  ", " ")
+                    )
+                detail = f" ({record.detail})" if record.detail else ""
+                log.warning("skipped %s: %s%s", record.path, record.reason, detail)
+                item = StagedFile(
+                    disk.path, disk.size, disk.mtime_ns, record.sha256, record.reason,
+                    record.detail,
+                )
+            pending.append(item)
+        pending_features.append(batch.features)
+        done += len(batch.records)
+        if progress:
+            progress(done, len(files))
+        if len(pending) >= options.chunk_size:
+            write_start = time.perf_counter()
+            staging.write_chunk(pending, np.concatenate(pending_features))
+            times.write += time.perf_counter() - write_start
+            pending, pending_features = [], []
+    if pending:
+        staging.write_chunk(pending, np.concatenate(pending_features))
+    report.extracted = len(todo)
+    return times
+
+
+def _label(path: str) -> str:
+    return Path(path).parent.name
+
+
+def _commit(
+    index_dir: Path,
+    base: store.Snapshot | None,
+    loaded: LoadedModel,
+    options: IndexOptions,
+    plan: SyncPlan,
+    staging: Staging,
+    root: Path,
+    report: IndexReport,
+) -> None:
+    """Apply the plan and the staged features as one new generation."""
+    wanted = {(f.path, f.size, f.mtime_ns) for f in plan.extract}
+    chunks = staging.chunk_paths()
+    fresh = base is None or options.rebuild
+    if fresh:
+        n_new = sum(
+            1 for records, _ in iter_chunk_features(chunks) for r in records
+            if r.reason is None and r.key in wanted
+        )
+        spec, why = kinds.resolve_auto(
+            options.spec or kinds.IndexSpec(), n_new, loaded_dim(loaded), options.memory_budget
+        )
+        sample = _training_sample(chunks, wanted, spec, loaded_dim(loaded), n_new)
+        index = kinds.build_index(spec, loaded_dim(loaded), sample)
+    else:
+        spec = kinds.IndexSpec.from_dict(base.manifest["index"])
+        index = base.index
+        why = base.manifest.get("index_reason", "")
+    report.index_kind, report.index_kind_reason = spec.kind, why
+    writer = store.GenerationWriter(index_dir, base, copy_rows=not fresh)
+    try:
+        vector_ids_to_drop = [row.id for row in plan.remove if row.status == "indexed"]
+        writer.delete_rows([row.id for row in plan.remove])
+        writer.upsert_rows([
+            store.RowUpdate(d.path, d.size, d.mtime_ns, row.sha256, row.label, row.status,
+                            row.reason, row.detail, id=row.id)
+            for row, d in plan.touch
+        ])
+        for row in plan.existing.values():
+            if row.status == "indexed":
+                vector_ids_to_drop.append(row.id)
+        if vector_ids_to_drop:
+            index = kinds.remove_ids(index, np.asarray(vector_ids_to_drop, dtype=np.int64))
+        reasons: Counter[str] = Counter()
+        for records, features in iter_chunk_features(chunks):
+            keep = [r for r in records if r.key in wanted]
+            wanted.difference_update(r.key for r in keep)
+            updates = []
+            for r in keep:
+                previous = plan.existing.get(r.path)
+                status = "indexed" if r.reason is None else "skipped"
+                updates.append(store.RowUpdate(
+                    r.path, r.size, r.mtime_ns, r.sha256, _label(r.path), status, r.reason,
+                    r.detail or None, id=previous.id if previous else None,
+                ))
+                if r.reason is not None:
+                    reasons[r.reason] += 1
+                    report.skipped_files.append(
+                        {"path": r.path, "reason": r.reason, "detail": r.detail}
+                    )
+                elif previous:
+                    report.updated += 1
+                else:
+                    report.added += 1
+            ids = writer.upsert_rows(updates)
+            good = [(i, r.row) for i, r in zip(ids, keep) if r.reason is None]
+            if good:
+                index.add_with_ids(
+                    np.ascontiguousarray(features[[row for _, row in good]]),
+                    np.asarray([i for i, _ in good], dtype=np.int64),
+                )
+        report.removed = len(plan.remove)
+        report.unchanged, report.touched = plan.unchanged, len(plan.touch)
+        report.skipped = sum(reasons.values())
+        report.skip_reasons = dict(reasons)
+        now = datetime.now(timezone.utc).isoformat(timespec="seconds")
+        manifest = {
+            "retrieve_version": __version__,
+            "created": base.manifest.get("created", now) if base and not fresh else now,
+            "updated": now,
+            "model": loaded.describe(),
+            "metric": "l2",
+            "index": spec.to_dict(),
+            "index_reason": why,
+        }
+        snapshot = writer.commit(index, manifest)
+    except BaseException:
+        writer.abort()
+        raise
+    report.count = snapshot.count
+    report.total_skipped = int(snapshot.manifest["skipped"])
+    snapshot.close()
+
+
+def loaded_dim(loaded: LoadedModel) -> int:
+    return int(loaded.model.classifier[4].out_features)
+
+
+def _training_sample(
+    chunks: list[Path], wanted: set, spec: kinds.IndexSpec, dim: int, available: int
+) -> np.ndarray | None:
+    """A seeded random sample of the new features, gathered chunk by chunk (memory stays flat)."""
+    if not kinds.needs_training(spec, dim):
+        return None
+    size = min(kinds.training_sample_size(spec, dim), available)
+    picked = set(np.random.default_rng(TRAINING_SEED).choice(available, size, replace=False).tolist())
+    parts, position = [], 0
+    for records, features in iter_chunk_features(chunks):
+        rows = []
+        for r in records:
+            if r.reason is None and r.key in wanted:
+                if position in picked:
+                    rows.append(r.row)
+                position += 1
+        parts.append(features[rows])
+    return np.concatenate(parts) if parts else np.zeros((0, dim), np.float32)
+
+
+def remove_from_index(paths: list[Path], index_dir: Path) -> dict[str, list[str]]:
+    """``retrieve remove``: drop rows by path (a folder drops everything under it)."""
+    with store.write_lock(index_dir):
+        base = store.open_snapshot(index_dir)
+        doomed: dict[int, store.Row] = {}
+        missing = []
+        for path in paths:
+            row = base.row_for_path(str(path))
+            found = ([row] if row else []) + list(base.iter_rows(under=str(path)))
+            if not found:
+                missing.append(str(path))
+            doomed.update((row.id, row) for row in found)
+        if not doomed:
+            base.close()
+            return {"removed": [], "not_in_index": missing}
+        vector_ids = [i for i, row in doomed.items() if row.status == "indexed"]
+        index = base.index
+        if vector_ids:
+            index = kinds.remove_ids(index, np.asarray(vector_ids, dtype=np.int64))
+        writer = store.GenerationWriter(index_dir, base)
+        try:
+            writer.delete_rows(list(doomed))
+            now = datetime.now(timezone.utc).isoformat(timespec="seconds")
+            keep = {k: v for k, v in base.manifest.items() if k not in ("files", "count")}
+            writer.commit(index, {**keep, "updated": now}).close()
+        except BaseException:
+            writer.abort()
+            raise
+        return {"removed": sorted(row.path for row in doomed.values()), "not_in_index": missing}
