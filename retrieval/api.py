@@ -21,6 +21,7 @@ from .images import find_images
 from .indexes import store
 from .indexes.kinds import IndexSpec
 from .indexing import IndexOptions, IndexReport, default_index_dir, index_folder
+from .quality import RecallReport, RetrievalQuality, evaluate_recall, evaluate_retrieval
 from .search import QueryResult, SearchOptions, display_path, search_images
 
 __all__ = [
@@ -29,9 +30,13 @@ __all__ = [
     "IndexReport",
     "IndexSpec",
     "QueryResult",
+    "RecallReport",
+    "RetrievalQuality",
     "SearchOptions",
     "default_index_dir",
     "draw_grid",
+    "evaluate_recall",
+    "evaluate_retrieval",
     "index_folder",
     "index_info",
     "pick_queries",

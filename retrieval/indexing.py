@@ -22,7 +22,7 @@ import numpy as np
 from . import __version__
 from .errors import IndexMismatchError, RetrieveError
 from .extract import ExtractOptions, StageTimes, extract_fc7
-from .images import find_images
+from .images import IMAGE_SUFFIXES, find_images
 from .weights import LoadedModel, load_model
 from .indexes import kinds, store
 from .indexes.staging import Staging, StagedFile, iter_chunk_features
@@ -96,6 +96,9 @@ def index_folder(
     root = Path(os.path.abspath(images_dir))
     paths, problems = find_images(root)
     report = IndexReport(index_dir=str(index_dir))
+    if not paths:
+        suffixes = ", ".join(sorted(IMAGE_SUFFIXES))
+        raise RetrieveError(f"no images found in {images_dir} (looked for {suffixes})")
     report.walk_problems = [{"path": str(p.path), "reason": p.reason} for p in problems]
     for problem in problems:
         log.warning("%s: %s", problem.path, problem.reason)

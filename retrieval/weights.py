@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import io
 import logging
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -86,9 +86,10 @@ def _load_imagenet() -> LoadedModel:
     from torchvision.models import AlexNet_Weights
 
     weights = AlexNet_Weights.IMAGENET1K_V1
+    said = io.StringIO()
     try:
-        # torchvision prints "Downloading ..." on stdout; stdout is for results.
-        with contextlib.redirect_stdout(sys.stderr):
+        # torch.hub prints "Downloading ..." on stdout, which is for results: log it instead.
+        with contextlib.redirect_stdout(said):
             state = weights.get_state_dict(progress=True, check_hash=True)
     except Exception as exc:  # URLError, HTTPError, OSError, hash mismatch: all mean "not here"
         cache = Path(torch.hub.get_dir()) / "checkpoints" / Path(weights.url).name
@@ -97,6 +98,9 @@ def _load_imagenet() -> LoadedModel:
             f"put {Path(weights.url).name} in {cache.parent}, or use --weights PATH "
             "or train a model with `retrieve train`"
         ) from exc
+    finally:
+        if said.getvalue().strip():
+            log.info(said.getvalue().strip())
     model = AlexNet(ModelArgs())
     model.load_state_dict(state)
     return LoadedModel(

@@ -1,0 +1,166 @@
+"""Every command through click's CliRunner, plus real runs of the installed `retrieve`."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+from PIL import Image
+
+from retrieval.cli.main import cli
+
+
+def run(*args: str, ok: bool = True):
+    result = CliRunner().invoke(cli, [str(a) for a in args], catch_exceptions=False)
+    if ok:
+        assert result.exit_code == 0, result.output + result.stderr
+    return result
+
+
+@pytest.fixture
+def indexed(photos: Path, in_tmp: Path, small_model: Path) -> Path:
+    """./images indexed into ./.retrieve, as in the README."""
+    shutil.copytree(photos, in_tmp / "images")
+    run("index", "images", "--weights", small_model)
+    return in_tmp / "images"
+
+
+def test_index_prints_a_summary_on_stdout(photos, in_tmp, small_model) -> None:
+    shutil.copytree(photos, in_tmp / "images")
+    result = run("index", "images", "--weights", small_model)
+    assert "12 added" in result.stdout and "holds 12 images" in result.stdout
+    again = run("index", "images")
+    assert "0 added" in again.stdout and "12 unchanged" in again.stdout
+
+
+def test_index_json_summary(photos, in_tmp, small_model) -> None:
+    shutil.copytree(photos, in_tmp / "images")
+    (in_tmp / "images" / "junk.jpg").write_text("not an image")
+    data = json.loads(run("index", "images", "--weights", small_model, "--json").stdout)
+    assert data["added"] == 12 and data["skipped"] == 1
+    assert data["skip_reasons"] == {"not an image": 1}
+
+
+def test_query_lists_k_neighbours_nearest_first(indexed) -> None:
+    query = sorted(indexed.rglob("*.png"))[0]
+    lines = run("query", query, "-k", "6").stdout.splitlines()
+    assert lines[0] == str(query.relative_to(indexed.parent))
+    assert len(lines) == 7
+    distances = [float(line.split()[1]) for line in lines[1:]]
+    assert distances == sorted(distances) and distances[0] < 1e-3
+
+
+def test_query_json_is_one_object_per_query_with_openable_paths(indexed) -> None:
+    queries = sorted(indexed.rglob("*.png"))[:2]
+    lines = run("query", *queries, "-k", "3", "--json").stdout.splitlines()
+    assert len(lines) == 2
+    for line, query in zip(lines, queries):
+        data = json.loads(line)
+        assert data["query"] == str(query.relative_to(indexed.parent))
+        assert [n["rank"] for n in data["neighbors"]] == [1, 2, 3]
+        for neighbor in data["neighbors"]:
+            assert Path(neighbor["path"]).exists()
+            assert set(neighbor) >= {"rank", "path", "distance", "label"}
+
+
+def test_query_a_folder_answers_every_image(indexed) -> None:
+    lines = run("query", indexed, "-k", "2", "--json").stdout.splitlines()
+    assert len(lines) == 12
+
+
+def test_grid_writes_a_png_with_one_row_per_query(indexed, in_tmp) -> None:
+    result = run("grid", indexed, "-o", "grid.png", "-k", "6", "--n", "3", "--tile", "64")
+    assert "grid.png" in result.stdout
+    with Image.open(in_tmp / "grid.png") as image:
+        width, height = image.size
+    assert width > 7 * 64 and height > 3 * 64
+
+
+def test_info_describes_the_index(indexed) -> None:
+    text = run("info").stdout
+    assert "12 indexed" in text and "fc7" in text and "Flat" in text
+    data = json.loads(run("info", "--json").stdout)
+    assert data["count"] == 12 and data["dim"] == 4096 and data["layer"] == "fc7"
+
+
+def test_remove_then_query_no_longer_finds_the_file(indexed) -> None:
+    victim = sorted(indexed.rglob("*.png"))[0]
+    assert "removed 1" in run("remove", victim).stdout
+    data = json.loads(run("query", victim, "-k", "11", "--json").stdout)
+    assert all(Path(n["path"]).resolve() != victim.resolve() for n in data["neighbors"])
+
+
+def test_evaluate_retrieval_reports_precision_and_map(indexed) -> None:
+    data = json.loads(run("evaluate", indexed, "--retrieval", "-k", "3", "--json").stdout)
+    assert 0 <= data["precision@3"] <= 1 and 0 <= data["mean_average_precision"] <= 1
+
+
+@pytest.mark.parametrize(
+    ("args", "code", "message"),
+    [
+        (["index", "no-such-folder"], 2, "does not exist"),
+        (["query", "missing.jpg"], 2, "does not exist"),
+        (["query", "q.png", "-k", "0"], 2, "-k"),
+        (["query", "q.png"], 1, "no index"),
+        (["info"], 1, "no index"),
+        (["index", "images", "--weights", "missing.pt"], 1, "not found"),
+        (["index", "images", "--weights", "corrupt.pt"], 1, "cannot read weights"),
+        (["index", "q.png"], 2, "is a file"),
+        (["index", "empty"], 1, "no images"),
+    ],
+)
+def test_user_mistakes_get_one_line_and_an_exit_code(
+    photos, in_tmp, args, code, message
+) -> None:
+    shutil.copytree(photos, in_tmp / "images")
+    shutil.copy(sorted(photos.rglob("*.png"))[0], in_tmp / "q.png")
+    (in_tmp / "corrupt.pt").write_bytes(b"garbage")
+    (in_tmp / "empty").mkdir()
+    result = CliRunner().invoke(cli, args)
+    assert result.exit_code == code, result.output
+    assert message in result.stderr
+    assert "Traceback" not in result.output
+    if code == 1:
+        assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_k_larger_than_the_index_is_an_error(indexed) -> None:
+    result = CliRunner().invoke(cli, ["query", str(sorted(indexed.rglob("*.png"))[0]), "-k", "50"])
+    assert result.exit_code == 1 and "use -k 12" in result.stderr
+
+
+def _retrieve() -> str:
+    found = shutil.which("retrieve", path=os.path.dirname(sys.executable))
+    assert found, "the retrieve console script is not installed"
+    return found
+
+
+def test_installed_retrieve_answers_help_at_once() -> None:
+    start = time.perf_counter()
+    result = subprocess.run([_retrieve(), "--help"], capture_output=True, text=True, check=True)
+    assert time.perf_counter() - start < 1.0
+    for command in ("index", "query", "grid", "info", "train"):
+        assert command in result.stdout
+
+
+def test_installed_retrieve_indexes_and_queries_as_the_readme_says(photos, in_tmp, small_model):
+    shutil.copytree(photos, in_tmp / "images")
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    index = subprocess.run([_retrieve(), "index", "./images", "--weights", str(small_model)],
+                           capture_output=True, text=True, env=env)
+    assert index.returncode == 0, index.stderr
+    query = sorted(Path("images").rglob("*.png"))[0]
+    result = subprocess.run([_retrieve(), "query", str(query), "-k", "6"],
+                            capture_output=True, text=True, env=env)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines()[1].split()[2] == str(query)
+    bad = subprocess.run([_retrieve(), "query", str(query), "-k", "0"], capture_output=True,
+                         text=True)
+    assert bad.returncode == 2 and "Traceback" not in bad.stderr

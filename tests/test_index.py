@@ -1,0 +1,244 @@
+"""Indexing and searching through the library: exact answers, incremental updates, consistency."""
+
+from __future__ import annotations
+
+import os
+import random
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from retrieval import api
+from retrieval.errors import (
+    IndexCorruptError,
+    IndexLockedError,
+    IndexMismatchError,
+    IndexNotFoundError,
+    RetrieveError,
+)
+from retrieval.extract import ExtractOptions, extract_images
+from retrieval.indexes import store
+from retrieval.indexing import IndexOptions
+from retrieval.weights import load_model
+from tests.corpus import make_image
+
+
+def _index(folder: Path, index_dir: Path, weights: Path | str | None, **kw) -> api.IndexReport:
+    options = IndexOptions(weights=str(weights) if weights else None, **kw)
+    return api.index_folder(folder, index_dir, options)
+
+
+def _stored(index_dir: Path) -> dict[str, np.ndarray]:
+    """path -> stored vector, through the FAISS index and the rows."""
+    snapshot = store.open_snapshot(index_dir)
+    index = snapshot.index
+    rows = list(snapshot.iter_rows(status="indexed"))
+    vectors = {row.path: index.reconstruct(row.id) for row in rows}
+    assert index.ntotal == len(rows) == snapshot.count
+    snapshot.close()
+    return vectors
+
+
+def test_query_equals_numpy_brute_force(photos: Path, tmp_path: Path, small_model: Path) -> None:
+    index_dir = tmp_path / "idx"
+    report = _index(photos, index_dir, small_model)
+    assert report.added == 12 and report.count == 12
+    stored = _stored(index_dir)
+    paths = sorted(stored)
+    database = np.stack([stored[p] for p in paths])
+
+    queries = [Path(paths[0]), Path(paths[5]), Path(paths[11])]
+    results = api.search_images(queries, index_dir, api.SearchOptions(k=6))
+    query_features, _ = extract_images(queries, load_model(small_model),
+                                       ExtractOptions(device="cpu"))
+    for result, feature in zip(results, query_features):
+        distances = np.sqrt(((database - feature) ** 2).sum(axis=1))
+        order = np.argsort(distances, kind="stable")[:6]
+        got = [os.path.abspath(n.path) for n in result.neighbors]
+        assert got == [paths[i] for i in order]
+        np.testing.assert_allclose([n.distance for n in result.neighbors], distances[order],
+                                   rtol=1e-4, atol=1e-3)
+
+
+def test_indexed_image_finds_itself_first(photos, tmp_path, small_model) -> None:
+    index_dir = tmp_path / "idx"
+    _index(photos, index_dir, small_model)
+    query = sorted(photos.rglob("*.png"))[3]
+    (result,) = api.search_images([query], index_dir, api.SearchOptions(k=3))
+    assert os.path.samefile(result.neighbors[0].path, query)
+    assert result.neighbors[0].distance < 1e-3
+    assert result.neighbors[0].label == query.parent.name
+    assert [n.rank for n in result.neighbors] == [1, 2, 3]
+
+
+def test_rows_record_path_size_mtime_and_label(photos, tmp_path, small_model) -> None:
+    index_dir = tmp_path / "idx"
+    _index(photos, index_dir, small_model)
+    snapshot = store.open_snapshot(index_dir)
+    for row in snapshot.iter_rows():
+        stat = os.stat(row.path)
+        assert (row.size, row.mtime_ns) == (stat.st_size, stat.st_mtime_ns)
+        assert row.label == Path(row.path).parent.name and row.status == "indexed"
+    assert snapshot.manifest["model"]["layer"] == "fc7"
+    assert snapshot.manifest["dim"] == 4096 and snapshot.manifest["metric"] == "l2"
+    snapshot.close()
+
+
+def test_incremental_update_extracts_only_changed_files_and_equals_a_rebuild(
+    tmp_path: Path, small_model: Path
+) -> None:
+    folder = tmp_path / "photos"
+    for i in range(40):
+        make_image(folder / f"c{i % 4}" / f"{i:03d}.png", seed=i)
+    index_dir = tmp_path / "idx"
+    _index(folder, index_dir, small_model)
+
+    make_image(folder / "c0" / "000.png", seed=1000)  # edited
+    (folder / "c1" / "001.png").unlink()  # deleted
+    make_image(folder / "c2" / "new.png", seed=2000)  # added
+    os.utime(folder / "c3" / "003.png", ns=(1, 1))  # touched, same content
+    report = _index(folder, index_dir, None)
+    assert (report.added, report.updated, report.removed) == (1, 1, 1)
+    assert report.extracted == 2 and report.touched == 1
+
+    rebuilt = tmp_path / "rebuilt"
+    _index(folder, rebuilt, small_model)
+    incremental, full = _stored(index_dir), _stored(rebuilt)
+    assert sorted(incremental) == sorted(full)
+    for path in full:
+        np.testing.assert_allclose(incremental[path], full[path], atol=1e-4)
+
+
+def test_ids_stay_stable_across_updates(photos, tmp_path, small_model) -> None:
+    index_dir = tmp_path / "idx"
+    _index(photos, index_dir, small_model)
+    before = {r.path: r.id for r in store.open_snapshot(index_dir).iter_rows()}
+    victim = sorted(photos.rglob("*.png"))[0]
+    victim.unlink()
+    make_image(photos / "new" / "x.png", seed=99)
+    _index(photos, index_dir, None)
+    after = {r.path: r.id for r in store.open_snapshot(index_dir).iter_rows()}
+    for path, row_id in after.items():
+        if path in before:
+            assert before[path] == row_id
+    assert after[str(photos / "new" / "x.png")] > max(before.values())
+
+
+def test_random_add_change_delete_sequences_keep_rows_and_vectors_in_agreement(
+    tmp_path: Path, small_model: Path
+) -> None:
+    rng = random.Random(3)
+    folder = tmp_path / "photos"
+    names = [folder / f"c{i % 3}" / f"{i}.png" for i in range(20)]
+    for i, path in enumerate(names[:10]):
+        make_image(path, seed=i)
+    index_dir = tmp_path / "idx"
+    _index(folder, index_dir, small_model)
+    for step in range(4):
+        for path in rng.sample(names, 5):
+            if path.exists() and rng.random() < 0.5:
+                path.unlink()
+            else:
+                make_image(path, seed=100 * step + names.index(path))
+        _index(folder, index_dir, None)
+        stored = _stored(index_dir)  # asserts ntotal == indexed rows
+        on_disk = {str(p) for p in names if p.exists()}
+        assert set(stored) == on_disk
+        features, _ = extract_images(sorted(map(Path, on_disk)), load_model(small_model),
+                                     ExtractOptions(device="cpu"))
+        for path, feature in zip(sorted(on_disk), features):
+            np.testing.assert_allclose(stored[path], feature, atol=1e-4)
+
+
+def test_remove_drops_rows_and_vectors(photos, tmp_path, small_model) -> None:
+    index_dir = tmp_path / "idx"
+    _index(photos, index_dir, small_model)
+    first_class = sorted(p for p in photos.iterdir())[0]
+    result = api.remove_paths([first_class, tmp_path / "not-there.png"], index_dir)
+    assert len(result["removed"]) == 4 and len(result["not_in_index"]) == 1
+    stored = _stored(index_dir)
+    assert len(stored) == 8 and not any(p.startswith(str(first_class)) for p in stored)
+
+
+def test_query_with_other_weights_is_refused(photos, tmp_path, small_model) -> None:
+    index_dir = tmp_path / "idx"
+    _index(photos, index_dir, small_model)
+    with pytest.raises(IndexMismatchError, match="not the model this index was built with"):
+        api.search_images([next(photos.rglob("*.png"))], index_dir,
+                          api.SearchOptions(k=2, weights="random:9"))
+
+
+def test_reindex_with_other_weights_needs_rebuild(photos, tmp_path, small_model) -> None:
+    index_dir = tmp_path / "idx"
+    _index(photos, index_dir, small_model)
+    with pytest.raises(IndexMismatchError, match="--rebuild"):
+        _index(photos, index_dir, "random:1")
+
+
+def test_k_larger_than_the_index_says_how_many(photos, tmp_path, small_model) -> None:
+    index_dir = tmp_path / "idx"
+    _index(photos, index_dir, small_model)
+    with pytest.raises(RetrieveError, match="holds 12 images; use -k 12"):
+        api.search_images([next(photos.rglob("*.png"))], index_dir, api.SearchOptions(k=13))
+
+
+def test_missing_index_is_reported(tmp_path) -> None:
+    with pytest.raises(IndexNotFoundError, match="retrieve index"):
+        api.index_info(tmp_path / "nothing")
+
+
+@pytest.mark.parametrize("damage", ["truncate-vectors", "delete-rows", "edit-manifest",
+                                    "old-version", "garbage-manifest"])
+def test_damaged_index_is_one_clear_error(photos, tmp_path, small_model, damage) -> None:
+    import json
+
+    index_dir = tmp_path / "idx"
+    _index(photos, index_dir, small_model)
+    manifest = json.loads((index_dir / "manifest.json").read_text())
+    vectors = index_dir / manifest["files"]["vectors"]
+    if damage == "truncate-vectors":
+        vectors.write_bytes(vectors.read_bytes()[:1000])
+    elif damage == "delete-rows":
+        (index_dir / manifest["files"]["rows"]).unlink()
+    elif damage == "edit-manifest":
+        manifest["count"] = 99
+        (index_dir / "manifest.json").write_text(json.dumps(manifest))
+    elif damage == "old-version":
+        manifest["version"] = 0
+        (index_dir / "manifest.json").write_text(json.dumps(manifest))
+    else:
+        (index_dir / "manifest.json").write_text("{not json")
+    with pytest.raises(IndexCorruptError, match="rebuild|missing") as info:
+        api.search_images([next(photos.rglob("*.png"))], index_dir, api.SearchOptions(k=2))
+    assert "\n" not in str(info.value)
+
+
+def test_second_writer_is_refused_while_one_holds_the_lock(tmp_path) -> None:
+    with store.write_lock(tmp_path / "idx"), pytest.raises(IndexLockedError):
+        with store.write_lock(tmp_path / "idx"):
+            pass
+
+
+def test_bad_file_in_collection_is_a_skipped_row(photos, tmp_path, small_model) -> None:
+    first_class = sorted(photos.iterdir())[0]
+    (first_class / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 truncated")
+    index_dir = tmp_path / "idx"
+    report = _index(photos, index_dir, small_model)
+    assert report.added == 12 and report.skipped == 1
+    snapshot = store.open_snapshot(index_dir)
+    (skipped,) = list(snapshot.iter_rows(status="skipped"))
+    assert skipped.path.endswith("broken.jpg") and skipped.reason
+    snapshot.close()
+    with pytest.raises(RetrieveError, match="--strict"):
+        _index(photos, tmp_path / "strict", small_model, strict=True)
+
+
+def test_default_index_lives_in_dot_retrieve(photos, in_tmp, small_model) -> None:
+    shutil.copytree(photos, in_tmp / "images")
+    _index(Path("images"), None, small_model)
+    assert (in_tmp / ".retrieve" / "manifest.json").exists()
+    query = sorted(Path("images").rglob("*.png"))[0]
+    (result,) = api.search_images([query], None, api.SearchOptions(k=1))
+    assert result.neighbors[0].path == str(query)
