@@ -52,10 +52,13 @@ def _with(options):
 @click.option("--max-megapixels", type=click.FloatRange(min=0.01), default=None,
               help="Skip images larger than this (decompression bombs).")
 @click.option("--rebuild", is_flag=True, help="Start the index afresh instead of updating it.")
+@click.option("--chunk-size", type=click.IntRange(min=1), default=1024, show_default=True,
+              help="Files per saved chunk: a killed run resumes after the last whole chunk.")
 @click.option("--strict", is_flag=True, help="Stop at the first file that cannot be indexed.")
 @json_option
 def index_command(images_dir, index_dir, weights, device, batch_size, workers, index_type, reduce,
-                  normalize, memory, precision, max_megapixels, rebuild, strict, as_json):
+                  normalize, memory, precision, max_megapixels, rebuild, chunk_size, strict,
+                  as_json):
     """Index the images under IMAGES_DIR (again: only what changed)."""
     from retrieval import api
     from retrieval.images import DEFAULT_MAX_MEGAPIXELS
@@ -69,6 +72,7 @@ def index_command(images_dir, index_dir, weights, device, batch_size, workers, i
     options = api.IndexOptions(
         weights=weights, spec=_spec(api.IndexSpec, index_type, reduce, normalize),
         memory_budget=parse_bytes(memory), rebuild=rebuild, strict=strict, extract=extract,
+        chunk_size=chunk_size,
     )
     with progress_bar("indexing", unit="img") as update:
         report = api.index_folder(images_dir, index_dir, options, progress=update)

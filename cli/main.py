@@ -37,6 +37,10 @@ class RetrieveGroup(click.Group):
 @click.version_option(package_name="retrieve")
 def cli(verbose: bool) -> None:
     """Find similar images by AlexNet fc7 features (Krizhevsky et al. 2012) and FAISS."""
+    for stream in (sys.stdout, sys.stderr):
+        # File names that are not valid UTF-8 print as their original bytes, not a crash.
+        if hasattr(stream, "reconfigure"):
+            stream.reconfigure(errors="surrogateescape")
     logging.basicConfig(
         level=logging.INFO if verbose else logging.WARNING,
         format="%(levelname)s: %(message)s",
@@ -45,7 +49,8 @@ def cli(verbose: bool) -> None:
 
 
 def emit_json(data: object) -> None:
-    click.echo(json.dumps(data, ensure_ascii=False))
+    # ASCII escapes keep any file name (even one that is not valid UTF-8) exact and parseable.
+    click.echo(json.dumps(data, ensure_ascii=True))
 
 
 index_option = click.option(

@@ -48,6 +48,7 @@ class Staging:
 
     def __init__(self, index_dir: Path, identity: dict[str, Any]) -> None:
         self.directory = Path(index_dir) / STAGING
+        identity = json.loads(json.dumps(identity, sort_keys=True))  # as it reads back from disk
         self.identity = identity
         identity_file = self.directory / IDENTITY
         if self.directory.exists():

@@ -43,11 +43,11 @@ OPEN_ATTEMPTS = 5
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS images (
     id INTEGER PRIMARY KEY AUTOINCREMENT,  -- AUTOINCREMENT: ids of removed rows are never reused
-    path TEXT NOT NULL UNIQUE,             -- absolute path
+    path BLOB NOT NULL UNIQUE,             -- absolute path, as the file system's bytes
     size INTEGER NOT NULL,
     mtime_ns INTEGER NOT NULL,
     sha256 TEXT NOT NULL,
-    label TEXT NOT NULL,                   -- name of the parent folder
+    label BLOB NOT NULL,                   -- name of the parent folder, as bytes
     status TEXT NOT NULL CHECK (status IN ('indexed', 'skipped')),
     reason TEXT,                           -- why a skipped file was skipped
     detail TEXT
@@ -73,6 +73,16 @@ class Row:
 ROW_COLUMNS = "id, path, size, mtime_ns, sha256, label, status, reason, detail"
 
 
+def _to_db(name: str) -> bytes:
+    # File names need not be valid UTF-8; their bytes always are what the file system gave.
+    return os.fsencode(name)
+
+
+def _row(values: tuple) -> Row:
+    row_id, path, size, mtime_ns, sha256, label, *rest = values
+    return Row(row_id, os.fsdecode(path), size, mtime_ns, sha256, os.fsdecode(label), *rest)
+
+
 def _connect_read_only(path: Path) -> sqlite3.Connection:
     # immutable=1: a committed generation never changes, so no locks and no journal are needed.
     uri = f"file:{path.as_posix()}?mode=ro&immutable=1"
@@ -90,12 +100,19 @@ class Snapshot:
         files = manifest["files"]
         self.vectors_path = directory / files["vectors"]
         self.rows_path = directory / files["rows"]
-        if not self.vectors_path.exists() or not self.rows_path.exists():
-            raise FileNotFoundError(self.vectors_path)
+        # Both files are opened now: a writer may retire them right after, and an open file
+        # outlives its name, so this snapshot stays whole however long it is used.
+        self._vectors_file = open(self.vectors_path, "rb")  # noqa: SIM115 - closed in close()
         try:
+            if not self.rows_path.exists():
+                raise FileNotFoundError(self.rows_path)
             self.rows = _connect_read_only(self.rows_path)
         except sqlite3.DatabaseError as exc:
+            self._vectors_file.close()
             raise IndexCorruptError(f"{self.rows_path} is damaged ({exc}); {REBUILD}") from exc
+        except BaseException:
+            self._vectors_file.close()
+            raise
         self._index: faiss.Index | None = None
 
     @property
@@ -111,7 +128,7 @@ class Snapshot:
         """The FAISS index, read on first use (``info`` and ``remove`` may never need it)."""
         if self._index is None:
             try:
-                index = faiss.read_index(str(self.vectors_path))
+                index = faiss.read_index(faiss.PyCallbackIOReader(self._vectors_file.read))
             except RuntimeError as exc:
                 first = str(exc).strip().splitlines()[0] if str(exc).strip() else "unreadable"
                 raise IndexCorruptError(
@@ -133,7 +150,7 @@ class Snapshot:
             marks = ",".join("?" * len(part))
             query = f"SELECT {ROW_COLUMNS} FROM images WHERE id IN ({marks})"
             for values in self.rows.execute(query, part):
-                found[values[0]] = Row(*values)
+                found[values[0]] = _row(values)
         return found
 
     def iter_rows(self, status: str | None = None, under: str | None = None) -> Iterator[Row]:
@@ -143,23 +160,24 @@ class Snapshot:
             query += " AND status = ?"
             params.append(status)
         if under:
-            prefix = under.rstrip(os.sep) + os.sep
+            prefix = _to_db(under.rstrip(os.sep) + os.sep)
             query += " AND substr(path, 1, ?) = ?"
             params += [len(prefix), prefix]
         for values in self.rows.execute(query + " ORDER BY id", params):
-            yield Row(*values)
+            yield _row(values)
 
     def row_for_path(self, path: str) -> Row | None:
         values = self.rows.execute(
-            f"SELECT {ROW_COLUMNS} FROM images WHERE path = ?", (path,)
+            f"SELECT {ROW_COLUMNS} FROM images WHERE path = ?", (_to_db(path),)
         ).fetchone()
-        return Row(*values) if values else None
+        return _row(values) if values else None
 
     def size_on_disk(self) -> int:
         return sum(p.stat().st_size for p in (self.vectors_path, self.rows_path))
 
     def close(self) -> None:
         self.rows.close()
+        self._vectors_file.close()
 
 
 REBUILD = "rebuild it with `retrieve index FOLDER --rebuild`"
@@ -272,7 +290,8 @@ class GenerationWriter:
         """Write rows; returns their ids (new ids for inserts)."""
         ids = []
         for u in updates:
-            values = (u.path, u.size, u.mtime_ns, u.sha256, u.label, u.status, u.reason, u.detail)
+            values = (_to_db(u.path), u.size, u.mtime_ns, u.sha256, _to_db(u.label), u.status,
+                      u.reason, u.detail)
             if u.id is None:
                 cursor = self.rows.execute(
                     "INSERT INTO images (path, size, mtime_ns, sha256, label, status, reason, "
