@@ -10,19 +10,31 @@ from .main import DEFAULT_K, device_option, emit_json, index_option, json_option
 from .progress import progress_bar
 
 k_option = click.option(
-    "-k", type=click.IntRange(min=1), default=DEFAULT_K, show_default=True,
+    "-k",
+    type=click.IntRange(min=1),
+    default=DEFAULT_K,
+    show_default=True,
     help="Number of neighbours per query.",
 )
 weights_option = click.option(
-    "--weights", default=None,
+    "--weights",
+    default=None,
     help="imagenet, random[:SEED] or a checkpoint / state-dict file "
     "[default: the index's own model; imagenet for a new index].",
 )
 search_options = [
-    click.option("--nprobe", type=click.IntRange(min=1), default=None,
-                 help="IVF lists to visit per query (approximate indexes)."),
-    click.option("--ef-search", type=click.IntRange(min=1), default=None,
-                 help="HNSW candidate list size per query."),
+    click.option(
+        "--nprobe",
+        type=click.IntRange(min=1),
+        default=None,
+        help="IVF lists to visit per query (approximate indexes).",
+    ),
+    click.option(
+        "--ef-search",
+        type=click.IntRange(min=1),
+        default=None,
+        help="HNSW candidate list size per query.",
+    ),
 ]
 
 
@@ -31,6 +43,7 @@ def _with(options):
         for option in reversed(options):
             function = option(function)
         return function
+
     return wrap
 
 
@@ -40,25 +53,56 @@ def _with(options):
 @weights_option
 @device_option
 @click.option("--batch-size", type=click.IntRange(min=1), default=64, show_default=True)
-@click.option("--workers", type=click.IntRange(min=0), default=None,
-              help="Decoder processes [default: one per core].")
-@click.option("--index-type", default=None,
-              help="FAISS index_factory kind: Flat, IVF1024,Flat, IVF1024,PQ64, HNSW32, ... or "
-              "auto [default: the index's own kind; Flat for a new index].")
+@click.option(
+    "--workers",
+    type=click.IntRange(min=0),
+    default=None,
+    help="Decoder processes [default: one per core].",
+)
+@click.option(
+    "--index-type",
+    default=None,
+    help="FAISS index_factory kind: Flat, IVF1024,Flat, IVF1024,PQ64, HNSW32, ... or "
+    "auto [default: the index's own kind; Flat for a new index].",
+)
 @click.option("--reduce", default=None, help="Compress fc7 first, e.g. PCA256.")
 @click.option("--normalize", is_flag=True, help="L2-normalise fc7 (cosine ranking).")
 @click.option("--memory", default=None, help="Memory budget for --index-type auto, e.g. 4GB.")
 @click.option("--precision", type=click.Choice(["fp32", "bf16"]), default="fp32", show_default=True)
-@click.option("--max-megapixels", type=click.FloatRange(min=0.01), default=None,
-              help="Skip images larger than this (decompression bombs).")
+@click.option(
+    "--max-megapixels",
+    type=click.FloatRange(min=0.01),
+    default=None,
+    help="Skip images larger than this (decompression bombs).",
+)
 @click.option("--rebuild", is_flag=True, help="Start the index afresh instead of updating it.")
-@click.option("--chunk-size", type=click.IntRange(min=1), default=1024, show_default=True,
-              help="Files per saved chunk: a killed run resumes after the last whole chunk.")
+@click.option(
+    "--chunk-size",
+    type=click.IntRange(min=1),
+    default=1024,
+    show_default=True,
+    help="Files per saved chunk: a killed run resumes after the last whole chunk.",
+)
 @click.option("--strict", is_flag=True, help="Stop at the first file that cannot be indexed.")
 @json_option
-def index_command(images_dir, index_dir, weights, device, batch_size, workers, index_type, reduce,
-                  normalize, memory, precision, max_megapixels, rebuild, chunk_size, strict,
-                  as_json):
+def index_command(
+    images_dir,
+    index_dir,
+    weights,
+    device,
+    batch_size,
+    workers,
+    index_type,
+    reduce,
+    normalize,
+    memory,
+    precision,
+    max_megapixels,
+    rebuild,
+    chunk_size,
+    strict,
+    as_json,
+):
     """Index the images under IMAGES_DIR (again: only what changed)."""
     from retrieval import api
     from retrieval.images import DEFAULT_MAX_MEGAPIXELS
@@ -66,12 +110,19 @@ def index_command(images_dir, index_dir, weights, device, batch_size, workers, i
     from .units import parse_bytes
 
     extract = api.ExtractOptions(
-        device=device, batch_size=batch_size, workers=workers, precision=precision,
+        device=device,
+        batch_size=batch_size,
+        workers=workers,
+        precision=precision,
         max_megapixels=max_megapixels or DEFAULT_MAX_MEGAPIXELS,
     )
     options = api.IndexOptions(
-        weights=weights, spec=_spec(api.IndexSpec, index_type, reduce, normalize),
-        memory_budget=parse_bytes(memory), rebuild=rebuild, strict=strict, extract=extract,
+        weights=weights,
+        spec=_spec(api.IndexSpec, index_type, reduce, normalize),
+        memory_budget=parse_bytes(memory),
+        rebuild=rebuild,
+        strict=strict,
+        extract=extract,
         chunk_size=chunk_size,
     )
     with progress_bar("indexing", unit="img") as update:
@@ -94,14 +145,14 @@ def _spec(spec_class, index_type, reduce, normalize):
 
 def _stage_line(times: dict) -> str:
     rate = times["images"] / times["wall"] if times.get("wall") else 0.0
-    stages = ", ".join(f"{k} {times[k]:.1f}s" for k in
-                       ("read", "decode", "preprocess", "model", "write"))
+    stages = ", ".join(
+        f"{k} {times[k]:.1f}s" for k in ("read", "decode", "preprocess", "model", "write")
+    )
     return f"stage busy times: {stages}; {times['images']} images at {rate:.1f} images/s"
 
 
 @click.command("query")
-@click.argument("images", nargs=-1, required=True,
-                type=click.Path(exists=True, path_type=Path))
+@click.argument("images", nargs=-1, required=True, type=click.Path(exists=True, path_type=Path))
 @k_option
 @index_option
 @weights_option
@@ -112,8 +163,13 @@ def query_command(images, k, index_dir, weights, device, nprobe, ef_search, as_j
     """List the K nearest indexed images of each query image (files or folders)."""
     from retrieval import api
 
-    options = api.SearchOptions(k=k, weights=weights, nprobe=nprobe, ef_search=ef_search,
-                                extract=api.ExtractOptions(device=device))
+    options = api.SearchOptions(
+        k=k,
+        weights=weights,
+        nprobe=nprobe,
+        ef_search=ef_search,
+        extract=api.ExtractOptions(device=device),
+    )
     results = api.search_images(images, index_dir, options)
     for result in results:
         if as_json:
@@ -131,26 +187,42 @@ def query_command(images, k, index_dir, weights, device, nprobe, ef_search, as_j
 
 @click.command("grid")
 @click.argument("queries", nargs=-1, required=True, type=click.Path(exists=True, path_type=Path))
-@click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path),
-              default=Path("grid.png"), show_default=True)
+@click.option(
+    "-o",
+    "--output",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=Path("grid.png"),
+    show_default=True,
+)
 @k_option
-@click.option("--n", "n", type=click.IntRange(min=1), default=5, show_default=True,
-              help="Images picked at random from each query folder.")
+@click.option(
+    "--n",
+    "n",
+    type=click.IntRange(min=1),
+    default=5,
+    show_default=True,
+    help="Images picked at random from each query folder.",
+)
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--tile", type=click.IntRange(min=32), default=128, show_default=True)
 @index_option
 @weights_option
 @device_option
 @_with(search_options)
-def grid_command(queries, output, k, n, seed, tile, index_dir, weights, device, nprobe,
-                 ef_search):
+def grid_command(queries, output, k, n, seed, tile, index_dir, weights, device, nprobe, ef_search):
     """Draw the paper's Figure 4: each query beside its K nearest images."""
     from retrieval import api
 
-    options = api.SearchOptions(k=k, weights=weights, nprobe=nprobe, ef_search=ef_search,
-                                extract=api.ExtractOptions(device=device))
-    path, results = api.draw_grid(queries, output, index_dir, n=n, seed=seed, tile=tile,
-                                  options=options)
+    options = api.SearchOptions(
+        k=k,
+        weights=weights,
+        nprobe=nprobe,
+        ef_search=ef_search,
+        extract=api.ExtractOptions(device=device),
+    )
+    path, results = api.draw_grid(
+        queries, output, index_dir, n=n, seed=seed, tile=tile, options=options
+    )
     for result in results:
         if result.error:
             click.echo(f"{result.query}: cannot use this image: {result.error}", err=True)
@@ -170,16 +242,24 @@ def info_command(index_dir, as_json):
         return
     kind = info["index_type"]
     extras = "".join(
-        [f", reduce {kind['reduce']}" if kind.get("reduce") else "",
-         ", L2-normalised" if kind.get("normalize") else ""]
+        [
+            f", reduce {kind['reduce']}" if kind.get("reduce") else "",
+            ", L2-normalised" if kind.get("normalize") else "",
+        ]
     )
     prep = info["preprocessing"]
     lines = [
         ("index", info["index"]),
         ("images", f"{info['count']} indexed, {info['skipped']} skipped"),
-        ("model", f"{info['model']} (AlexNet {info['arch']}, sha256 {info['weights_sha256'][:12]})"),
+        (
+            "model",
+            f"{info['model']} (AlexNet {info['arch']}, sha256 {info['weights_sha256'][:12]})",
+        ),
         ("layer", f"{info['layer']}, {info['dim']}-d, {info['metric']} distance"),
-        ("preprocess", f"resize {prep['resize']}, crop {prep['crop']}, {prep['channels']} channels"),
+        (
+            "preprocess",
+            f"resize {prep['resize']}, crop {prep['crop']}, {prep['channels']} channels",
+        ),
         ("index type", f"{kind['kind']}{extras}"),
         ("on disk", _human_bytes(info["size_bytes"])),
         ("updated", info["updated"]),

@@ -22,7 +22,7 @@ DEFAULT_K = 6
 class RetrieveGroup(click.Group):
     """Turns library errors into one line on stderr instead of a traceback."""
 
-    def invoke(self, ctx: click.Context):  # noqa: ANN201 - click's signature
+    def invoke(self, ctx: click.Context):
         try:
             return super().invoke(ctx)
         except RetrieveError as exc:

@@ -12,9 +12,10 @@ def parse_bytes(text: str | None) -> int | None:
         return None
     cleaned = text.strip().upper().replace("IB", "B")
     number = cleaned.rstrip("KMGTB")
-    unit = cleaned[len(number):]
+    unit = cleaned[len(number) :]
     try:
         return int(float(number) * UNITS[unit])
     except (ValueError, KeyError):
-        raise click.BadParameter(f"{text!r} is not a size like 4GB or 512MB",
-                                 param_hint="--memory") from None
+        raise click.BadParameter(
+            f"{text!r} is not a size like 4GB or 512MB", param_hint="--memory"
+        ) from None

@@ -196,7 +196,7 @@ def read_manifest(directory: Path) -> dict[str, Any]:
     try:
         manifest = json.loads(path.read_text(encoding="utf-8"))
         fmt, version = manifest["format"], int(manifest["version"])
-        manifest["files"]["vectors"], manifest["files"]["rows"]  # noqa: B018 - presence check
+        manifest["files"]["vectors"], manifest["files"]["rows"]
         int(manifest["count"]), int(manifest["dim"])
     except (ValueError, KeyError, TypeError, UnicodeDecodeError) as exc:
         raise IndexCorruptError(f"{path} is damaged ({type(exc).__name__}); {REBUILD}") from exc
@@ -290,8 +290,16 @@ class GenerationWriter:
         """Write rows; returns their ids (new ids for inserts)."""
         ids = []
         for u in updates:
-            values = (_to_db(u.path), u.size, u.mtime_ns, u.sha256, _to_db(u.label), u.status,
-                      u.reason, u.detail)
+            values = (
+                _to_db(u.path),
+                u.size,
+                u.mtime_ns,
+                u.sha256,
+                _to_db(u.label),
+                u.status,
+                u.reason,
+                u.detail,
+            )
             if u.id is None:
                 cursor = self.rows.execute(
                     "INSERT INTO images (path, size, mtime_ns, sha256, label, status, reason, "
@@ -355,4 +363,3 @@ def remove_unreferenced(directory: Path, manifest: dict[str, Any] | None) -> Non
         generated = path.name.startswith(("rows.", "vectors.", ".rows.", ".vectors."))
         if path.is_file() and generated and path.name not in keep:
             path.unlink(missing_ok=True)
-

@@ -1,13 +1,14 @@
 """The library's front: what the CLI calls, and what a Python user imports.
 
-    from retrieval import api
-    report = api.index_folder("images")
-    for result in api.search_images(["cat.jpg"], options=api.SearchOptions(k=6)):
-        print(result.to_dict())
+from retrieval import api
+report = api.index_folder("images")
+for result in api.search_images(["cat.jpg"], options=api.SearchOptions(k=6)):
+    print(result.to_dict())
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import random
 from collections.abc import Sequence
@@ -70,7 +71,12 @@ def draw_grid(
     tile: int = 128,
     options: SearchOptions = SearchOptions(),
 ) -> tuple[Path, list[QueryResult]]:
-    """The paper's Figure 4 for these queries (or ``n`` random images of each query folder)."""
+    """The paper's Figure 4 for these queries (or ``n`` random images of each query folder).
+
+    A query that is itself indexed is left out of its own row, as the paper's test images are
+    not among the training images they are shown beside.
+    """
+    options = dataclasses.replace(options, exclude_self=True)
     results = search_images(pick_queries(queries, n, seed), index_dir, options)
     return render_grid(results, output, tile=tile), results
 

@@ -19,7 +19,7 @@ class ImageReadError(RetrieveError):
 
 
 class WeightsError(RetrieveError):
-    """Weights cannot be loaded: missing file, corrupt checkpoint, wrong architecture, no download."""
+    """Weights cannot be loaded: missing or corrupt file, wrong architecture, no download."""
 
 
 class DataError(RetrieveError):

@@ -56,21 +56,32 @@ def render_grid(results: Sequence[QueryResult], output: Path, *, tile: int = 128
     draw = ImageDraw.Draw(canvas)
     neighbours_x = pad + tile + pad + gap
     draw.text((pad, 6), "query", fill=TEXT, font=font)
-    draw.text((neighbours_x, 6), f"{k} nearest by fc7 Euclidean distance →", fill=TEXT, font=font)
+    draw.text(
+        (neighbours_x, 6),
+        f"{k} nearest by Euclidean distance of fc7, nearest first",
+        fill=TEXT,
+        font=font,
+    )
     for row_number, result in enumerate(rows):
         y = header + row_number * (tile + caption + pad)
         canvas.paste(_tile(result.query, tile), (pad, y))
         draw.rectangle([pad - 3, y - 3, pad + tile + 2, y + tile + 2], outline=QUERY_FRAME, width=3)
         query_label = Path(result.query).parent.name
-        draw.text((pad, y + tile + 4), _fit_text(draw, query_label, font, tile), fill=TEXT,
-                  font=font)
+        draw.text(
+            (pad, y + tile + 4), _fit_text(draw, query_label, font, tile), fill=TEXT, font=font
+        )
         for column, neighbor in enumerate(result.neighbors):
             x = neighbours_x + column * (tile + pad)
             canvas.paste(_tile(neighbor.path, tile), (x, y))
-            draw.text((x, y + tile + 4), _fit_text(draw, neighbor.label, font, tile), fill=TEXT,
-                      font=font)
-            draw.text((x, y + tile + 4 + font.size + 2), f"d = {neighbor.distance:.2f}",
-                      fill=MUTED, font=small)
+            draw.text(
+                (x, y + tile + 4), _fit_text(draw, neighbor.label, font, tile), fill=TEXT, font=font
+            )
+            draw.text(
+                (x, y + tile + 4 + font.size + 2),
+                f"d = {neighbor.distance:.2f}",
+                fill=MUTED,
+                font=small,
+            )
     output = Path(output)
     fmt = (output.suffix.lstrip(".") or "png").upper().replace("JPG", "JPEG")
     atomic_write(output, lambda tmp: canvas.save(tmp, format=fmt))

@@ -23,10 +23,10 @@ from . import __version__
 from .errors import IndexMismatchError, RetrieveError
 from .extract import ExtractOptions, StageTimes, extract_fc7
 from .images import IMAGE_SUFFIXES, find_images
-from .weights import LoadedModel, load_model
 from .indexes import kinds, store
-from .indexes.staging import Staging, StagedFile, iter_chunk_features
+from .indexes.staging import StagedFile, Staging, iter_chunk_features
 from .indexes.sync import DiskFile, SyncPlan, plan_sync, stat_files
+from .weights import LoadedModel, load_model
 
 log = logging.getLogger(__name__)
 
@@ -160,8 +160,10 @@ def _check_compatible(
             f"{loaded.source}"
         )
     wanted = options.spec
-    if wanted and wanted.kind != "auto" and wanted != kinds.IndexSpec.from_dict(
-        base.manifest["index"]
+    if (
+        wanted
+        and wanted.kind != "auto"
+        and wanted != kinds.IndexSpec.from_dict(base.manifest["index"])
     ):
         raise IndexMismatchError(
             f"the index at {base.directory} is {base.manifest['index']['kind']}; add --rebuild "
@@ -214,7 +216,11 @@ def _extract_to_staging(
                 detail = f" ({record.detail})" if record.detail else ""
                 log.warning("skipped %s: %s%s", record.path, record.reason, detail)
                 item = StagedFile(
-                    disk.path, disk.size, disk.mtime_ns, record.sha256, record.reason,
+                    disk.path,
+                    disk.size,
+                    disk.mtime_ns,
+                    record.sha256,
+                    record.reason,
                     record.detail,
                 )
             pending.append(item)
@@ -253,7 +259,9 @@ def _commit(
     fresh = base is None or options.rebuild
     if fresh:
         n_new = sum(
-            1 for records, _ in iter_chunk_features(chunks) for r in records
+            1
+            for records, _ in iter_chunk_features(chunks)
+            for r in records
             if r.reason is None and r.key in wanted
         )
         spec, why = kinds.resolve_auto(
@@ -270,11 +278,22 @@ def _commit(
     try:
         vector_ids_to_drop = [row.id for row in plan.remove if row.status == "indexed"]
         writer.delete_rows([row.id for row in plan.remove])
-        writer.upsert_rows([
-            store.RowUpdate(d.path, d.size, d.mtime_ns, row.sha256, row.label, row.status,
-                            row.reason, row.detail, id=row.id)
-            for row, d in plan.touch
-        ])
+        writer.upsert_rows(
+            [
+                store.RowUpdate(
+                    d.path,
+                    d.size,
+                    d.mtime_ns,
+                    row.sha256,
+                    row.label,
+                    row.status,
+                    row.reason,
+                    row.detail,
+                    id=row.id,
+                )
+                for row, d in plan.touch
+            ]
+        )
         for row in plan.existing.values():
             if row.status == "indexed":
                 vector_ids_to_drop.append(row.id)
@@ -288,10 +307,19 @@ def _commit(
             for r in keep:
                 previous = plan.existing.get(r.path)
                 status = "indexed" if r.reason is None else "skipped"
-                updates.append(store.RowUpdate(
-                    r.path, r.size, r.mtime_ns, r.sha256, _label(r.path), status, r.reason,
-                    r.detail or None, id=previous.id if previous else None,
-                ))
+                updates.append(
+                    store.RowUpdate(
+                        r.path,
+                        r.size,
+                        r.mtime_ns,
+                        r.sha256,
+                        _label(r.path),
+                        status,
+                        r.reason,
+                        r.detail or None,
+                        id=previous.id if previous else None,
+                    )
+                )
                 if r.reason is not None:
                     reasons[r.reason] += 1
                     report.skipped_files.append(
@@ -342,7 +370,9 @@ def _training_sample(
     if not kinds.needs_training(spec, dim):
         return None
     size = min(kinds.training_sample_size(spec, dim), available)
-    picked = set(np.random.default_rng(TRAINING_SEED).choice(available, size, replace=False).tolist())
+    picked = set(
+        np.random.default_rng(TRAINING_SEED).choice(available, size, replace=False).tolist()
+    )
     parts, position = [], 0
     for records, features in iter_chunk_features(chunks):
         rows = []

@@ -35,8 +35,10 @@ class RetrievalQuality:
     seconds: float
 
     def to_dict(self) -> dict:
-        return {f"precision@{self.k}" if key == "precision_at_k" else key: value
-                for key, value in asdict(self).items()}
+        return {
+            f"precision@{self.k}" if key == "precision_at_k" else key: value
+            for key, value in asdict(self).items()
+        }
 
 
 def evaluate_retrieval(
@@ -72,8 +74,9 @@ def evaluate_retrieval(
             self_ids = [_row_id(snapshot, r.path) for r in good]
             for start in range(0, len(good), SEARCH_BATCH):
                 part = slice(start, start + SEARCH_BATCH)
-                ranked = _ranked_labels(snapshot, batch.features[part], self_ids[part], depth,
-                                        database_labels)
+                ranked = _ranked_labels(
+                    snapshot, batch.features[part], self_ids[part], depth, database_labels
+                )
                 labels = query_labels[part]
                 relevant = np.where(labels >= 0, per_label[np.maximum(labels, 0)], 0)
                 relevant -= np.array([1 if i >= 0 else 0 for i in self_ids[part]])
@@ -82,8 +85,9 @@ def evaluate_retrieval(
         n = len(paths) - skipped
         if n == 0:
             raise RetrieveError("no query image could be used")
-        return RetrievalQuality(n, k, sum(precisions) / n, sum(aps) / n, depth, skipped,
-                                time.perf_counter() - started)
+        return RetrievalQuality(
+            n, k, sum(precisions) / n, sum(aps) / n, depth, skipped, time.perf_counter() - started
+        )
     finally:
         snapshot.close()
 
@@ -132,8 +136,14 @@ class RecallReport:
 
 
 def evaluate_recall(
-    approximate_dir: Path, exact_dir: Path, *, k: int = 10, queries: int = 1000, seed: int = 0,
-    nprobe: int | None = None, ef_search: int | None = None,
+    approximate_dir: Path,
+    exact_dir: Path,
+    *,
+    k: int = 10,
+    queries: int = 1000,
+    seed: int = 0,
+    nprobe: int | None = None,
+    ef_search: int | None = None,
 ) -> RecallReport:
     """recall@k of an approximate index against an exact one over the same files.
 
@@ -158,9 +168,15 @@ def evaluate_recall(
         approx_seconds = time.perf_counter() - start
         translate = np.vectorize(lambda i: approx_ids.get(exact_rows.get(int(i), ""), -2))
         recall = recall_at_k(found, translate(true_ids), k)
-        return RecallReport(len(vectors), k, recall, len(vectors) / exact_seconds,
-                            len(vectors) / approx_seconds, kinds.index_memory_bytes(exact.index),
-                            kinds.index_memory_bytes(approx.index))
+        return RecallReport(
+            len(vectors),
+            k,
+            recall,
+            len(vectors) / exact_seconds,
+            len(vectors) / approx_seconds,
+            kinds.index_memory_bytes(exact.index),
+            kinds.index_memory_bytes(approx.index),
+        )
     finally:
         approx.close()
         exact.close()

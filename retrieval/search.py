@@ -122,8 +122,12 @@ def search_images(
             extra = 1 if options.exclude_self else 0
             k = min(options.k + extra, snapshot.count)
             distances, ids = kinds.search(
-                snapshot.index, features, k, nprobe=options.nprobe,
-                ef_search=options.ef_search, device=options.extract.device,
+                snapshot.index,
+                features,
+                k,
+                nprobe=options.nprobe,
+                ef_search=options.ef_search,
+                device=options.extract.device,
             )
             rows = snapshot.rows_by_id(ids.ravel())
             for slot, i in enumerate(good):
@@ -160,7 +164,8 @@ def _neighbors(
             continue
         row = rows[int(row_id)]
         neighbors.append(
-            Neighbor(len(neighbors) + 1, display_path(row.path), float(distance), row.label,
-                     int(row_id))
+            Neighbor(
+                len(neighbors) + 1, display_path(row.path), float(distance), row.label, int(row_id)
+            )
         )
     return neighbors

@@ -10,8 +10,6 @@ import numpy as np
 import pytest
 import torch
 
-
-
 # Small crops keep plumbing tests fast; the model itself stays the full-size AlexNet.
 SMALL_SIZE = 64
 

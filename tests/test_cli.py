@@ -116,9 +116,7 @@ def test_evaluate_retrieval_reports_precision_and_map(indexed) -> None:
         (["index", "empty"], 1, "no images"),
     ],
 )
-def test_user_mistakes_get_one_line_and_an_exit_code(
-    photos, in_tmp, args, code, message
-) -> None:
+def test_user_mistakes_get_one_line_and_an_exit_code(photos, in_tmp, args, code, message) -> None:
     shutil.copytree(photos, in_tmp / "images")
     shutil.copy(sorted(photos.rglob("*.png"))[0], in_tmp / "q.png")
     (in_tmp / "corrupt.pt").write_bytes(b"garbage")
@@ -153,14 +151,20 @@ def test_installed_retrieve_answers_help_at_once() -> None:
 def test_installed_retrieve_indexes_and_queries_as_the_readme_says(photos, in_tmp, small_model):
     shutil.copytree(photos, in_tmp / "images")
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    index = subprocess.run([_retrieve(), "index", "./images", "--weights", str(small_model)],
-                           capture_output=True, text=True, env=env)
+    index = subprocess.run(
+        [_retrieve(), "index", "./images", "--weights", str(small_model)],
+        capture_output=True,
+        text=True,
+        env=env,
+    )
     assert index.returncode == 0, index.stderr
     query = sorted(Path("images").rglob("*.png"))[0]
-    result = subprocess.run([_retrieve(), "query", str(query), "-k", "6"],
-                            capture_output=True, text=True, env=env)
+    result = subprocess.run(
+        [_retrieve(), "query", str(query), "-k", "6"], capture_output=True, text=True, env=env
+    )
     assert result.returncode == 0, result.stderr
     assert result.stdout.splitlines()[1].split()[2] == str(query)
-    bad = subprocess.run([_retrieve(), "query", str(query), "-k", "0"], capture_output=True,
-                         text=True)
+    bad = subprocess.run(
+        [_retrieve(), "query", str(query), "-k", "0"], capture_output=True, text=True
+    )
     assert bad.returncode == 2 and "Traceback" not in bad.stderr

@@ -51,15 +51,17 @@ def test_query_equals_numpy_brute_force(photos: Path, tmp_path: Path, small_mode
 
     queries = [Path(paths[0]), Path(paths[5]), Path(paths[11])]
     results = api.search_images(queries, index_dir, api.SearchOptions(k=6))
-    query_features, _ = extract_images(queries, load_model(small_model),
-                                       ExtractOptions(device="cpu"))
+    query_features, _ = extract_images(
+        queries, load_model(small_model), ExtractOptions(device="cpu")
+    )
     for result, feature in zip(results, query_features):
         distances = np.sqrt(((database - feature) ** 2).sum(axis=1))
         order = np.argsort(distances, kind="stable")[:6]
         got = [os.path.abspath(n.path) for n in result.neighbors]
         assert got == [paths[i] for i in order]
-        np.testing.assert_allclose([n.distance for n in result.neighbors], distances[order],
-                                   rtol=1e-4, atol=1e-3)
+        np.testing.assert_allclose(
+            [n.distance for n in result.neighbors], distances[order], rtol=1e-4, atol=1e-3
+        )
 
 
 def test_indexed_image_finds_itself_first(photos, tmp_path, small_model) -> None:
@@ -146,8 +148,9 @@ def test_random_add_change_delete_sequences_keep_rows_and_vectors_in_agreement(
         stored = _stored(index_dir)  # asserts ntotal == indexed rows
         on_disk = {str(p) for p in names if p.exists()}
         assert set(stored) == on_disk
-        features, _ = extract_images(sorted(map(Path, on_disk)), load_model(small_model),
-                                     ExtractOptions(device="cpu"))
+        features, _ = extract_images(
+            sorted(map(Path, on_disk)), load_model(small_model), ExtractOptions(device="cpu")
+        )
         for path, feature in zip(sorted(on_disk), features):
             np.testing.assert_allclose(stored[path], feature, atol=1e-4)
 
@@ -166,8 +169,9 @@ def test_query_with_other_weights_is_refused(photos, tmp_path, small_model) -> N
     index_dir = tmp_path / "idx"
     _index(photos, index_dir, small_model)
     with pytest.raises(IndexMismatchError, match="not the model this index was built with"):
-        api.search_images([next(photos.rglob("*.png"))], index_dir,
-                          api.SearchOptions(k=2, weights="random:9"))
+        api.search_images(
+            [next(photos.rglob("*.png"))], index_dir, api.SearchOptions(k=2, weights="random:9")
+        )
 
 
 def test_reindex_with_other_weights_needs_rebuild(photos, tmp_path, small_model) -> None:
@@ -189,8 +193,10 @@ def test_missing_index_is_reported(tmp_path) -> None:
         api.index_info(tmp_path / "nothing")
 
 
-@pytest.mark.parametrize("damage", ["truncate-vectors", "delete-rows", "edit-manifest",
-                                    "old-version", "garbage-manifest"])
+@pytest.mark.parametrize(
+    "damage",
+    ["truncate-vectors", "delete-rows", "edit-manifest", "old-version", "garbage-manifest"],
+)
 def test_damaged_index_is_one_clear_error(photos, tmp_path, small_model, damage) -> None:
     import json
 
@@ -210,13 +216,13 @@ def test_damaged_index_is_one_clear_error(photos, tmp_path, small_model, damage)
         (index_dir / "manifest.json").write_text(json.dumps(manifest))
     else:
         (index_dir / "manifest.json").write_text("{not json")
-    with pytest.raises(IndexCorruptError, match="rebuild|missing") as info:
+    with pytest.raises(IndexCorruptError, match=r"rebuild|missing") as info:
         api.search_images([next(photos.rglob("*.png"))], index_dir, api.SearchOptions(k=2))
     assert "\n" not in str(info.value)
 
 
 def test_second_writer_is_refused_while_one_holds_the_lock(tmp_path) -> None:
-    with store.write_lock(tmp_path / "idx"), pytest.raises(IndexLockedError):
+    with store.write_lock(tmp_path / "idx"), pytest.raises(IndexLockedError):  # noqa: SIM117
         with store.write_lock(tmp_path / "idx"):
             pass
 

@@ -44,8 +44,9 @@ def test_fc7_is_after_the_second_fully_connected_relu() -> None:
     with torch.no_grad():
         fc7 = model.forward_fc7(x)
         classifier = model.classifier
-        expected = classifier[5](classifier[4](classifier[2](classifier[1](
-            model.forward_features(x)))))
+        expected = classifier[5](
+            classifier[4](classifier[2](classifier[1](model.forward_features(x))))
+        )
         assert torch.equal(fc7, expected)
         assert (fc7 >= 0).all()
         assert torch.allclose(model.forward_head(fc7), model(x))
@@ -60,8 +61,7 @@ def test_paper_init_sets_the_papers_biases() -> None:
 
 def test_seeded_builds_are_identical() -> None:
     a, b = build_alexnet(seed=7), build_alexnet(seed=7)
-    assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(),
-                                                  b.state_dict().values()))
+    assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
 
 
 def test_fc7_equals_plain_torchvision_alexnet_on_a_file(tmp_path) -> None:

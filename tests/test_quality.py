@@ -40,15 +40,17 @@ def test_retrieval_quality_matches_a_hand_ranking(labelled, tmp_path, small_mode
     ranked = np.array(ranked)
     assert quality.precision_at_k == pytest.approx(precision_at_k(ranked, labels, 3), abs=1e-6)
     assert quality.mean_average_precision == pytest.approx(
-        mean_average_precision(ranked, labels), abs=1e-6)
+        mean_average_precision(ranked, labels), abs=1e-6
+    )
     assert quality.to_dict()["precision@3"] == quality.precision_at_k
 
 
 def test_recall_of_an_approximate_index_against_the_exact_one(labelled, tmp_path, small_model):
     exact, approx = tmp_path / "exact", tmp_path / "hnsw"
     api.index_folder(labelled, exact, IndexOptions(weights=str(small_model)))
-    api.index_folder(labelled, approx, IndexOptions(weights=str(small_model),
-                                                    spec=IndexSpec(kind="HNSW32")))
+    api.index_folder(
+        labelled, approx, IndexOptions(weights=str(small_model), spec=IndexSpec(kind="HNSW32"))
+    )
     report = api.evaluate_recall(approx, exact, k=5, queries=15)
     assert report.queries == 15 and report.recall_at_k >= 0.9
     assert report.exact_bytes > 0 and report.approximate_bytes > 0

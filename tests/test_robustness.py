@@ -25,8 +25,9 @@ from tests.corpus import expected_walk_problems, make_image, make_problem_corpus
 
 def _stored(index_dir: Path) -> dict[str, np.ndarray]:
     snapshot = store.open_snapshot(index_dir)
-    vectors = {r.path: snapshot.index.reconstruct(r.id)
-               for r in snapshot.iter_rows(status="indexed")}
+    vectors = {
+        r.path: snapshot.index.reconstruct(r.id) for r in snapshot.iter_rows(status="indexed")
+    }
     snapshot.close()
     return vectors
 
@@ -38,8 +39,10 @@ def test_problem_corpus_indexes_every_good_file_and_skips_every_bad_one(
     expected = make_problem_corpus(root)
     assert len(set(expected.values())) >= 5 and len(expected) >= 25
     index_dir = tmp_path / "idx"
-    result = CliRunner().invoke(cli, ["index", str(root), "--index", str(index_dir), "--weights",
-                                      str(small_model), "--json"])
+    result = CliRunner().invoke(
+        cli,
+        ["index", str(root), "--index", str(index_dir), "--weights", str(small_model), "--json"],
+    )
     assert result.exit_code == 0, result.output
     report = json.loads(result.stdout)
 
@@ -55,12 +58,23 @@ def test_problem_corpus_indexes_every_good_file_and_skips_every_bad_one(
             assert (row.status, row.reason) == ("skipped", reason), name
     good = sum(1 for r in expected.values() if r is None)
     assert report["added"] == good and report["skipped"] == len(expected) - good
-    problems = {Path(p["path"]).relative_to(root).as_posix(): p["reason"]
-                for p in report["walk_problems"]}
+    problems = {
+        Path(p["path"]).relative_to(root).as_posix(): p["reason"] for p in report["walk_problems"]
+    }
     assert problems == expected_walk_problems(root)
 
-    strict = CliRunner().invoke(cli, ["index", str(root), "--index", str(tmp_path / "strict"),
-                                      "--weights", str(small_model), "--strict"])
+    strict = CliRunner().invoke(
+        cli,
+        [
+            "index",
+            str(root),
+            "--index",
+            str(tmp_path / "strict"),
+            "--weights",
+            str(small_model),
+            "--strict",
+        ],
+    )
     assert strict.exit_code == 1 and "--strict" in strict.stderr
 
 
@@ -71,8 +85,9 @@ def test_unicode_names_round_trip_through_json(tmp_path, small_model) -> None:
     index_dir = tmp_path / "idx"
     api.index_folder(tmp_path / "imgs", index_dir, api.IndexOptions(weights=str(small_model)))
     query = tmp_path / "imgs" / "x" / "line\nbreak.png"
-    result = CliRunner().invoke(cli, ["query", str(query), "-k", "5", "--index", str(index_dir),
-                                      "--json"])
+    result = CliRunner().invoke(
+        cli, ["query", str(query), "-k", "5", "--index", str(index_dir), "--json"]
+    )
     assert result.exit_code == 0, result.output
     data = json.loads(result.stdout)
     found = {os.path.basename(n["path"]) for n in data["neighbors"]}
@@ -82,8 +97,22 @@ def test_unicode_names_round_trip_through_json(tmp_path, small_model) -> None:
 
 def _index_command(folder: Path, index_dir: Path, model: Path, *extra: str) -> list[str]:
     code = "from retrieval.cli.main import cli; cli()"
-    return [sys.executable, "-c", code, "index", str(folder), "--index", str(index_dir),
-            "--weights", str(model), "--workers", "0", "--batch-size", "8", *extra]
+    return [
+        sys.executable,
+        "-c",
+        code,
+        "index",
+        str(folder),
+        "--index",
+        str(index_dir),
+        "--weights",
+        str(model),
+        "--workers",
+        "0",
+        "--batch-size",
+        "8",
+        *extra,
+    ]
 
 
 def _chunk_identities(index_dir: Path) -> dict[str, tuple[int, int]]:
@@ -106,17 +135,18 @@ def test_sigkill_at_random_points_then_resume_equals_an_uninterrupted_run(
     for i in range(240):
         make_image(folder / f"c{i % 4}" / f"{i:03d}.png", seed=i)
     reference = tmp_path / "reference"
-    subprocess.run(_index_command(folder, reference, small_model), check=True,
-                   capture_output=True)
+    subprocess.run(_index_command(folder, reference, small_model), check=True, capture_output=True)
 
     index_dir = tmp_path / "idx"
     rng = random.Random(7)
     kills = 0
     for target_chunks in (1, rng.randint(2, 4), rng.randint(5, 7)):
         before, before_files = _staged_keys(index_dir), _chunk_identities(index_dir)
-        process = subprocess.Popen(_index_command(folder, index_dir, small_model,
-                                                  "--chunk-size", "16"),
-                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        process = subprocess.Popen(
+            _index_command(folder, index_dir, small_model, "--chunk-size", "16"),
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline and process.poll() is None:
             chunks = list((index_dir / STAGING).glob("chunk-*.npz"))
@@ -137,9 +167,12 @@ def test_sigkill_at_random_points_then_resume_equals_an_uninterrupted_run(
     assert not (index_dir / "manifest.json").exists()  # no half index was ever committed
 
     staged = len(_staged_keys(index_dir))
-    final = subprocess.run(_index_command(folder, index_dir, small_model, "--json",
-                                          "--chunk-size", "16"),
-                           check=True, capture_output=True, text=True)
+    final = subprocess.run(
+        _index_command(folder, index_dir, small_model, "--json", "--chunk-size", "16"),
+        check=True,
+        capture_output=True,
+        text=True,
+    )
     report = json.loads(final.stdout)
     assert report["resumed"] == staged and report["extracted"] == 240 - staged
     ours, theirs = _stored(index_dir), _stored(reference)
@@ -155,22 +188,22 @@ def test_sigkill_during_an_update_leaves_the_previous_index_usable(tmp_path, sma
     for i in range(60):
         make_image(folder / f"c{i % 3}" / f"{i:03d}.png", seed=i)
     index_dir = tmp_path / "idx"
-    subprocess.run(_index_command(folder, index_dir, small_model), check=True,
-                   capture_output=True)
+    subprocess.run(_index_command(folder, index_dir, small_model), check=True, capture_output=True)
     before = _stored(index_dir)
     for i in range(60, 200):
         make_image(folder / f"c{i % 3}" / f"{i:03d}.png", seed=i)
     for delay in (0.5, 2.0, 3.5):
-        process = subprocess.Popen(_index_command(folder, index_dir, small_model,
-                                                  "--chunk-size", "16"),
-                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        process = subprocess.Popen(
+            _index_command(folder, index_dir, small_model, "--chunk-size", "16"),
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
         time.sleep(delay)
         process.send_signal(signal.SIGKILL)
         process.wait()
         current = _stored(index_dir)  # opens cleanly: old or new, never a mix
         assert sorted(current) in (sorted(before), sorted(str(p) for p in folder.rglob("*.png")))
-    subprocess.run(_index_command(folder, index_dir, small_model), check=True,
-                   capture_output=True)
+    subprocess.run(_index_command(folder, index_dir, small_model), check=True, capture_output=True)
     assert len(_stored(index_dir)) == 200
 
 
@@ -191,10 +224,12 @@ def test_queries_during_a_rebuild_always_see_a_whole_index(tmp_path, small_model
 
     def rebuild() -> None:
         while not stop.is_set():
-            subprocess.run(_index_command(folder, index_dir, small_model, "--rebuild"),
-                           check=True, capture_output=True)
-            generations.append(json.loads((index_dir / "manifest.json").read_text())
-                               ["generation"])
+            subprocess.run(
+                _index_command(folder, index_dir, small_model, "--rebuild"),
+                check=True,
+                capture_output=True,
+            )
+            generations.append(json.loads((index_dir / "manifest.json").read_text())["generation"])
 
     writer = threading.Thread(target=rebuild)
     writer.start()
@@ -218,7 +253,8 @@ def test_a_second_index_run_is_refused_while_one_writes(tmp_path, small_model) -
     make_image(folder / "a" / "x.png", seed=1)
     index_dir = tmp_path / "idx"
     with store.write_lock(index_dir):
-        result = CliRunner().invoke(cli, ["index", str(folder), "--index", str(index_dir),
-                                          "--weights", str(small_model)])
+        result = CliRunner().invoke(
+            cli, ["index", str(folder), "--index", str(index_dir), "--weights", str(small_model)]
+        )
     assert result.exit_code == 1
     assert "another `retrieve` is writing" in result.stderr
