@@ -112,7 +112,7 @@ def index_info(index_dir: Path | None = None) -> dict[str, Any]:
 
 def remove_paths(paths: Sequence[Path], index_dir: Path | None = None) -> dict[str, list[str]]:
     """Drop these files (or every file under these folders) from the index."""
-    from .indexing import remove_from_index
+    from .commit import remove_from_index
 
     result = remove_from_index(
         [Path(os.path.abspath(p)) for p in paths], Path(index_dir or default_index_dir())

@@ -10,28 +10,25 @@ from __future__ import annotations
 import logging
 import os
 import time
-from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from . import __version__
+from .commit import commit_changes
 from .errors import IndexMismatchError, RetrieveError
 from .extract import ExtractOptions, StageTimes, extract_fc7
 from .images import IMAGE_SUFFIXES, find_images
 from .indexes import kinds, store
-from .indexes.staging import StagedFile, Staging, iter_chunk_features
-from .indexes.sync import DiskFile, SyncPlan, plan_sync, stat_files
+from .indexes.staging import StagedFile, Staging
+from .indexes.sync import DiskFile, plan_sync, stat_files
 from .weights import LoadedModel, load_model
 
 log = logging.getLogger(__name__)
 
 DEFAULT_CHUNK_SIZE = 1024
-TRAINING_SEED = 1234
 
 
 @dataclass
@@ -124,7 +121,7 @@ def index_folder(
             return report
         staging = Staging(index_dir, _staging_identity(loaded, options))
         times = _extract_to_staging(plan.extract, loaded, options, staging, report, progress)
-        _commit(index_dir, base, loaded, options, plan, staging, root, report)
+        commit_changes(index_dir, base, loaded, options, plan, staging, report)
         staging.clear()
     report.seconds = time.perf_counter() - started
     times.wall = report.seconds
@@ -239,178 +236,5 @@ def _extract_to_staging(
     return times
 
 
-def _label(path: str) -> str:
-    return Path(path).parent.name
-
-
-def _commit(
-    index_dir: Path,
-    base: store.Snapshot | None,
-    loaded: LoadedModel,
-    options: IndexOptions,
-    plan: SyncPlan,
-    staging: Staging,
-    root: Path,
-    report: IndexReport,
-) -> None:
-    """Apply the plan and the staged features as one new generation."""
-    wanted = {(f.path, f.size, f.mtime_ns) for f in plan.extract}
-    chunks = staging.chunk_paths()
-    fresh = base is None or options.rebuild
-    if fresh:
-        n_new = sum(
-            1
-            for records, _ in iter_chunk_features(chunks)
-            for r in records
-            if r.reason is None and r.key in wanted
-        )
-        spec, why = kinds.resolve_auto(
-            options.spec or kinds.IndexSpec(), n_new, loaded_dim(loaded), options.memory_budget
-        )
-        sample = _training_sample(chunks, wanted, spec, loaded_dim(loaded), n_new)
-        index = kinds.build_index(spec, loaded_dim(loaded), sample)
-    else:
-        spec = kinds.IndexSpec.from_dict(base.manifest["index"])
-        index = base.index
-        why = base.manifest.get("index_reason", "")
-    report.index_kind, report.index_kind_reason = spec.kind, why
-    writer = store.GenerationWriter(index_dir, base, copy_rows=not fresh)
-    try:
-        vector_ids_to_drop = [row.id for row in plan.remove if row.status == "indexed"]
-        writer.delete_rows([row.id for row in plan.remove])
-        writer.upsert_rows(
-            [
-                store.RowUpdate(
-                    d.path,
-                    d.size,
-                    d.mtime_ns,
-                    row.sha256,
-                    row.label,
-                    row.status,
-                    row.reason,
-                    row.detail,
-                    id=row.id,
-                )
-                for row, d in plan.touch
-            ]
-        )
-        for row in plan.existing.values():
-            if row.status == "indexed":
-                vector_ids_to_drop.append(row.id)
-        if vector_ids_to_drop:
-            index = kinds.remove_ids(index, np.asarray(vector_ids_to_drop, dtype=np.int64))
-        reasons: Counter[str] = Counter()
-        for records, features in iter_chunk_features(chunks):
-            keep = [r for r in records if r.key in wanted]
-            wanted.difference_update(r.key for r in keep)
-            updates = []
-            for r in keep:
-                previous = plan.existing.get(r.path)
-                status = "indexed" if r.reason is None else "skipped"
-                updates.append(
-                    store.RowUpdate(
-                        r.path,
-                        r.size,
-                        r.mtime_ns,
-                        r.sha256,
-                        _label(r.path),
-                        status,
-                        r.reason,
-                        r.detail or None,
-                        id=previous.id if previous else None,
-                    )
-                )
-                if r.reason is not None:
-                    reasons[r.reason] += 1
-                    report.skipped_files.append(
-                        {"path": r.path, "reason": r.reason, "detail": r.detail}
-                    )
-                elif previous:
-                    report.updated += 1
-                else:
-                    report.added += 1
-            ids = writer.upsert_rows(updates)
-            good = [(i, r.row) for i, r in zip(ids, keep) if r.reason is None]
-            if good:
-                index.add_with_ids(
-                    np.ascontiguousarray(features[[row for _, row in good]]),
-                    np.asarray([i for i, _ in good], dtype=np.int64),
-                )
-        report.removed = len(plan.remove)
-        report.unchanged, report.touched = plan.unchanged, len(plan.touch)
-        report.skipped = sum(reasons.values())
-        report.skip_reasons = dict(reasons)
-        now = datetime.now(timezone.utc).isoformat(timespec="seconds")
-        manifest = {
-            "retrieve_version": __version__,
-            "created": base.manifest.get("created", now) if base and not fresh else now,
-            "updated": now,
-            "model": loaded.describe(),
-            "metric": "l2",
-            "index": spec.to_dict(),
-            "index_reason": why,
-        }
-        snapshot = writer.commit(index, manifest)
-    except BaseException:
-        writer.abort()
-        raise
-    report.count = snapshot.count
-    report.total_skipped = int(snapshot.manifest["skipped"])
-    snapshot.close()
-
-
 def loaded_dim(loaded: LoadedModel) -> int:
     return int(loaded.model.classifier[4].out_features)
-
-
-def _training_sample(
-    chunks: list[Path], wanted: set, spec: kinds.IndexSpec, dim: int, available: int
-) -> np.ndarray | None:
-    """A seeded random sample of the new features, gathered chunk by chunk (memory stays flat)."""
-    if not kinds.needs_training(spec, dim):
-        return None
-    size = min(kinds.training_sample_size(spec, dim), available)
-    picked = set(
-        np.random.default_rng(TRAINING_SEED).choice(available, size, replace=False).tolist()
-    )
-    parts, position = [], 0
-    for records, features in iter_chunk_features(chunks):
-        rows = []
-        for r in records:
-            if r.reason is None and r.key in wanted:
-                if position in picked:
-                    rows.append(r.row)
-                position += 1
-        parts.append(features[rows])
-    return np.concatenate(parts) if parts else np.zeros((0, dim), np.float32)
-
-
-def remove_from_index(paths: list[Path], index_dir: Path) -> dict[str, list[str]]:
-    """``retrieve remove``: drop rows by path (a folder drops everything under it)."""
-    with store.write_lock(index_dir):
-        base = store.open_snapshot(index_dir)
-        doomed: dict[int, store.Row] = {}
-        missing = []
-        for path in paths:
-            row = base.row_for_path(str(path))
-            found = ([row] if row else []) + list(base.iter_rows(under=str(path)))
-            if not found:
-                missing.append(str(path))
-            doomed.update((row.id, row) for row in found)
-        if not doomed:
-            base.close()
-            return {"removed": [], "not_in_index": missing}
-        vector_ids = [i for i, row in doomed.items() if row.status == "indexed"]
-        index = base.index
-        if vector_ids:
-            index = kinds.remove_ids(index, np.asarray(vector_ids, dtype=np.int64))
-        writer = store.GenerationWriter(index_dir, base)
-        try:
-            writer.delete_rows(list(doomed))
-            now = datetime.now(timezone.utc).isoformat(timespec="seconds")
-            keep = {k: v for k, v in base.manifest.items() if k not in ("files", "count")}
-            writer.commit(index, {**keep, "updated": now}).close()
-        except BaseException:
-            writer.abort()
-            raise
-        return {"removed": sorted(row.path for row in doomed.values()), "not_in_index": missing}
