@@ -1,0 +1,367 @@
+"""Indexing speed in one run: the naive way, a plain DataLoader, ``retrieve index``, and ceilings.
+
+    python bench/extract.py [--limit 400] [--photo-size] [--out bench/latest.md]
+
+(a) naive: what img2vec and most tutorials do: PIL open, torchvision transforms, the model on one
+    image at a time under ``no_grad``;
+(b) a plain ``DataLoader`` with batches (PIL + transforms in workers, float tensors across
+    processes, fp32, default layout);
+(c) ``retrieve index``: the real pipeline, ``retrieval.indexing.index_folder`` into a fresh Flat
+    index, timed whole (walk, model load, extraction, commit).
+Ceilings: decode-only (read + decode + resize/crop, every core decoding, no model) and
+model-only (synthetic uint8 crops already on the device). Each method runs ``--rounds`` times,
+interleaved, and the best round counts: on a shared machine that is the least disturbed one.
+The neighbours (top 6, self excluded) of sampled queries in (c)'s index are checked against
+brute force on (a)'s features. The default weights are random (same FLOPs as ImageNet's; this
+machine is offline): speed does not depend on the values, agreement is measured on them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import sys
+import tempfile
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import torch
+import torchvision
+import torchvision.transforms as T
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from retrieval import api
+from retrieval.devices import resolve_device
+from retrieval.extract import (
+    ExtractOptions,
+    _collate,
+    _Files,
+    _torch_threads,
+    default_threads,
+    default_workers,
+)
+from retrieval.images import DEFAULT_MAX_MEGAPIXELS, find_images
+from retrieval.mapper import Fc7Mapper
+from retrieval.weights import load_model
+
+DEFAULT_DATA = (
+    Path(__file__).resolve().parents[1] / ".." / "shared" / "datasets" / "imagenette2-224"
+)
+K = 6
+
+
+def machine(device: torch.device) -> str:
+    try:
+        cpuinfo = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        cpuinfo = ""
+    names = [
+        line.split(":", 1)[1].strip()
+        for line in cpuinfo.splitlines()
+        if line.startswith("model name")
+    ]
+    cpu = names[0] if names else platform.processor() or "unknown CPU"
+    extras = [f for f in ("avx512_bf16", "amx_bf16", "avx512_vnni") if f in cpuinfo]
+    gpu = torch.cuda.get_device_name(0) if device.type == "cuda" else "none used"
+    return (
+        f"CPU {cpu} ({len(os.sched_getaffinity(0))} cores; {', '.join(extras) or 'no bf16'}), "
+        f"GPU {gpu}, torch {torch.__version__}, torchvision {torchvision.__version__}, "
+        f"Python {platform.python_version()}, load average {os.getloadavg()[0]:.1f} at start"
+    )
+
+
+def sample(root: Path, limit: int) -> list[Path]:
+    """``limit`` images spread evenly over the sorted folder (so over every class)."""
+    found, _ = find_images(root)
+    if not found:
+        raise SystemExit(f"no images under {root}")
+    step = max(1, len(found) // limit)
+    return found[::step][:limit]
+
+
+def link_folder(paths: list[Path], folder: Path) -> None:
+    for i, path in enumerate(paths):
+        target = folder / path.parent.name / f"{i:05d}_{path.name}"
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.symlink_to(path.resolve())
+
+
+def photo_sized(paths: list[Path], folder: Path) -> list[Path]:
+    """~500x375 JPEGs made from the sample: a typical web photo, larger than the crop."""
+    made = []
+    for i, path in enumerate(paths):
+        target = folder / path.parent.name / f"{i:05d}.jpg"
+        target.parent.mkdir(parents=True, exist_ok=True)
+        with Image.open(path) as image:
+            image.convert("RGB").resize((500, 375), Image.Resampling.BICUBIC).save(
+                target, quality=90
+            )
+        made.append(target)
+    return made
+
+
+def transform(loaded) -> T.Compose:
+    p = loaded.preprocessing
+    return T.Compose(
+        [
+            T.Resize(p.resize, antialias=True),
+            T.CenterCrop(p.crop),
+            T.ToTensor(),
+            T.Normalize(p.mean, p.std),
+        ]
+    )
+
+
+def naive(
+    paths: list[Path], weights: str, device: torch.device, threads: int | None = None
+) -> tuple[float, np.ndarray]:
+    loaded = load_model(weights, device=device)
+    prepare, rows = transform(loaded), []
+    with _torch_threads(threads):
+        start = time.perf_counter()
+        with torch.no_grad():
+            for path in paths:
+                x = prepare(Image.open(path).convert("RGB")).unsqueeze(0).to(device)
+                rows.append(loaded.model.forward_fc7(x).cpu().numpy()[0])
+        return len(paths) / (time.perf_counter() - start), np.stack(rows)
+
+
+class _Plain(Dataset):
+    def __init__(self, paths: list[Path], prepare: T.Compose) -> None:
+        self.paths, self.prepare = paths, prepare
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        return self.prepare(Image.open(self.paths[i]).convert("RGB"))
+
+
+def plain_loader(
+    paths: list[Path], weights: str, device: torch.device, workers: int, batch: int
+) -> float:
+    loaded = load_model(weights, device=device)
+    loader = DataLoader(
+        _Plain(paths, transform(loaded)),
+        batch_size=batch,
+        num_workers=workers,
+        pin_memory=device.type == "cuda",
+    )
+    start = time.perf_counter()
+    with torch.no_grad():
+        for x in loader:
+            loaded.model.forward_fc7(x.to(device)).cpu()
+    return len(paths) / (time.perf_counter() - start)
+
+
+def retrieve_index(
+    folder: Path, index_dir: Path, weights: str, extract: ExtractOptions
+) -> tuple[float, api.IndexReport]:
+    options = api.IndexOptions(
+        weights=weights, spec=api.IndexSpec("Flat"), extract=extract, rebuild=True
+    )
+    start = time.perf_counter()
+    report = api.index_folder(folder, index_dir, options)
+    return report.count / (time.perf_counter() - start), report
+
+
+def agreement(
+    index_dir: Path, queries: list[Path], expected: list[list[str]], extract: ExtractOptions
+) -> tuple[float, float]:
+    """Share of the exact top-6 found, and share of queries whose top-6 list is identical."""
+    options = api.SearchOptions(k=K, exclude_self=True, extract=extract)
+    results = api.search_images(queries, index_dir, options)
+    found = [[os.path.abspath(n.path) for n in r.neighbors] for r in results]
+    overlap = np.mean([len(set(f) & set(e)) / K for f, e in zip(found, expected, strict=True)])
+    same = np.mean([f == e for f, e in zip(found, expected, strict=True)])
+    return float(overlap), float(same)
+
+
+def decode_ceiling(paths: list[Path], loaded, batch: int) -> float:
+    workers = len(os.sched_getaffinity(0))
+    files = _Files(paths, loaded.preprocessing, DEFAULT_MAX_MEGAPIXELS)
+    loader = DataLoader(files, batch_size=batch, num_workers=workers, collate_fn=_collate)
+    start = time.perf_counter()
+    count = sum(0 if pixels is None else len(pixels) for _, pixels, _ in loader)
+    return count / (time.perf_counter() - start)
+
+
+def model_ceiling(
+    weights: str,
+    device: torch.device,
+    precision: str,
+    batch: int,
+    threads: int | None = None,
+    seconds: float = 4.0,
+) -> float:
+    with _torch_threads(threads):
+        return _model_ceiling(weights, device, precision, batch, seconds)
+
+
+def _model_ceiling(
+    weights: str, device: torch.device, precision: str, batch: int, seconds: float
+) -> float:
+    mapper = Fc7Mapper(load_model(weights), device, precision)
+    p = mapper.preprocessing
+    crops = torch.randint(
+        0,
+        256,
+        (batch, p.channels, p.crop, p.crop),
+        dtype=torch.uint8,
+        generator=torch.Generator().manual_seed(0),
+    ).to(device)
+    mapper(crops)  # warm-up: kernel choice, oneDNN primitives
+    done, start = 0, time.perf_counter()
+    while time.perf_counter() - start < seconds or done == 0:
+        mapper(crops)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        done += batch
+    return done / (time.perf_counter() - start)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data", type=Path, default=DEFAULT_DATA)
+    parser.add_argument("--limit", type=int, default=400)
+    parser.add_argument("--photo-size", action="store_true")
+    parser.add_argument("--weights", default="random")
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--queries", type=int, default=50)
+    parser.add_argument(
+        "--precisions",
+        default=None,
+        help="(c) variants, e.g. fp32,bf16,int8 [default: all on CPU, fp32,bf16 on CUDA]",
+    )
+    parser.add_argument("--out", type=Path, default=None)
+    args = parser.parse_args(argv)
+    device = resolve_device(args.device)
+    cpu = device.type == "cpu"
+    precisions = (args.precisions or ("fp32,bf16,int8" if cpu else "fp32,bf16")).split(",")
+    lines = [f"Machine: {machine(device)}"]
+    print(lines[0], flush=True)
+    with tempfile.TemporaryDirectory(prefix="retrieve-bench-") as tmp:
+        tmp = Path(tmp)
+        paths = sample(args.data.resolve(), args.limit)
+        folder = tmp / "images"
+        if args.photo_size:
+            paths = photo_sized(paths, folder)
+        else:
+            link_folder(paths, folder)
+        paths, _ = find_images(folder)  # (c)'s order, so rows line up
+        what = "500x375 JPEGs made from" if args.photo_size else "JPEGs from"
+        lines.append(
+            f"Data: {len(paths)} {what} {args.data.name}; weights {args.weights} "
+            f"({'random: same FLOPs, offline machine' if args.weights == 'random' else ''})"
+        )
+        extract = ExtractOptions(device=str(device))
+        workers = default_workers(len(paths)) if cpu else 0
+        batch = extract.batch_size
+        best: dict[str, float] = {}
+        reports: dict[str, api.IndexReport] = {}
+        features = None
+        for round_ in range(args.rounds):
+            rate, found = naive(paths, args.weights, device)
+            features = found if features is None else features
+            runs = {"a": rate}
+            if cpu and len(os.sched_getaffinity(0)) > 1:
+                runs["a1"] = naive(paths, args.weights, device, threads=1)[0]
+            runs["b"] = plain_loader(paths, args.weights, device, workers, batch)
+            for precision in precisions:
+                index_dir = tmp / f"index-{precision}"
+                runs[f"c-{precision}"], reports[precision] = retrieve_index(
+                    folder, index_dir, args.weights, replace(extract, precision=precision)
+                )
+            for name, rate in runs.items():
+                best[name] = max(best.get(name, 0.0), rate)
+            print(
+                f"round {round_ + 1}: " + ", ".join(f"{k} {v:.1f}" for k, v in runs.items()),
+                flush=True,
+            )
+        loaded = load_model(args.weights)
+        best["decode"] = decode_ceiling(paths, loaded, batch) if cpu else float("nan")
+        all_cores = len(os.sched_getaffinity(0))
+        thread_counts = sorted({all_cores, default_threads(workers)}) if cpu else [None]
+        model_rates = {
+            (p, t): model_ceiling(args.weights, device, p, batch if cpu else 256, t)
+            for p in precisions
+            for t in thread_counts
+        }
+        rng = np.random.default_rng(0)
+        picked = sorted(rng.choice(len(paths), min(args.queries, len(paths)), replace=False))
+        squared = (features**2).sum(1)
+        distances = squared[picked, None] + squared[None, :] - 2 * features[picked] @ features.T
+        distances[np.arange(len(picked)), picked] = np.inf
+        order = np.argsort(distances, axis=1, kind="stable")[:, :K]
+        expected = [[str(paths[j]) for j in row] for row in order]
+        queries = [paths[i] for i in picked]
+        checks = {
+            p: agreement(tmp / f"index-{p}", queries, expected, replace(extract, precision=p))
+            for p in precisions
+        }
+    lines += table(best, model_rates, checks, reports, workers, batch, len(picked))
+    lines.append(f"Load average at the end: {os.getloadavg()[0]:.1f}")
+    text = "\n".join(lines)
+    print("\n" + text)
+    if args.out:
+        args.out.write_text(text + "\n")
+
+
+def table(best, model_rates, checks, reports, workers, batch, n_queries) -> list[str]:
+    a, b = best["a"], best["b"]
+    threads = torch.get_num_threads()
+    rows = [
+        "",
+        "| method | images/s | c/a | c/b | top-6 vs (a) |",
+        "|---|---:|---:|---:|---|",
+        f"| (a) naive: PIL + transforms + model one image at a time ({threads} torch threads) "
+        f"| {a:.1f} | | | |",
+    ]
+    if "a1" in best:
+        rows.append(f"| (a') the same with 1 torch thread | {best['a1']:.1f} | | | |")
+    rows.append(
+        f"| (b) plain DataLoader: batch {batch}, {workers} workers, {threads} torch threads "
+        f"| {b:.1f} | | | |"
+    )
+    for precision, (overlap, same) in checks.items():
+        c = best[f"c-{precision}"]
+        name = "retrieve index" + ("" if precision == "fp32" else f" --precision {precision}")
+        rows.append(
+            f"| (c) {name} | {c:.1f} | {c / a:.2f}x | {c / b:.2f}x | overlap "
+            f"{overlap:.3f}, identical lists {same:.0%} |"
+        )
+    if best["decode"] == best["decode"]:  # not NaN: measured (CPU)
+        cores = len(os.sched_getaffinity(0))
+        rows.append(
+            f"| ceiling: decode only (read+decode+resize/crop, {cores} worker processes) | "
+            f"{best['decode']:.1f} | | | |"
+        )
+    for (precision, count), rate in model_rates.items():
+        where = f"{count} torch thread{'s' * (count != 1)}" if count else "synthetic crops on GPU"
+        rows.append(f"| ceiling: model only, {precision}, {where} | {rate:.1f} | | | |")
+    times = reports["fp32"].times
+    stages = ", ".join(
+        f"{k} {times.get(k, 0):.1f}s" for k in ("read", "decode", "preprocess", "model", "write")
+    )
+    rows += [
+        "",
+        f"top-6 neighbours of {n_queries} sampled queries (self excluded) in (c)'s index against "
+        "brute force on (a)'s features; each method's best round counts.",
+        f"(c) fp32 stage busy times in its last round: {stages}; wall {times.get('wall', 0):.1f}s",
+    ]
+    if "a1" in best:
+        rows.append(
+            f"c/a' (fp32 against the naive way on 1 thread): {best['c-fp32'] / best['a1']:.2f}x"
+        )
+    return rows
+
+
+if __name__ == "__main__":
+    main()

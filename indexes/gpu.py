@@ -1,0 +1,284 @@
+"""Search on a GPU: the faiss GPU build when it imports, else an exact search in torch.
+
+Why a separate module: the GPU paths are optional extras with their own failure modes (no CUDA,
+a faiss build without GPUs, an index kind the GPU cannot hold). ``kinds.search`` asks here first
+and falls back to faiss on CPU. torch is imported only inside functions, so importing
+``retrieval.indexes`` never pays for it.
+
+The torch path is exact L2 search written as ``||q||^2 + ||x||^2 - 2 q.x``: one matmul per
+(query batch, database chunk), a top-k per chunk and a merge of the running best k across chunks,
+so GPU memory stays bounded whatever the database size. It runs on any torch device, which is how
+the tests cover its logic on CPU.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+
+from retrieval.errors import RetrieveError
+
+log = logging.getLogger(__name__)
+
+# Elements in one (query batch x database chunk) distance matrix: 2**27 fp32 = 512 MiB.
+_DISTANCE_ELEMENTS = 2**27
+# faiss GPU indexes answer at most this many neighbours per query.
+FAISS_GPU_MAX_K = 2048
+
+_gpu_resources: Any = None
+
+
+def faiss_gpu_count() -> int:
+    """GPUs visible to faiss: 0 with the faiss-cpu build, whose module has no GPU symbols."""
+    import faiss
+
+    get = getattr(faiss, "get_num_gpus", None)
+    if get is None or not hasattr(faiss, "StandardGpuResources"):
+        return 0
+    try:
+        return int(get())
+    except RuntimeError:
+        return 0
+
+
+def torch_cuda_available() -> bool:
+    """True when torch imports and sees a CUDA device (torch is optional for ``indexes``)."""
+    try:
+        import torch
+    except ImportError:
+        return False
+    return bool(torch.cuda.is_available())
+
+
+def faiss_index_to_gpu(index: Any, device: int = 0) -> Any:
+    """A GPU copy of ``index`` (search parameters included); raises RuntimeError if unsupported."""
+    import faiss
+
+    global _gpu_resources
+    if _gpu_resources is None:
+        _gpu_resources = faiss.StandardGpuResources()
+    return faiss.index_cpu_to_gpu(_gpu_resources, device, index)
+
+
+def flat_database(index: Any) -> tuple[np.ndarray, Any, np.ndarray | None] | None:
+    """(vectors, pre-transform or None, ids or None) when ``index`` is an exact L2 Flat index.
+
+    The vectors are a zero-copy view of faiss's storage; ids are the IDMap's row -> id table.
+    Returns None for any other kind, which the torch path cannot answer exactly.
+    """
+    import faiss
+
+    idmap, pre, core = unwrap(index)
+    if (
+        type(core) not in (faiss.IndexFlat, faiss.IndexFlatL2)
+        or core.metric_type != faiss.METRIC_L2
+    ):
+        return None
+    xb = faiss.rev_swig_ptr(core.get_xb(), core.ntotal * core.d).reshape(core.ntotal, core.d)
+    ids = faiss.vector_to_array(idmap.id_map) if idmap is not None else None
+    return xb, pre, ids
+
+
+def unwrap(index: Any) -> tuple[Any, Any, Any]:
+    """(IDMap or None, IndexPreTransform or None, core index), each downcast to its real class.
+
+    Why: faiss hands back base-class proxies; attributes such as ``nlist`` or ``hnsw`` only exist
+    on the downcast object. The parents keep ownership, so the children stay valid while
+    ``index`` lives.
+    """
+    import faiss
+
+    node = faiss.downcast_index(index)
+    idmap = pre = None
+    if isinstance(node, faiss.IndexIDMap2 | faiss.IndexIDMap):
+        idmap, node = node, faiss.downcast_index(node.index)
+    if isinstance(node, faiss.IndexPreTransform):
+        pre, node = node, faiss.downcast_index(node.index)
+    return idmap, pre, node
+
+
+def apply_pretransform(pre: Any, x: np.ndarray) -> np.ndarray:
+    """Queries through the same chain (L2norm, PCA, OPQ...) the index applies before storing."""
+    import faiss
+
+    for i in range(pre.chain.size()):
+        x = faiss.downcast_VectorTransform(pre.chain.at(i)).apply_py(np.ascontiguousarray(x))
+    return x
+
+
+class TorchExactSearcher:
+    """Exact L2 k-NN over a fixed database held on a torch device.
+
+    Build it once and call :meth:`search` many times to keep the database resident (the benchmark
+    does this; ``kinds.search`` builds one per call). ``precision="float16"`` halves memory and
+    uses tensor cores: vectors are divided by the largest norm before the cast so that dot
+    products cannot overflow fp16, norms stay fp32, so the ranking is exact up to fp16 rounding
+    of the dot products. ``"auto"`` keeps fp32 when it fits in free GPU memory, else fp16.
+    """
+
+    def __init__(
+        self,
+        database: np.ndarray,
+        *,
+        device: str = "cuda",
+        precision: str = "auto",
+        chunk_rows: int | None = None,
+    ) -> None:
+        import torch
+
+        if database.ndim != 2:
+            raise RetrieveError(f"database must be 2-d, got shape {database.shape}")
+        self.device = torch.device(device)
+        self.precision = _choose_precision(precision, database, self.device)
+        self.ntotal, self.dim = database.shape
+        self.chunk_rows = chunk_rows
+        # Upload in slices so the host never holds a second full copy (1 M x 4096 is 16 GB).
+        half = self.precision == "float16"
+        dtype = torch.float16 if half else torch.float32
+        self._db = torch.empty((self.ntotal, self.dim), dtype=dtype, device=self.device)
+        self._db_sq = torch.empty(self.ntotal, dtype=torch.float32, device=self.device)
+        for s, part in self._slices(database):
+            self._db_sq[s : s + len(part)] = (part * part).sum(dim=1)
+            if not half:
+                self._db[s : s + len(part)] = part
+        # fp16 holds x / max|x| (a second pass), so that no dot product can overflow fp16.
+        top = float(self._db_sq.max().sqrt()) if self.ntotal else 0.0
+        self._scale = top if half and top > 0 else 1.0
+        if half:
+            for s, part in self._slices(database):
+                self._db[s : s + len(part)] = part / self._scale
+
+    def _slices(self, database: np.ndarray, step: int = 65_536) -> Iterator[tuple[int, Any]]:
+        import torch
+
+        for s in range(0, self.ntotal, step):
+            rows = np.ascontiguousarray(database[s : s + step], dtype=np.float32)
+            yield s, torch.from_numpy(rows).to(self.device)
+
+    def search(
+        self, queries: np.ndarray, k: int, *, batch_size: int = 4096
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """(squared L2 distances, row positions), each n x k, nearest first, -1/inf padded."""
+        import torch
+
+        n = queries.shape[0]
+        dist = np.full((n, k), np.inf, dtype=np.float32)
+        rows = np.full((n, k), -1, dtype=np.int64)
+        if self.ntotal == 0 or n == 0:
+            return dist, rows
+        kk = min(k, self.ntotal)
+        with torch.no_grad():
+            for s in range(0, n, batch_size):
+                q = torch.from_numpy(np.ascontiguousarray(queries[s : s + batch_size]))
+                d, r = self._search_batch(q.to(self.device, torch.float32), kk)
+                dist[s : s + len(q), :kk] = d.cpu().numpy()
+                rows[s : s + len(q), :kk] = r.cpu().numpy()
+        return dist, rows
+
+    def _search_batch(self, q: Any, k: int) -> tuple[Any, Any]:
+        import torch
+
+        q_sq = (q * q).sum(dim=1, keepdim=True)
+        qm = (q / self._scale).to(self._db.dtype)
+        factor = self._scale**2
+        step = self.chunk_rows or max(1024, _DISTANCE_ELEMENTS // max(1, q.shape[0]))
+        best_d = best_r = None
+        for start in range(0, self.ntotal, step):
+            chunk = self._db[start : start + step]
+            ip = (qm @ chunk.T).float() * factor
+            d = (q_sq + self._db_sq[start : start + step].unsqueeze(0) - 2.0 * ip).clamp_min_(0)
+            kc = min(k, d.shape[1])
+            d, r = torch.topk(d, kc, dim=1, largest=False, sorted=True)
+            r = r + start
+            if best_d is not None:
+                d, pick = torch.topk(torch.cat([best_d, d], 1), k, dim=1, largest=False)
+                r = torch.gather(torch.cat([best_r, r], 1), 1, pick)
+            best_d, best_r = d, r
+        return best_d, best_r
+
+
+def _choose_precision(precision: str, database: np.ndarray, device: Any) -> str:
+    if precision not in ("auto", "float32", "float16"):
+        raise RetrieveError(f"precision must be auto, float32 or float16, not {precision!r}")
+    if precision != "auto":
+        return precision
+    if device.type != "cuda":
+        return "float32"
+    import torch
+
+    free, _ = torch.cuda.mem_get_info(device)
+    need = database.shape[0] * database.shape[1] * 4
+    # Leave room for the distance matrices and the caller's own tensors (the model).
+    if need < 0.7 * free:
+        return "float32"
+    if need / 2 < 0.9 * free:
+        return "float16"
+    raise RetrieveError(
+        f"{need / 2e9:.1f} GB of fp16 vectors do not fit in {free / 1e9:.1f} GB of free GPU memory"
+    )
+
+
+def torch_exact_search(
+    database: np.ndarray,
+    queries: np.ndarray,
+    k: int,
+    *,
+    device: str = "cuda",
+    precision: str = "auto",
+    batch_size: int = 4096,
+    chunk_rows: int | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """One-shot exact search: (squared L2 distances, row positions), see TorchExactSearcher."""
+    searcher = TorchExactSearcher(
+        database, device=device, precision=precision, chunk_rows=chunk_rows
+    )
+    return searcher.search(queries, k, batch_size=batch_size)
+
+
+def faiss_message(e: BaseException) -> str:
+    """The useful tail of a faiss C++ exception ('Error in ... at file:line: <this>')."""
+    text = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    return text.rsplit(": ", 1)[-1] if "Error in" in text else text
+
+
+def pick_searcher(index: Any, device: str, k: int) -> tuple[Any, str]:
+    """A function batch -> (squared distances, ids) on the best place ``device`` allows."""
+    if device == "cpu":
+        return (lambda b: index.search(b, k)), "faiss-cpu"
+    m = re.fullmatch(r"(auto|cuda)(?::(\d+))?", device)
+    if m is None:
+        raise RetrieveError(f"device must be auto, cpu, cuda or cuda:N, not {device!r}")
+    ordinal = int(m.group(2) or 0)
+    if faiss_gpu_count() > ordinal and k <= FAISS_GPU_MAX_K:
+        try:
+            g = faiss_index_to_gpu(index, ordinal)
+            return (lambda b: g.search(b, k)), "faiss-gpu"
+        except RuntimeError as e:
+            log.info("faiss cannot put this index on the GPU (%s)", faiss_message(e))
+    has_cuda = torch_cuda_available()
+    flat = flat_database(index) if has_cuda else None
+    if flat is not None:
+        xb, pre, row_ids = flat
+        try:
+            torch_dev = f"cuda:{ordinal}"
+            searcher = TorchExactSearcher(xb, device=torch_dev)
+        except RetrieveError as e:
+            log.warning("exact GPU search unavailable (%s); searching on CPU", e)
+        else:
+
+            def run(b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+                d2, rows = searcher.search(apply_pretransform(pre, b) if pre else b, k)
+                if row_ids is not None:
+                    rows = np.where(rows >= 0, row_ids[np.maximum(rows, 0)], -1)
+                return d2, rows
+
+            return run, f"torch-{torch_dev}-{searcher.precision}"
+    if m.group(1) == "cuda":
+        if not has_cuda and faiss_gpu_count() == 0:
+            raise RetrieveError(f"device {device!r} requested but no CUDA device is visible")
+        log.warning("no GPU search for this index kind without faiss-gpu; searching on CPU")
+    return (lambda b: index.search(b, k)), "faiss-cpu"

@@ -1,0 +1,461 @@
+"""Index kinds: which FAISS index holds the fc7 rows; how it is built, trained, pruned, searched.
+
+Why here: the store records an :class:`IndexSpec` in its manifest and calls these functions; it
+never names a FAISS class. Every kind is built from an ``index_factory`` string, so a manifest
+entry rebuilds the same structure. The metric is always L2, the paper's Euclidean distance on fc7
+(with ``normalize`` the ranking equals cosine); :func:`search` returns Euclidean distances, not
+FAISS's squared ones, measured after the pre-transforms (in the PCA space with ``reduce``).
+
+Ids: IVF kinds store int64 ids natively; every other kind is wrapped in ``IDMap2`` so that
+``add_with_ids`` works and rows can be reconstructed by id. faiss 1.15 parses ``IDMap2,`` in
+front of pre-transforms (``IDMap2,L2norm,PCA256,HNSW32``), so the factory string is the whole
+recipe.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from retrieval.errors import IndexMismatchError, RetrieveError
+
+from . import gpu
+from .gpu import faiss_message as _faiss_message
+from .gpu import unwrap
+
+__all__ = [
+    "IndexSpec",
+    "build_index",
+    "index_memory_bytes",
+    "index_ram_bytes",
+    "ivf_centroids",
+    "needs_training",
+    "remove_ids",
+    "resolve_auto",
+    "search",
+    "set_search_params",
+    "training_sample_size",
+]
+
+log = logging.getLogger(__name__)
+
+_REDUCE = re.compile(r"^PCAR?(\d+)$")
+_TRANSFORM = re.compile(r"^(L2norm|PCAW?R?\d+|OPQ\d+(_\d+)?|RR\d+|ITQ\d*|Pad\d+)$")
+# Training sample cap: 131,072 x 4096-d float32 is 2 GiB, the most we ask a caller to hold.
+TRAINING_CAP = 2**17
+# faiss warns below 39 points per k-means centroid; 40 is the usual rule of thumb.
+POINTS_PER_CENTROID = 40
+# Search defaults written into a new index (faiss's own, nprobe=1 and efSearch=16, lose recall).
+DEFAULT_NPROBE_FRACTION = 1 / 32
+DEFAULT_EF_SEARCH = 64
+DEFAULT_REFINE_K_FACTOR = 4
+
+
+@dataclass(frozen=True)
+class IndexSpec:
+    """What to build: a FAISS factory body, an optional PCA reduction, optional L2 normalisation.
+
+    ``kind="auto"`` is resolved by :func:`resolve_auto` before building.
+    """
+
+    kind: str = "Flat"
+    reduce: str | None = None
+    normalize: bool = False
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.kind, str) or not self.kind.strip():
+            raise RetrieveError("index kind must be a non-empty FAISS factory string or 'auto'")
+        if "IDMap" in self.kind:
+            raise RetrieveError(f"index kind {self.kind!r}: leave out IDMap, ids are managed here")
+        if self.reduce is not None and not _REDUCE.match(str(self.reduce)):
+            raise RetrieveError(f"reduce must look like 'PCA256', not {self.reduce!r}")
+        if not isinstance(self.normalize, bool):
+            raise RetrieveError(f"normalize must be true or false, not {self.normalize!r}")
+
+    @property
+    def reduced_dim(self) -> int | None:
+        """Dimension after ``reduce`` (None without one)."""
+        m = _REDUCE.match(self.reduce) if self.reduce else None
+        return int(m.group(1)) if m else None
+
+    def factory_string(self, dim: int) -> str:
+        """The full ``index_factory`` string for vectors of ``dim`` dimensions."""
+        if self.kind == "auto":
+            raise RetrieveError("index kind 'auto' must be resolved with resolve_auto() first")
+        if self.reduced_dim is not None and self.reduced_dim > dim:
+            raise RetrieveError(f"cannot reduce {dim}-d vectors to {self.reduce}")
+        parts = (["L2norm"] if self.normalize else []) + ([self.reduce] if self.reduce else [])
+        body = ",".join([*parts, self.kind.strip()])
+        return body if _has_native_ids(self.kind) else f"IDMap2,{body}"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"kind": self.kind, "reduce": self.reduce, "normalize": self.normalize}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> IndexSpec:
+        unknown = set(d) - {"kind", "reduce", "normalize"}
+        if unknown:
+            raise RetrieveError(f"unknown index spec fields: {', '.join(sorted(unknown))}")
+        return cls(d.get("kind", "Flat"), d.get("reduce"), d.get("normalize", False))
+
+
+def _has_native_ids(kind: str) -> bool:
+    """IVF indexes take int64 ids themselves; a refine stage (RFlat) on top of one does not."""
+    tokens = [t.strip() for t in kind.split(",")]
+    core = [t for t in tokens if not _TRANSFORM.match(t)]
+    refined = any(t == "RFlat" or t.startswith("Refine(") for t in tokens)
+    return bool(core) and core[0].startswith("IVF") and not refined
+
+
+def _factory(dim: int, factory: str) -> Any:
+    import faiss
+
+    try:
+        return faiss.index_factory(int(dim), factory, faiss.METRIC_L2)
+    except RuntimeError as e:
+        raise RetrieveError(f"bad index kind {factory!r}: {_faiss_message(e)}") from e
+
+
+# Exact search is "fast enough" while one query scans at most 2**28 floats (1 GiB; ~0.1-0.3 s on
+# a laptop CPU, milliseconds on a GPU).
+FLAT_MAX_SCAN = 2**28
+# Per-row bytes beyond the vector: IDMap2's id table (8) and its id -> row hash map (~40).
+_IDMAP_ROW = 48
+
+
+def resolve_auto(
+    spec: IndexSpec, n_vectors: int, dim: int, memory_budget_bytes: int | None
+) -> tuple[IndexSpec, str]:
+    """Turn ``kind="auto"`` into a concrete kind from collection size and a memory budget.
+
+    As autofaiss does: exact Flat while it fits and one query scans little; IVF-Flat while the
+    raw vectors fit; else IVF with the largest fast-scan PQ code that fits. Returns the spec and one
+    sentence saying why. Without a budget, half of the machine's RAM is assumed.
+    """
+    if spec.kind != "auto":
+        return spec, f"{spec.kind}: chosen explicitly"
+    n, d = max(0, int(n_vectors)), spec.reduced_dim or int(dim)
+    budget = memory_budget_bytes if memory_budget_bytes is not None else _half_of_ram()
+    size = f"{n:,} vectors x {d}-d"
+    flat = n * (4 * d + _IDMAP_ROW)
+    if flat <= budget and n * d <= FLAT_MAX_SCAN:
+        why = f"Flat: {size} fit in {_human(flat)}, exact search is fast enough"
+        return IndexSpec("Flat", spec.reduce, spec.normalize), why
+    nlist = _auto_nlist(n)
+    ivf_flat = n * (4 * d + 8) + nlist * d * 4
+    if ivf_flat <= budget:
+        why = (
+            f"IVF{nlist},Flat: {size} ({_human(ivf_flat)}) fit in the {_human(budget)} budget, "
+            f"but exact search would scan all of them per query; {nlist} lists, a few scanned"
+        )
+        return IndexSpec(f"IVF{nlist},Flat", spec.reduce, spec.normalize), why
+    # 4-bit fast-scan PQ: cheap to train (16 centroids per sub-vector), SIMD to scan, and per
+    # byte as accurate as 8-bit PQ on fc7-like data (bench/search.py); 2+ dims per sub-vector.
+    fixed = nlist * d * 4 + 16 * d * 4
+    for m in (2048, 1024, 512, 256, 128, 64, 32, 16, 8):
+        need = n * (m // 2 + 8) + fixed
+        if m <= d // 2 and d % m == 0 and need <= budget:
+            kind = f"IVF{nlist},PQ{m}x4fs"
+            why = (
+                f"{kind}: {size} would need {_human(n * 4 * d)} uncompressed, over the "
+                f"{_human(budget)} budget; {m // 2}-byte codes need {_human(need)} "
+                f"(approximate: check recall with `retrieve eval`)"
+            )
+            return IndexSpec(kind, spec.reduce, spec.normalize), why
+    raise RetrieveError(
+        f"a memory budget of {_human(budget)} is too small for {size}; "
+        f"the smallest index (IVF{nlist},PQ8x4fs) needs {_human(n * 12 + fixed)}"
+    )
+
+
+def _auto_nlist(n: int) -> int:
+    """A power of two near 4 sqrt(n) (faiss's guideline), with >= 40 vectors per list."""
+    target = max(16.0, 4 * np.sqrt(max(n, 1)))
+    nlist = 2 ** round(np.log2(target))
+    while nlist > 16 and nlist * POINTS_PER_CENTROID > n:
+        nlist //= 2
+    return int(nlist)
+
+
+def _half_of_ram() -> int:
+    import os
+
+    try:
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") // 2
+    except (ValueError, OSError, AttributeError):
+        return 8 * 2**30
+
+
+def _human(nbytes: float) -> str:
+    for unit, scale in (("TB", 1e12), ("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if nbytes >= scale:
+            return f"{nbytes / scale:.3g} {unit}"
+    return f"{int(nbytes)} bytes"
+
+
+def _nodes(index: Any) -> Iterator[Any]:
+    """Every index and vector transform inside ``index``, downcast, parents first.
+
+    Why a walk: factory strings nest differently than they read; ``PCA64,IVF16,PQ8,RFlat``
+    becomes Refine(PreTransform(PCA, IVFPQ), Flat), with the refine stage outermost.
+    """
+    import faiss
+
+    node = faiss.downcast_index(index)
+    yield node
+    children: list[Any] = []
+    if isinstance(node, faiss.IndexIDMap | faiss.IndexIDMap2):
+        children = [node.index]
+    elif isinstance(node, faiss.IndexPreTransform):
+        for i in range(node.chain.size()):
+            yield faiss.downcast_VectorTransform(node.chain.at(i))
+        children = [node.index]
+    elif isinstance(node, faiss.IndexRefine):
+        children = [node.base_index, node.refine_index]
+    elif isinstance(node, faiss.IndexHNSW):
+        children = [node.storage]
+    for child in children:
+        yield from _nodes(child)
+
+
+def _training_demand(index: Any) -> tuple[int, int]:
+    """(minimum, recommended) number of training vectors for an untrained index.
+
+    Every k-means needs at least as many points as centroids (IVF lists, 2**nbits PQ codes,
+    OPQ's inner PQ) and 40 per centroid to be good; PCA needs a few points per input dimension.
+    """
+    import faiss
+
+    sizes, floor, wanted = [], 1, 0
+    for node in _nodes(index):
+        if isinstance(node, faiss.IndexIVF):
+            sizes.append(int(node.nlist))
+        pq = getattr(node, "pq", None)
+        if isinstance(pq, faiss.ProductQuantizer) and isinstance(node, faiss.Index):
+            sizes.append(int(pq.ksub))
+        if isinstance(node, faiss.OPQMatrix):
+            sizes.append(256)
+        elif isinstance(node, faiss.PCAMatrix):
+            floor = max(floor, node.d_out)
+            wanted = max(wanted, 4 * node.d_in, 10 * node.d_out)
+    floor = max([floor, *sizes])
+    wanted = max([wanted, *(POINTS_PER_CENTROID * s for s in sizes)])
+    return floor, max(floor, min(wanted, TRAINING_CAP))
+
+
+def needs_training(spec: IndexSpec, dim: int) -> bool:
+    """True for kinds with a trained stage (IVF, PQ, SQ, PCA, OPQ); Flat, HNSW, L2norm are not."""
+    return not _factory(dim, spec.factory_string(dim)).is_trained
+
+
+def training_sample_size(spec: IndexSpec, dim: int) -> int:
+    """How many vectors to sample for training: 40 per k-means centroid, enough for PCA, capped."""
+    index = _factory(dim, spec.factory_string(dim))
+    return 0 if index.is_trained else _training_demand(index)[1]
+
+
+def build_index(
+    spec: IndexSpec,
+    dim: int,
+    training_sample: np.ndarray | None,
+    *,
+    ivf_centroids: np.ndarray | None = None,
+) -> Any:
+    """A new empty index that takes ``add_with_ids`` and ``remove_ids``, trained when needed.
+
+    ``ivf_centroids`` (from :func:`ivf_centroids` of another index with the same pre-transforms
+    and list count) skips the coarse k-means, the slow part of training IVF on 4096-d fc7.
+    """
+    import faiss
+
+    factory = spec.factory_string(dim)
+    index = _factory(dim, factory)
+    ivf = _first(index, faiss.IndexIVF)
+    if ivf_centroids is not None and ivf is not None:
+        if ivf_centroids.shape != (ivf.nlist, ivf.d):
+            raise RetrieveError(f"{factory} needs {ivf.nlist} x {ivf.d} IVF centroids")
+        # faiss skips k-means when the quantizer already holds nlist trained centroids.
+        ivf.quantizer.add(np.ascontiguousarray(ivf_centroids, dtype=np.float32))
+    if not index.is_trained:
+        floor, wanted = _training_demand(index)
+        if training_sample is None:
+            raise RetrieveError(f"{factory} needs training: pass {wanted:,} sample vectors")
+        x = _as_matrix(training_sample, dim, "training sample")
+        if len(x) < floor:
+            raise RetrieveError(
+                f"{factory} needs at least {floor:,} training vectors ({wanted:,} recommended), "
+                f"got {len(x):,}; choose a smaller kind (fewer IVF lists) or Flat"
+            )
+        if len(x) < wanted:
+            log.warning("training %s on %d vectors; %d recommended", factory, len(x), wanted)
+        ivfpq = _first(index, faiss.IndexIVFPQ)
+        if ivfpq is not None:
+            # On by default: minutes of simulated annealing for codes we never search by Hamming.
+            ivfpq.do_polysemous_training = False
+        try:
+            index.train(x)
+        except RuntimeError as e:
+            raise RetrieveError(f"training {factory} failed: {_faiss_message(e)}") from e
+    for node in _nodes(index):
+        if isinstance(node, faiss.IndexIVF):
+            node.nprobe = max(1, round(node.nlist * DEFAULT_NPROBE_FRACTION))
+        elif isinstance(node, faiss.IndexHNSW):
+            node.hnsw.efSearch = DEFAULT_EF_SEARCH
+        elif isinstance(node, faiss.IndexRefine):
+            # faiss's default of 1 re-ranks only the k candidates it would return anyway.
+            node.k_factor = DEFAULT_REFINE_K_FACTOR
+    return index
+
+
+def ivf_centroids(index: Any) -> np.ndarray | None:
+    """The coarse centroids of the IVF inside ``index`` (nlist x d), or None without an IVF."""
+    import faiss
+
+    ivf = _first(index, faiss.IndexIVF)
+    return None if ivf is None else ivf.quantizer.reconstruct_n(0, ivf.quantizer.ntotal)
+
+
+def _first(index: Any, cls: Any) -> Any:
+    """The first node of class ``cls`` inside ``index`` (see _nodes), or None."""
+    return next((n for n in _nodes(index) if isinstance(n, cls)), None)
+
+
+def remove_ids(index: Any, ids: np.ndarray) -> Any:
+    """Remove rows by id; kinds that cannot (HNSW, RFlat) are rebuilt from their stored vectors.
+
+    The rebuild reconstructs the core's vectors in the transformed space (exact for HNSW's flat
+    storage and RFlat's refine vectors) and re-adds them with their ids, so nothing is re-trained
+    or re-projected. It costs a full HNSW build: remove in batches. Returns the index to use.
+    """
+    import faiss
+
+    ids = np.ascontiguousarray(ids, dtype=np.int64).ravel()
+    if ids.size == 0 or index.ntotal == 0:
+        return index
+    try:
+        index.remove_ids(ids)
+        return index
+    except RuntimeError as e:
+        if "not implemented" not in str(e):
+            raise RetrieveError(f"cannot remove ids: {_faiss_message(e)}") from e
+    idmap, pre, core = unwrap(index)
+    if idmap is None:
+        raise RetrieveError("this index kind can neither remove rows nor be rebuilt by id")
+    all_ids = faiss.vector_to_array(idmap.id_map)
+    keep = ~np.isin(all_ids, ids)
+    if keep.all():
+        return index
+    vectors = core.reconstruct_n(0, core.ntotal)[keep]
+    core.reset()
+    core.add(vectors)
+    faiss.copy_array_to_vector(all_ids[keep], idmap.id_map)
+    for wrapper in (idmap, pre):
+        if wrapper is not None:
+            wrapper.ntotal = core.ntotal
+    if isinstance(idmap, faiss.IndexIDMap2):
+        idmap.construct_rev_map()
+    log.info("rebuilt index without %d rows (its kind cannot remove in place)", int((~keep).sum()))
+    return index
+
+
+def set_search_params(
+    index: Any,
+    *,
+    nprobe: int | None = None,
+    ef_search: int | None = None,
+    refine_k_factor: float | None = None,
+) -> None:
+    """Set query-time knobs through any IDMap / PreTransform / Refine wrappers; they stick."""
+    import faiss
+
+    space = faiss.ParameterSpace()
+    for name, value in (("nprobe", nprobe), ("efSearch", ef_search), ("k_factor", refine_k_factor)):
+        if value is None:
+            continue
+        if value < 1:
+            raise RetrieveError(f"{name} must be at least 1, got {value}")
+        try:
+            space.set_index_parameter(index, name if name != "k_factor" else "k_factor_rf", value)
+        except RuntimeError:
+            log.warning("%s does not apply to this kind of index; ignored", name)
+
+
+def search(
+    index: Any,
+    queries: np.ndarray,
+    k: int,
+    *,
+    nprobe: int | None = None,
+    ef_search: int | None = None,
+    refine_k_factor: float | None = None,
+    device: str = "auto",
+    batch_size: int = 4096,
+) -> tuple[np.ndarray, np.ndarray]:
+    """(Euclidean distances, ids), each n x k, nearest first; -1 / inf where fewer than k rows.
+
+    ``device``: "cpu", "cuda", "cuda:N" or "auto" (a GPU when there is one: the faiss GPU build,
+    else exact torch search for Flat kinds, else faiss on CPU).
+    """
+    q = _as_matrix(queries, index.d, "queries")
+    if int(k) < 1 or batch_size < 1:
+        raise RetrieveError(f"k and batch_size must be at least 1, got {k} and {batch_size}")
+    k = int(k)
+    set_search_params(index, nprobe=nprobe, ef_search=ef_search, refine_k_factor=refine_k_factor)
+    dist = np.full((len(q), k), np.inf, dtype=np.float32)
+    ids = np.full((len(q), k), -1, dtype=np.int64)
+    if index.ntotal == 0 or len(q) == 0:
+        return dist, ids
+    run, where = gpu.pick_searcher(index, device, k)
+    log.debug("searching %d queries (k=%d) with %s", len(q), k, where)
+    for s in range(0, len(q), batch_size):
+        d2, found = run(q[s : s + batch_size])
+        dist[s : s + len(d2)] = np.sqrt(np.maximum(d2, 0.0))
+        ids[s : s + len(d2)] = found
+    dist[ids < 0] = np.inf
+    return dist, ids
+
+
+def _as_matrix(x: np.ndarray, dim: int, what: str) -> np.ndarray:
+    a = np.asarray(x)
+    if a.ndim == 1:
+        a = a[None, :]
+    if a.ndim != 2 or a.shape[1] != dim:
+        raise IndexMismatchError(f"{what} have shape {a.shape}, the index holds {dim}-d vectors")
+    return np.ascontiguousarray(a, dtype=np.float32)
+
+
+def index_memory_bytes(index: Any) -> int:
+    """Serialized size in bytes (what ``write_index`` puts on disk), counted without a copy."""
+    import faiss
+
+    total = 0
+
+    def count(chunk: bytes) -> int:
+        nonlocal total
+        total += len(chunk)
+        return len(chunk)
+
+    writer = faiss.PyCallbackIOWriter(count)
+    faiss.write_index(index, writer)
+    del writer
+    return total
+
+
+def index_ram_bytes(index: Any) -> int:
+    """Estimated RAM once loaded: serialized size plus structures faiss builds on load.
+
+    Those are IVF-PQ's precomputed distance tables and IDMap2's id -> row hash map (about 40
+    bytes per row: an unordered_map node plus its bucket).
+    """
+    import faiss
+
+    extra = 40 * index.ntotal if isinstance(unwrap(index)[0], faiss.IndexIDMap2) else 0
+    ivfpq = _first(index, faiss.IndexIVFPQ)
+    if ivfpq is not None:
+        extra += 4 * ivfpq.precomputed_table.size()
+    return index_memory_bytes(index) + extra

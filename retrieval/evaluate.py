@@ -1,0 +1,162 @@
+"""A trained classifier on labelled images: top-1 / top-5 as the paper reports them (section 6).
+
+Two ways to look at a test image, both from the paper's "shorter side to R, central R x R patch":
+the centre crop alone (what ``retrieve index`` feeds the network), and the paper's ten patches,
+"the four corner patches and the center patch as well as their horizontal reflections", whose
+softmax outputs are averaged (section 4.1, torchvision's ``TenCrop``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torchvision.transforms.v2 import functional as TF
+from tqdm import tqdm
+
+from .augment import BatchTransform
+from .data import ImageSet, default_workers, open_eval_data
+from .devices import resolve_device
+from .metrics import topk_correct
+from .model import AlexNet
+from .weights import load_model
+
+log = logging.getLogger(__name__)
+
+
+def autocast_for(
+    device: torch.device, precision: str = "auto"
+) -> contextlib.AbstractContextManager:
+    """bf16 autocast on CUDA by default (or where asked for), plain fp32 otherwise."""
+    if precision not in ("auto", "fp32", "bf16"):
+        raise ValueError(f"precision must be auto, fp32 or bf16, not {precision!r}")
+    use_bf16 = precision == "bf16" or (precision == "auto" and device.type == "cuda")
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16)
+
+
+@torch.no_grad()
+def classify(
+    model: AlexNet,
+    images: ImageSet,
+    transform: BatchTransform,
+    side: int,
+    batch_size: int,
+    device: torch.device,
+    *,
+    precision: str = "auto",
+    ten_crop: bool = False,
+    workers: int = 0,
+    desc: str = "evaluating",
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Logits (centre crop) or mean softmax over ten crops, and the labels, for every image.
+
+    Images that cannot be decoded are skipped (with a warning) and do not count.
+    """
+    was_training = model.training
+    model.eval()
+    order = torch.arange(len(images))
+    outputs, labels = [], []
+    autocast = autocast_for(device, precision)
+    steps = -(-len(images) // batch_size)
+    for pixels, batch_labels in tqdm(
+        images.batches(order, batch_size, side, workers=workers),
+        total=steps,
+        desc=desc,
+        unit="batch",
+        leave=False,
+        disable=None,
+    ):
+        pixels = pixels.to(device)
+        with autocast:
+            if ten_crop:
+                crops = TF.ten_crop(pixels, [transform.image_size])  # 10 x (N x C x S x S)
+                x = transform(torch.cat(crops), train=False)
+                probs = model(x).float().softmax(dim=1).view(10, len(pixels), -1)
+                out = probs.mean(dim=0)
+            else:
+                out = model(transform(pixels, train=False)).float()
+        outputs.append(out.cpu())
+        labels.append(batch_labels)
+    model.train(was_training)
+    if not outputs:
+        return torch.zeros((0, 0)), torch.zeros(0, dtype=torch.long)
+    return torch.cat(outputs), torch.cat(labels)
+
+
+@dataclass
+class ClassifierReport:
+    """Top-k accuracy with one and with ten crops, and accuracy per class (centre crop)."""
+
+    weights: str
+    data: str
+    images: int
+    top1: float
+    top5: float
+    top1_ten_crop: float | None
+    top5_ten_crop: float | None
+    per_class: dict[str, float]
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def evaluate_classifier(
+    weights: str | Path,
+    data_dir: str | Path,
+    *,
+    device: str = "auto",
+    batch_size: int = 128,
+    ten_crop: bool = True,
+    precision: str = "auto",
+    workers: int | None = None,
+) -> ClassifierReport:
+    """Top-1/top-5 of a checkpoint on ``data_dir`` (idx test split, ``val/``, ``test/``, or the
+    folder itself), with the preprocessing the checkpoint records."""
+    torch_device = resolve_device(device)
+    loaded = load_model(weights, torch_device)
+    prep = loaded.preprocessing
+    images = open_eval_data(data_dir, loaded.classes, prep.channels)
+    classes = loaded.classes or images.classes
+    transform = BatchTransform(prep.crop, prep.mean, prep.std)
+    n_workers = default_workers() if workers is None else workers
+    kwargs = {"precision": precision, "workers": n_workers}
+    logits, labels = classify(
+        loaded.model, images, transform, prep.resize, batch_size, torch_device, **kwargs
+    )
+    ks = (1, 5)
+    centre = topk_correct(logits, labels, ks)
+    n = max(len(labels), 1)
+    ten = None
+    if ten_crop:
+        probs, _ = classify(
+            loaded.model,
+            images,
+            transform,
+            prep.resize,
+            batch_size,
+            torch_device,
+            ten_crop=True,
+            desc="ten crops",
+            **kwargs,
+        )
+        ten = topk_correct(probs, labels, ks)
+    predicted = logits.argmax(dim=1) if len(labels) else labels
+    per_class = {}
+    for index, name in enumerate(classes):
+        members = labels == index
+        if members.any():
+            per_class[name] = float((predicted[members] == index).float().mean())
+    return ClassifierReport(
+        weights=str(weights),
+        data=str(data_dir),
+        images=len(labels),
+        top1=centre[1] / n,
+        top5=centre[5] / n,
+        top1_ten_crop=ten[1] / n if ten else None,
+        top5_ten_crop=ten[5] / n if ten else None,
+        per_class=per_class,
+    )

@@ -1,0 +1,278 @@
+"""The CUDA path of :mod:`retrieval.extract`: readers in threads, decoding and the model on the GPU.
+
+Reader threads stat, read and hash files a few batches ahead and look at each JPEG's header;
+files nvjpeg can take travel on as bytes, everything else is decoded, resized and cropped on the
+CPU right there in the thread (Pillow releases the GIL while it decodes). The main thread then,
+per batch: decodes the JPEGs on the GPU in one call, resizes and crops them there, adds the
+CPU-decoded crops through pinned memory, and runs the mapper. Features come back through pinned
+memory with a non-blocking copy, and a batch is handed out only after the next one has been
+queued, so the GPU computes while the caller writes the previous batch.
+
+Stage times come from CUDA events (no extra synchronisation); reader times are summed over the
+threads. The same code runs on the CPU (torchvision decodes with libjpeg-turbo there), which is
+how ``tests/test_gpu_decode.py`` checks its order, records and fallbacks without a GPU; its
+tests marked ``cuda`` run it with nvjpeg.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from collections.abc import Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .extract import (
+    ExtractedBatch,
+    ExtractOptions,
+    FileRecord,
+    StageTimes,
+    _cores,
+    decode_on_cpu,
+    read_file,
+)
+from .gpu_decode import decode_jpegs, resize_and_crop
+from .jpeg import JpegInfo, inspect_jpeg
+from .mapper import Fc7Mapper
+from .preprocess import Preprocessing
+from .weights import LoadedModel
+
+# Files per reader task: large enough that task overhead vanishes, small enough to spread a
+# batch over the threads.
+READ_CHUNK = 16
+# Batches read ahead of the one the GPU is on.
+READ_AHEAD = 4
+
+
+@dataclass
+class _Jpeg:
+    """Bytes for nvjpeg, with the header facts the decoder needs."""
+
+    data: torch.Tensor
+    info: JpegInfo
+
+
+_Item = tuple[FileRecord, "_Jpeg | torch.Tensor | None", StageTimes]
+
+
+def default_reader_threads() -> int:
+    """Reading is I/O and hashing, with Pillow for the odd non-JPEG: two threads a core."""
+    return max(4, min(32, 2 * _cores()))
+
+
+def read_for_device(
+    position: int, path: str, preprocessing: Preprocessing, max_megapixels: float
+) -> _Item:
+    """One file: JPEG bytes for the GPU, a CPU-decoded uint8 crop, or a record with a reason."""
+    record, data, times = read_file(position, path)
+    if data is None:
+        return record, None, times
+    info = inspect_jpeg(data)
+    if info is not None and info.gpu_decodable(max_megapixels):
+        return record, _Jpeg(torch.frombuffer(data, dtype=torch.uint8), info), times
+    return record, decode_on_cpu(record, data, times, preprocessing, max_megapixels), times
+
+
+def _read_chunk(
+    start: int, paths: Sequence[str], preprocessing: Preprocessing, max_megapixels: float
+) -> list[_Item]:
+    return [
+        read_for_device(start + offset, path, preprocessing, max_megapixels)
+        for offset, path in enumerate(paths)
+    ]
+
+
+def decode_items(
+    items: Sequence[_Item],
+    preprocessing: Preprocessing,
+    device: torch.device,
+    max_megapixels: float,
+) -> tuple[dict[int, torch.Tensor], dict[int, torch.Tensor]]:
+    """Upright decoded images on ``device`` and CPU-decoded crops, by position in ``items``.
+
+    A JPEG nvjpeg refuses goes to Pillow here; if Pillow rejects it too, its record gets the
+    reason and it is in neither result.
+    """
+    jobs = [(i, payload) for i, (_, payload, _) in enumerate(items) if isinstance(payload, _Jpeg)]
+    crops = {
+        i: payload for i, (_, payload, _) in enumerate(items) if isinstance(payload, torch.Tensor)
+    }
+    decoded = (
+        decode_jpegs(
+            [job.data for _, job in jobs],
+            [job.info for _, job in jobs],
+            device,
+            preprocessing.channels,
+        )
+        if jobs
+        else []
+    )
+    images: dict[int, torch.Tensor] = {}
+    for (i, job), image in zip(jobs, decoded, strict=True):
+        if image is not None:
+            images[i] = image
+            continue
+        record, _, times = items[i]
+        data = job.data.numpy().tobytes()
+        pixels = decode_on_cpu(record, data, times, preprocessing, max_megapixels)
+        if pixels is not None:
+            crops[i] = pixels
+    return images, crops
+
+
+def assemble(
+    images: dict[int, torch.Tensor],
+    crops: dict[int, torch.Tensor],
+    preprocessing: Preprocessing,
+    device: torch.device,
+) -> torch.Tensor | None:
+    """One ``N x C x crop x crop`` uint8 batch on ``device``, in position order."""
+    ok = sorted([*images, *crops])
+    if not ok:
+        return None
+    slot = {i: k for k, i in enumerate(ok)}
+    size = preprocessing.crop
+    out = torch.empty(
+        (len(ok), preprocessing.channels, size, size), dtype=torch.uint8, device=device
+    )
+    if images:
+        index = torch.tensor([slot[i] for i in images], device=device)
+        out[index] = resize_and_crop(list(images.values()), preprocessing)
+    if crops:
+        staged = torch.stack(list(crops.values()))
+        if device.type == "cuda":  # the caching host allocator keeps it alive until copied
+            staged = staged.pin_memory()
+        index = torch.tensor([slot[i] for i in crops], device=device)
+        out[index] = staged.to(device, non_blocking=True)
+    return out
+
+
+class _Marks:
+    """Stage boundaries: CUDA events on a GPU (timed there, no synchronisation), else a clock."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.cuda = device.type == "cuda"
+        self.marks: list = []
+
+    def mark(self) -> None:
+        if self.cuda:
+            event = torch.cuda.Event(enable_timing=True)
+            event.record()
+            self.marks.append(event)
+        else:
+            self.marks.append(time.perf_counter())
+
+    def wait(self) -> None:
+        """Block until the work queued before the last mark is done."""
+        if self.cuda:
+            self.marks[-1].synchronize()
+
+    def seconds(self, first: int, last: int) -> float:
+        if self.cuda:
+            return self.marks[first].elapsed_time(self.marks[last]) / 1000
+        return self.marks[last] - self.marks[first]
+
+
+@dataclass
+class _InFlight:
+    records: list[FileRecord]
+    features: torch.Tensor | None  # host copy (pinned on CUDA), maybe still being filled
+    marks: _Marks
+    times: StageTimes
+
+
+def _finish(batch: _InFlight, out_features: int) -> ExtractedBatch:
+    batch.marks.wait()
+    times, marks = batch.times, batch.marks
+    times.decode += marks.seconds(0, 1)
+    times.preprocess += marks.seconds(1, 2)
+    times.model = marks.seconds(2, 3)
+    if batch.features is None:
+        features = np.zeros((0, out_features), dtype=np.float32)
+    else:
+        features = batch.features.numpy().copy()  # the pinned buffer goes back to its cache
+    times.images = len(features)
+    times.skipped = len(batch.records) - len(features)
+    return ExtractedBatch(batch.records, features, times)
+
+
+def _launch(
+    items: list[_Item], preprocessing: Preprocessing, mapper: Fc7Mapper, options: ExtractOptions
+) -> _InFlight:
+    """Queue one batch's decoding, cropping, model and copy back; return without waiting."""
+    device = mapper.device
+    marks = _Marks(device)
+    marks.mark()
+    images, cpu_crops = decode_items(items, preprocessing, device, options.max_megapixels)
+    marks.mark()
+    crops = assemble(images, cpu_crops, preprocessing, device)
+    marks.mark()
+    host = None
+    if crops is not None:
+        fc7 = mapper(crops, pad_to=options.batch_size)
+        if device.type == "cuda":
+            host = torch.empty(fc7.shape, dtype=torch.float32, pin_memory=True)
+            host.copy_(fc7, non_blocking=True)
+        else:
+            host = fc7
+    marks.mark()
+    times = StageTimes()
+    for _, _, item_times in items:  # after decode_items, which may add CPU fallbacks
+        times.add(item_times)
+    return _InFlight([record for record, _, _ in items], host, marks, times)
+
+
+def extract_on_device(
+    paths: Sequence[Path], loaded: LoadedModel, mapper: Fc7Mapper, options: ExtractOptions
+) -> Iterator[ExtractedBatch]:
+    """fc7 of ``paths`` in order, one batch at a time, with the device one batch ahead.
+
+    Made for CUDA (``extract_fc7`` sends it nothing else); it runs on the CPU too, which is
+    how its ordering and bookkeeping are tested without a GPU.
+    """
+    names = [str(p) for p in paths]
+    size = options.batch_size
+    pool = ThreadPoolExecutor(options.workers or default_reader_threads(), "retrieve-read")
+    reads: deque[list[Future[list[_Item]]]] = deque()
+    starts = iter(range(0, len(names), size))
+
+    def read_next_batch() -> None:
+        start = next(starts, None)
+        if start is not None:
+            stop = min(start + size, len(names))
+            reads.append(
+                [
+                    pool.submit(
+                        _read_chunk,
+                        chunk,
+                        names[chunk : min(chunk + READ_CHUNK, stop)],
+                        loaded.preprocessing,
+                        options.max_megapixels,
+                    )
+                    for chunk in range(start, stop, READ_CHUNK)
+                ]
+            )
+
+    try:
+        for _ in range(READ_AHEAD):
+            read_next_batch()
+        in_flight: _InFlight | None = None
+        resumed = time.perf_counter()
+        while reads or in_flight is not None:
+            launched = None
+            if reads:
+                items = [item for future in reads.popleft() for item in future.result()]
+                read_next_batch()
+                launched = _launch(items, loaded.preprocessing, mapper, options)
+            if in_flight is not None:
+                finished = _finish(in_flight, mapper.out_features)
+                finished.times.wall = time.perf_counter() - resumed
+                yield finished
+                resumed = time.perf_counter()
+            in_flight = launched
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)

@@ -1,0 +1,103 @@
+"""Batches of uint8 crops -> fc7, on one device, at the precision the user chose.
+
+The mapper stage of the pipeline (reader -> decoder -> mapper -> writer, as clip-retrieval
+splits it). It owns what makes the model fast without changing what it computes: batched
+inference under ``inference_mode``, channels_last (oneDNN's and cuDNN's preferred conv layout),
+and optionally ``torch.compile``. Precisions that do change the numbers are opt-in:
+
+- ``bf16``: autocast, on CPUs with AVX-512 BF16 / AMX and on GPUs (``--precision bf16``);
+- ``int8``: dynamic quantisation of the two fully-connected layers up to fc7 (CPU only). Not
+  offered by the CLI: on the 2-core development machine it was no faster end to end (the
+  convolutions dominate) and it reorders the top-6 neighbours; kept so the benchmark can keep
+  measuring it.
+
+``bench/extract.py`` measures both against fp32 and checks the neighbours they give.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import logging
+import warnings
+
+import torch
+from torch import nn
+
+from .errors import RetrieveError
+from .model import FC7_END
+from .weights import LoadedModel
+
+log = logging.getLogger(__name__)
+
+PRECISIONS = ("fp32", "bf16", "int8")
+
+
+class _Fc7(nn.Module):
+    """The network up to fc7 as one module, so it can be compiled or quantised as a whole."""
+
+    def __init__(self, features: nn.Module, avgpool: nn.Module, head: nn.Module) -> None:
+        super().__init__()
+        self.features, self.avgpool, self.head = features, avgpool, head
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.flatten(self.avgpool(self.features(x)), 1))
+
+
+def _quantized_head(head: nn.Module) -> nn.Module:
+    with warnings.catch_warnings():
+        # torch.ao's eager quantisation is deprecated in favour of torchao, which is not a
+        # dependency; it still works and is what this opt-in mode needs.
+        warnings.simplefilter("ignore")
+        return torch.ao.quantization.quantize_dynamic(
+            copy.deepcopy(head), {nn.Linear}, dtype=torch.qint8
+        )
+
+
+class Fc7Mapper:
+    """Call it with ``N x C x H x W`` uint8 crops on ``device``; get ``N x 4096`` float32 fc7."""
+
+    def __init__(
+        self,
+        loaded: LoadedModel,
+        device: torch.device,
+        precision: str = "fp32",
+        channels_last: bool = True,
+        compile: bool = False,
+    ) -> None:
+        if precision not in PRECISIONS:
+            choices = ", ".join(PRECISIONS)
+            raise RetrieveError(f"precision must be one of {choices}, not {precision!r}")
+        if precision == "int8" and device.type != "cpu":
+            raise RetrieveError("--precision int8 runs on the CPU only; use bf16 on a GPU")
+        self.device, self.precision, self.channels_last = device, precision, channels_last
+        self.preprocessing = loaded.preprocessing
+        model = loaded.model.to(device).eval()
+        head = model.classifier[:FC7_END]
+        if precision == "int8":
+            head = _quantized_head(head)
+        module: nn.Module = _Fc7(model.features, model.avgpool, head).eval()
+        if channels_last:
+            module = module.to(memory_format=torch.channels_last)
+        self.module = module
+        self.compiled = compile
+        self._forward = torch.compile(module, dynamic=False) if compile else module
+        self.out_features = int(model.classifier[FC7_END - 2].out_features)
+
+    def _autocast(self) -> contextlib.AbstractContextManager:
+        if self.precision != "bf16":
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=torch.bfloat16)
+
+    def __call__(self, crops: torch.Tensor, pad_to: int | None = None) -> torch.Tensor:
+        """fc7 of a batch; ``pad_to`` keeps a compiled model on one batch shape (no recompile)."""
+        count = crops.shape[0]
+        if self.compiled and pad_to and count < pad_to:
+            filler = crops[-1:].expand(pad_to - count, *crops.shape[1:])
+            crops = torch.cat([crops, filler])
+        batch = self.preprocessing.normalize(crops)
+        if self.channels_last:
+            batch = batch.contiguous(memory_format=torch.channels_last)
+        with torch.inference_mode(), self._autocast():
+            fc7 = self._forward(batch)
+        return fc7[:count].float()
