@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 TORCH_INDEX ?=
 STAMP := $(VENV)/.installed
 
-.PHONY: install test test-all lint format demo bench clean
+.PHONY: install test lint format demo bench bench-memory clean
 
 install: $(STAMP)
 
@@ -36,6 +36,9 @@ demo: install
 bench: install
 	$(BIN)/python bench/extract.py
 	$(BIN)/python bench/search.py
+
+bench-memory: install
+	$(BIN)/python bench/memory.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache *.egg-info demo-out bench-out .retrieve

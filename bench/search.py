@@ -149,7 +149,9 @@ def tune(index, tq: np.ndarray, truth: np.ndarray, knob: str, values) -> tuple[i
         for v in values
     ]
     target = min(0.95, max(recalls) - 0.005)
-    return next((v, r) for v, r in zip(values, recalls, strict=True) if r >= target)
+    v, r = next((v, r) for v, r in zip(values, recalls, strict=True) if r >= target)
+    kinds.set_search_params(index, **{knob: v})  # the sweep left the last value set
+    return v, r
 
 
 def gpu_rows(xb: np.ndarray, xq: np.ndarray, truth: np.ndarray) -> list[Row]:
@@ -202,6 +204,7 @@ def default_kinds(n: int, dim: int) -> tuple[int, list[str]]:
         f"IVF{nlist},Flat",
         f"IVF{nlist},PQ64",
         f"IVF{nlist},PQ{dim // 2}x4fs",
+        f"IVF{nlist},PQ{dim // 2}x4fs+PCAR{dim // 2}",
         f"IVF{nlist},PQ64,RFlat",
         "HNSW32",
         "Flat+PCA256",
@@ -226,6 +229,9 @@ def run_kind(text, xb, xq, tq, truth, tune_truth, shared, seed) -> Row:
         values = [v for v in (1, 2, 4, 8, 16, 32, 64, 128) if v <= nlist]
         v, _ = tune(index, tq, tune_truth, "nprobe", values)
         row.params = f"nprobe={v}"
+        if "RFlat" in spec.kind or "Refine(" in spec.kind:
+            kf, _ = tune(index, tq, tune_truth, "refine_k_factor", [4, 8, 16, 32, 64])
+            row.params += f", k_factor={kf}"
     elif "HNSW" in spec.kind:
         v, _ = tune(index, tq, tune_truth, "ef_search", [16, 32, 64, 128, 256])
         row.params = f"efSearch={v}"

@@ -52,7 +52,12 @@ def _with(options):
 @index_option
 @weights_option
 @device_option
-@click.option("--batch-size", type=click.IntRange(min=1), default=64, show_default=True)
+@click.option(
+    "--batch-size",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Images per model call [default: 64 on the CPU, 256 on a GPU].",
+)
 @click.option(
     "--workers",
     type=click.IntRange(min=0),
@@ -323,6 +328,61 @@ def remove_command(paths, index_dir, as_json):
         click.echo(f"not in the index: {path}", err=True)
 
 
+@click.command("recall")
+@index_option
+@click.option(
+    "--against",
+    "exact_dir",
+    required=True,
+    type=click.Path(exists=True, file_okay=False, path_type=Path),
+    help="An exact (Flat) index of the same files, built with the same model.",
+)
+@click.option("-k", type=click.IntRange(min=1), default=10, show_default=True)
+@click.option(
+    "--queries",
+    type=click.IntRange(min=1),
+    default=1000,
+    show_default=True,
+    help="Stored vectors sampled as queries.",
+)
+@click.option("--seed", type=int, default=0, show_default=True)
+@_with(search_options)
+@json_option
+def recall_command(index_dir, exact_dir, k, queries, seed, nprobe, ef_search, as_json):
+    """recall@k, speed and size of an approximate index against an exact one."""
+    from retrieval import api
+
+    report = api.evaluate_recall(
+        index_dir or api.default_index_dir(),
+        exact_dir,
+        k=k,
+        queries=queries,
+        seed=seed,
+        nprobe=nprobe,
+        ef_search=ef_search,
+    )
+    if as_json:
+        emit_json(report.__dict__)
+        return
+    click.echo(f"recall@{report.k}: {report.recall_at_k:.4f} over {report.queries} queries")
+    click.echo(
+        f"queries/s: {report.approximate_queries_per_second:,.0f} approximate, "
+        f"{report.exact_queries_per_second:,.0f} exact"
+    )
+    click.echo(
+        f"size: {_human_bytes(report.approximate_bytes)} approximate, "
+        f"{_human_bytes(report.exact_bytes)} exact"
+    )
+
+
 def register(group: click.Group) -> None:
-    for command in (index_command, query_command, grid_command, info_command, remove_command):
+    commands = (
+        index_command,
+        query_command,
+        grid_command,
+        info_command,
+        remove_command,
+        recall_command,
+    )
+    for command in commands:
         group.add_command(command)

@@ -369,7 +369,7 @@ def visualize_command(weights, output, image, layer, scale, device):
     "--epochs",
     type=click.IntRange(min=1),
     default=None,
-    help="[default: fits 10 minutes on 2 CPU cores; 30 on a GPU]",
+    help="[default: 2 on a CPU (fits 10 minutes on 2 cores), 10 on a GPU]",
 )
 @click.option(
     "--image-size",
@@ -377,9 +377,15 @@ def visualize_command(weights, output, image, layer, scale, device):
     default=None,
     help="[default: 64 on the CPU, 224 on a GPU]",
 )
+@click.option(
+    "--subset",
+    type=click.IntRange(min=0),
+    default=None,
+    help="Train on this many of the 60,000 training images (0: all) [default: 40,000 on a CPU].",
+)
 @device_option
 @json_option
-def demo_command(data, out_dir, epochs, image_size, device, as_json):
+def demo_command(data, out_dir, epochs, image_size, subset, device, as_json):
     """Reproduce the paper's experiment on Fashion-MNIST: train, index the training images by
     fc7, draw test images beside their six nearest training images, report top-1 and
     precision@6."""
@@ -390,6 +396,7 @@ def demo_command(data, out_dir, epochs, image_size, device, as_json):
         out_dir,
         epochs=epochs,
         image_size=image_size,
+        subset=subset,
         device=device,
         progress=lambda message: click.echo(message, err=True),
     )

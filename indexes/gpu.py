@@ -1,14 +1,15 @@
-"""Search on a GPU: the faiss GPU build when it imports, else an exact search in torch.
+"""Where a search runs: the faiss GPU build when it imports, else exact torch search on CUDA,
+else faiss on CPU; plus the small faiss plumbing (unwrapping IDMap / PreTransform) it needs.
 
 Why a separate module: the GPU paths are optional extras with their own failure modes (no CUDA,
-a faiss build without GPUs, an index kind the GPU cannot hold). ``kinds.search`` asks here first
-and falls back to faiss on CPU. torch is imported only inside functions, so importing
-``retrieval.indexes`` never pays for it.
+a faiss build without GPUs, an index kind the GPU cannot hold). ``kinds.search`` asks
+:func:`pick_searcher` and gets the best place that works. torch is imported only inside
+functions, so importing ``retrieval.indexes`` never pays for it.
 
 The torch path is exact L2 search written as ``||q||^2 + ||x||^2 - 2 q.x``: one matmul per
 (query batch, database chunk), a top-k per chunk and a merge of the running best k across chunks,
-so GPU memory stays bounded whatever the database size. It runs on any torch device, which is how
-the tests cover its logic on CPU.
+so GPU memory for distances stays bounded whatever the database size. It runs on any torch
+device, which is how the tests cover its logic on CPU.
 """
 
 from __future__ import annotations

@@ -164,7 +164,7 @@ def resolve_auto(
             why = (
                 f"{kind}: {size} would need {_human(n * 4 * d)} uncompressed, over the "
                 f"{_human(budget)} budget; {m // 2}-byte codes need {_human(need)} "
-                f"(approximate: check recall with `retrieve eval`)"
+                f"(approximate: check it with `retrieve recall --against`)"
             )
             return IndexSpec(kind, spec.reduce, spec.normalize), why
     raise RetrieveError(

@@ -27,6 +27,7 @@ import numpy as np
 import torch
 
 from .extract import (
+    GPU_BATCH,
     ExtractedBatch,
     ExtractOptions,
     FileRecord,
@@ -213,7 +214,7 @@ def _launch(
     marks.mark()
     host = None
     if crops is not None:
-        fc7 = mapper(crops, pad_to=options.batch_size)
+        fc7 = mapper(crops, pad_to=options.batch_size or GPU_BATCH)
         if device.type == "cuda":
             host = torch.empty(fc7.shape, dtype=torch.float32, pin_memory=True)
             host.copy_(fc7, non_blocking=True)
@@ -235,7 +236,7 @@ def extract_on_device(
     how its ordering and bookkeeping are tested without a GPU.
     """
     names = [str(p) for p in paths]
-    size = options.batch_size
+    size = options.batch_size or GPU_BATCH
     pool = ThreadPoolExecutor(options.workers or default_reader_threads(), "retrieve-read")
     reads: deque[list[Future[list[_Item]]]] = deque()
     starts = iter(range(0, len(names), size))

@@ -102,6 +102,28 @@ def test_evaluate_retrieval_reports_precision_and_map(indexed) -> None:
     assert 0 <= data["precision@3"] <= 1 and 0 <= data["mean_average_precision"] <= 1
 
 
+def test_recall_compares_an_approximate_index_with_the_exact_one(indexed, small_model) -> None:
+    run("index", "images", "--index", "hnsw", "--index-type", "HNSW32", "--weights", small_model)
+    data = json.loads(
+        run(
+            "recall",
+            "--index",
+            "hnsw",
+            "--against",
+            ".retrieve",
+            "-k",
+            "5",
+            "--queries",
+            "12",
+            "--json",
+        ).stdout
+    )
+    assert data["queries"] == 12 and data["recall_at_k"] >= 0.9
+    assert (
+        "recall@5" in run("recall", "--index", "hnsw", "--against", ".retrieve", "-k", "5").stdout
+    )
+
+
 @pytest.mark.parametrize(
     ("args", "code", "message"),
     [

@@ -199,13 +199,16 @@ def test_a_refused_jpeg_is_decoded_by_pillow_or_skipped_with_its_reason(
 
 
 def _mixed_folder(root: Path, size: tuple[int, int] = (240, 200)) -> list[Path]:
-    """24 JPEGs of assorted sizes, greyscale, CMYK, PNG, EXIF-rotated, then a truncated one."""
+    """24 JPEGs of assorted sizes (one progressive, one 4:4:4), greyscale, CMYK, PNG,
+    EXIF-rotated, then a truncated one."""
     width, height = size
     paths = [
         make_image(root / f"{i:02d}.jpg", size=(width + 7 * i, height + 5 * i), seed=i, quality=90)
         for i in range(24)
     ]
     bigger = (width + 20, height + 30)
+    paths[1] = make_image(paths[1], size=bigger, seed=1, progressive=True)
+    paths[2] = make_image(paths[2], size=bigger, seed=2, subsampling=0)  # 4:4:4 chroma
     paths.append(make_image(root / "grey.jpg", size=bigger, mode="L", seed=40))
     paths.append(make_image(root / "cmyk.jpg", size=bigger, mode="CMYK", seed=41))
     paths.append(make_image(root / "lossless.png", size=bigger[::-1], seed=42))

@@ -51,6 +51,16 @@ def brute_force(xb: np.ndarray, xq: np.ndarray, k: int) -> tuple[np.ndarray, np.
     return np.sqrt(np.maximum(np.take_along_axis(d2, rows, 1), 0)), rows
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_faiss_thread():
+    """One OpenMP thread: on a busy 2-core machine faiss's spin-waiting threads made PQ training
+    10x slower; the data here is too small to gain from a second thread anyway."""
+    before = faiss.omp_get_max_threads()
+    faiss.omp_set_num_threads(1)
+    yield
+    faiss.omp_set_num_threads(before)
+
+
 @pytest.fixture(scope="module")
 def data() -> dict:
     x = fc7_like(N + 200, DIM, seed=0)
