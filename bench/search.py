@@ -94,7 +94,7 @@ def machine() -> list[str]:
     mem = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") / 2**30
     lines = [
         f"- CPU: {cpu}, {os.cpu_count()} cores, {mem:.0f} GiB RAM; "
-        f"faiss {faiss.__version__} ({faiss.omp_get_max_threads()} threads), numpy "
+        f"faiss {faiss.__version__} ({faiss.omp_get_max_threads()} OpenMP thread(s)), numpy "
         f"{np.__version__}, Python {platform.python_version()}",
         f"- load average at start: {', '.join(f'{v:.1f}' for v in os.getloadavg())}",
     ]
@@ -142,13 +142,16 @@ def build(spec: IndexSpec, xb: np.ndarray, seed: int, centroids=None) -> tuple[o
     return index, time.perf_counter() - t, fixed
 
 
-def tune(index, tq: np.ndarray, truth: np.ndarray, knob: str, values) -> tuple[int, float]:
-    """Smallest knob value within 0.005 of the sweep's best tuning recall (capped at 0.95)."""
+def tune(
+    index, tq: np.ndarray, truth: np.ndarray, knob: str, values, target: float
+) -> tuple[int, float]:
+    """Smallest knob value reaching ``target`` recall on the tuning queries (or, when the sweep
+    cannot, within 0.005 of the best it reaches)."""
     recalls = [
         recall_at_k(kinds.search(index, tq, K, device="cpu", **{knob: v})[1], truth, K)
         for v in values
     ]
-    target = min(0.95, max(recalls) - 0.005)
+    target = min(target, max(recalls) - 0.005)
     v, r = next((v, r) for v, r in zip(values, recalls, strict=True) if r >= target)
     kinds.set_search_params(index, **{knob: v})  # the sweep left the last value set
     return v, r
@@ -204,7 +207,6 @@ def default_kinds(n: int, dim: int) -> tuple[int, list[str]]:
         f"IVF{nlist},Flat",
         f"IVF{nlist},PQ64",
         f"IVF{nlist},PQ{dim // 2}x4fs",
-        f"IVF{nlist},PQ{dim // 2}x4fs+PCAR{dim // 2}",
         f"IVF{nlist},PQ64,RFlat",
         "HNSW32",
         "Flat+PCA256",
@@ -215,7 +217,7 @@ def log(msg: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
 
 
-def run_kind(text, xb, xq, tq, truth, tune_truth, shared, seed) -> Row:
+def run_kind(text, xb, xq, tq, truth, tune_truth, shared, seed, target) -> Row:
     spec = parse_kind(text)
     nlist_centroids, kmeans_s = shared.get(text.split(",")[0], (None, 0.0))
     if spec.reduce or spec.normalize:
@@ -227,13 +229,13 @@ def run_kind(text, xb, xq, tq, truth, tune_truth, shared, seed) -> Row:
     nlist = getattr(faiss.try_extract_index_ivf(index), "nlist", 0)
     if nlist:
         values = [v for v in (1, 2, 4, 8, 16, 32, 64, 128) if v <= nlist]
-        v, _ = tune(index, tq, tune_truth, "nprobe", values)
+        v, _ = tune(index, tq, tune_truth, "nprobe", values, target)
         row.params = f"nprobe={v}"
         if "RFlat" in spec.kind or "Refine(" in spec.kind:
-            kf, _ = tune(index, tq, tune_truth, "refine_k_factor", [4, 8, 16, 32, 64])
+            kf, _ = tune(index, tq, tune_truth, "refine_k_factor", [4, 8, 16, 32, 64], target)
             row.params += f", k_factor={kf}"
     elif "HNSW" in spec.kind:
-        v, _ = tune(index, tq, tune_truth, "ef_search", [16, 32, 64, 128, 256])
+        v, _ = tune(index, tq, tune_truth, "ef_search", [16, 32, 64, 128, 256], target)
         row.params = f"efSearch={v}"
     row.single_ms, row.qps, ids = timed_search(index, xq, n_single=min(100, len(xq)))
     row.recall = recall_at_k(ids, truth, K)
@@ -258,18 +260,23 @@ def table(rows: list[Row], flat: Row, n: int) -> list[str]:
     return out
 
 
-def acceptance(rows: list[Row], flat: Row) -> str:
-    ivfpq = [r for r in rows if r.name.startswith("IVF") and ",PQ" in r.name]
-    ok = [r for r in ivfpq if r.recall >= 0.9 and r.qps >= 10 * flat.qps and flat.ram >= 8 * r.ram]
-    best = max(ok or ivfpq, key=lambda r: r.recall, default=None)
-    if best is None:
-        return "Issue 6 acceptance: no IVF-PQ row in this run."
-    verdict = "MET" if ok else "NOT MET"
-    return (
-        f"Issue 6 acceptance (IVF-PQ, recall@10 >= 0.90, >= 10x Flat's batched q/s, >= 8x "
-        f"smaller): **{verdict}** by `{best.name}` ({best.params}): recall@10 {best.recall:.3f}, "
-        f"{best.qps / flat.qps:.1f}x q/s, {flat.ram / best.ram:.1f}x smaller in RAM."
-    )
+def acceptance(rows: list[Row], flat: Row) -> list[str]:
+    """Issue 6: an IVF-PQ row with recall@10 >= 0.90 at >= 10x Flat's q/s and >= 8x less RAM."""
+    out = []
+    for r in rows:
+        if not (r.name.startswith("IVF") and ",PQ" in r.name) or r.qps == 0:
+            continue
+        checks = (r.recall >= 0.9, r.qps >= 10 * flat.qps, flat.ram >= 8 * r.ram)
+        out.append(
+            f"- `{r.name}` ({r.params}): recall@10 {r.recall:.3f}, {r.qps / flat.qps:.1f}x q/s, "
+            f"{flat.ram / r.ram:.1f}x smaller: **{'MET' if all(checks) else 'not met'}**"
+        )
+    return [
+        "Issue 6 acceptance (IVF-PQ, recall@10 >= 0.90, >= 10x Flat's batched q/s, >= 8x "
+        "smaller in RAM):",
+        "",
+        *out,
+    ]
 
 
 def projections(rows: list[Row], n: int) -> list[str]:
@@ -304,6 +311,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--dim", type=int, default=4096)
     p.add_argument("--queries", type=int, default=None, help="scored queries (default 1000)")
     p.add_argument("--tune-queries", type=int, default=200)
+    p.add_argument(
+        "--target", type=float, default=0.92, help="recall@10 that nprobe / efSearch are tuned for"
+    )
     p.add_argument("--kinds", default=None, help="comma-free list separated by ';'")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=None, help="faiss OpenMP threads")
@@ -324,6 +334,11 @@ def main(argv: list[str] | None = None) -> int:
     lines.append(
         f"- data: {n:,} database x {args.dim}-d fc7-like vectors (bench/search.py fc7_like, "
         f"seed {args.seed}), {nq} scored queries, {args.tune_queries} tuning queries, k={K}"
+    )
+    lines.append(
+        f"- approximate rows use the smallest nprobe / efSearch / k_factor reaching recall@10 "
+        f">= {args.target} on the tuning queries (separate from the scored ones), or the best "
+        f"the sweep reaches; recall@10 = share of the exact 10 neighbours found"
     )
     log(f"generating {n + nq + args.tune_queries:,} x {args.dim} vectors")
     x, labels = fc7_like(n + nq + args.tune_queries, args.dim, seed=args.seed)
@@ -354,7 +369,9 @@ def main(argv: list[str] | None = None) -> int:
     for text in kind_list:
         log(f"{text}: build, tune, search")
         try:
-            rows.append(run_kind(text, xb, xq, tq, truth, tune_truth, shared, args.seed))
+            rows.append(
+                run_kind(text, xb, xq, tq, truth, tune_truth, shared, args.seed, args.target)
+            )
         except Exception as e:  # one broken kind must not lose the whole run
             log(f"{text} failed: {e}")
             rows.append(Row(text, note=f"failed: {e}"))
@@ -362,7 +379,7 @@ def main(argv: list[str] | None = None) -> int:
     rows = [r for r in rows if r.qps > 0] + [r for r in rows if r.qps == 0]
     lines += ["", *table([r for r in rows if r.qps > 0], flat, n), ""]
     lines += [f"- `{r.name}`: {r.note}" for r in rows if r.note]
-    lines += ["", acceptance(rows, flat), ""]
+    lines += ["", *acceptance(rows, flat), ""]
     lines += [
         "## Projections to 10 M and 100 M vectors",
         "",

@@ -399,7 +399,9 @@ def search(
     """(Euclidean distances, ids), each n x k, nearest first; -1 / inf where fewer than k rows.
 
     ``device``: "cpu", "cuda", "cuda:N" or "auto" (a GPU when there is one: the faiss GPU build,
-    else exact torch search for Flat kinds, else faiss on CPU).
+    else exact torch search for Flat kinds, else faiss on CPU). The GPU paths copy the index to
+    the GPU once per call, so pass many queries at once; for a resident database across calls
+    use ``gpu.TorchExactSearcher``. The knobs stick to ``index`` (see set_search_params).
     """
     q = _as_matrix(queries, index.d, "queries")
     if int(k) < 1 or batch_size < 1:

@@ -248,3 +248,41 @@ def test_default_index_lives_in_dot_retrieve(photos, in_tmp, small_model) -> Non
     query = sorted(Path("images").rglob("*.png"))[0]
     (result,) = api.search_images([query], None, api.SearchOptions(k=1))
     assert result.neighbors[0].path == str(query)
+
+
+@pytest.mark.slow
+def test_changing_one_percent_of_5000_images_reads_only_those_files(
+    tmp_path: Path, small_model: Path, monkeypatch
+) -> None:
+    """Issue 6: 50 of 5,000 files changed -> only those 50 are read and extracted again."""
+    import retrieval.extract as extract_module
+
+    folder = tmp_path / "photos"
+    for i in range(5000):
+        make_image(folder / f"c{i % 10}" / f"{i:04d}.png", size=(16, 16), seed=i)
+    index_dir = tmp_path / "idx"
+    _index(folder, index_dir, small_model)
+
+    changed = sorted(folder.rglob("*.png"))[::100]
+    assert len(changed) == 50
+    for n, path in enumerate(changed):
+        make_image(path, size=(16, 16), seed=10_000 + n)
+    read: list[str] = []
+    real_read_file = extract_module.read_file
+
+    def counting_read_file(position: int, path: str):
+        read.append(path)
+        return real_read_file(position, path)
+
+    monkeypatch.setattr(extract_module, "read_file", counting_read_file)
+    report = _index(folder, index_dir, None, extract=ExtractOptions(workers=0))
+    assert sorted(read) == sorted(str(p) for p in changed)
+    assert report.extracted == 50 and report.updated == 50 and report.unchanged == 4950
+
+    monkeypatch.undo()
+    rebuilt = tmp_path / "rebuilt"
+    _index(folder, rebuilt, small_model)
+    incremental, full = _stored(index_dir), _stored(rebuilt)
+    assert sorted(incremental) == sorted(full)
+    for path in (str(p) for p in changed):
+        np.testing.assert_allclose(incremental[path], full[path], atol=1e-4)
