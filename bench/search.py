@@ -15,7 +15,7 @@ vector is ``relu(z @ W + b + noise)`` with ``z`` a rank-``--rank`` latent drawn 
 ``--classes`` class centres, within-class spread decaying like 1/sqrt(i) over latent dims,
 ``W`` a random dim x rank map, ``b`` a per-unit bias and small isotropic noise in all ``dim``
 units. Queries are fresh draws (not database rows). Real fc7 may be easier or harder for PQ:
-check your own collection with ``retrieve eval``.
+check your own collection with ``retrieve recall --against``.
 """
 
 from __future__ import annotations
