@@ -48,7 +48,8 @@ from retrieval.extract import (
     default_threads,
     default_workers,
 )
-from retrieval.images import DEFAULT_MAX_MEGAPIXELS, find_images
+from retrieval.files import find_images
+from retrieval.images import DEFAULT_MAX_MEGAPIXELS
 from retrieval.mapper import Fc7Mapper
 from retrieval.weights import load_model
 

@@ -19,17 +19,20 @@ import time
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import faiss
+import numpy as np
 
-from retrieval.atomic import atomic_path, atomic_write_text
+from retrieval.atomic import atomic_path, atomic_write_text, fsync_dir
 from retrieval.errors import (
     IndexCorruptError,
     IndexLockedError,
     IndexNotFoundError,
     RetrieveError,
 )
+
+from . import flat_file
 
 log = logging.getLogger(__name__)
 
@@ -141,6 +144,27 @@ class Snapshot:
                 )
             self._index = index
         return self._index
+
+    def flat_vector_blocks(self) -> Iterator[tuple[np.ndarray, np.ndarray]] | None:
+        """``(vectors, ids)`` blocks when the file is an ``IDMap2,Flat`` index, else None:
+        copying them into the next generation then costs one block of RAM, not the index."""
+        shape = flat_file.flat_shape(self._vectors_file)
+        if shape is None:
+            return None
+        if shape != (self.dim, self.count):
+            raise IndexCorruptError(
+                f"{self.vectors_path} holds {shape[1]} vectors of {shape[0]}-d but the "
+                f"manifest says {self.count} of {self.dim}-d; {REBUILD}"
+            )
+        return self._checked(flat_file.read_flat_blocks(self._vectors_file))
+
+    def _checked(
+        self, blocks: Iterator[tuple[np.ndarray, np.ndarray]]
+    ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        try:
+            yield from blocks
+        except flat_file.FlatLayoutError as exc:
+            raise IndexCorruptError(f"{self.vectors_path} is damaged ({exc}); {REBUILD}") from exc
 
     def rows_by_id(self, ids: Iterable[int]) -> dict[int, Row]:
         wanted = sorted({int(i) for i in ids if i >= 0})
@@ -282,6 +306,8 @@ class GenerationWriter:
         self.rows = sqlite3.connect(self._rows_tmp)
         self.rows.executescript(SCHEMA)
         self.rows.execute("PRAGMA synchronous = OFF")  # durability comes from fsync at commit
+        self._streamed: BinaryIO | None = None
+        self._streamed_tmp = self.vectors_path.with_name(f".{self.vectors_path.name}.stream.tmp")
 
     def delete_rows(self, ids: Sequence[int]) -> None:
         self.rows.executemany("DELETE FROM images WHERE id = ?", [(int(i),) for i in ids])
@@ -321,7 +347,28 @@ class GenerationWriter:
         counts = dict(self.rows.execute(query).fetchall())
         return {"indexed": counts.get("indexed", 0), "skipped": counts.get("skipped", 0)}
 
-    def commit(self, index: faiss.Index, manifest: dict[str, Any]) -> Snapshot:
+    def stream_flat_index(self, dim: int) -> flat_file.FlatIndexWriter:
+        """An ``IDMap2,Flat`` index whose vectors go straight to this generation's file as they
+        are added (pass it to :meth:`commit`): indexing memory stays flat however many rows."""
+        self._streamed = open(self._streamed_tmp, "wb")  # noqa: SIM115 - closed at commit/abort
+        return flat_file.FlatIndexWriter(self._streamed, dim)
+
+    def _write_vectors(self, index: faiss.Index | flat_file.FlatIndexWriter) -> None:
+        if not isinstance(index, flat_file.FlatIndexWriter):
+            with atomic_path(self.vectors_path) as tmp:
+                faiss.write_index(index, str(tmp))
+            return
+        assert self._streamed is not None, "stream_flat_index() was not called"
+        index.finish()
+        os.fsync(self._streamed.fileno())
+        self._streamed.close()
+        self._streamed = None
+        os.replace(self._streamed_tmp, self.vectors_path)
+        fsync_dir(self.directory)
+
+    def commit(
+        self, index: faiss.Index | flat_file.FlatIndexWriter, manifest: dict[str, Any]
+    ) -> Snapshot:
         """Write vectors and rows durably, then switch the manifest to them, then retire g."""
         counts = self.counts()
         if index.ntotal != counts["indexed"]:
@@ -333,8 +380,7 @@ class GenerationWriter:
         with open(self._rows_tmp, "rb+") as handle:
             os.fsync(handle.fileno())
         os.replace(self._rows_tmp, self.rows_path)
-        with atomic_path(self.vectors_path) as tmp:
-            faiss.write_index(index, str(tmp))
+        self._write_vectors(index)
         manifest = {
             **manifest,
             "format": FORMAT,
@@ -354,6 +400,9 @@ class GenerationWriter:
     def abort(self) -> None:
         self.rows.close()
         self._rows_tmp.unlink(missing_ok=True)
+        if self._streamed is not None:
+            self._streamed.close()
+        self._streamed_tmp.unlink(missing_ok=True)
 
 
 def remove_unreferenced(directory: Path, manifest: dict[str, Any] | None) -> None:

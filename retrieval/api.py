@@ -18,7 +18,7 @@ from typing import Any
 from .errors import RetrieveError
 from .extract import ExtractOptions
 from .figures import render_grid
-from .images import find_images
+from .files import find_images
 from .indexes import store
 from .indexes.kinds import IndexSpec
 from .indexing import IndexOptions, IndexReport, default_index_dir, index_folder

@@ -10,12 +10,12 @@ from __future__ import annotations
 from collections import Counter
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from . import __version__
-from .indexes import kinds, store
+from .indexes import auto, flat_file, kinds, store
 from .indexes.staging import Staging, iter_chunk_features
 from .indexes.sync import SyncPlan
 from .weights import LoadedModel
@@ -43,6 +43,8 @@ def commit_changes(
     wanted = {(f.path, f.size, f.mtime_ns) for f in plan.extract}
     chunks = staging.chunk_paths()
     fresh = base is None or options.rebuild
+    dim = _dim(loaded)
+    index = None  # a fresh Flat index is streamed; an update starts from the base (below)
     if fresh:
         n_new = sum(
             1
@@ -50,18 +52,19 @@ def commit_changes(
             for r in records
             if r.reason is None and r.key in wanted
         )
-        spec, why = kinds.resolve_auto(
-            options.spec or kinds.IndexSpec(), n_new, _dim(loaded), options.memory_budget
+        spec, why = auto.resolve_auto(
+            options.spec or kinds.IndexSpec(), n_new, dim, options.memory_budget
         )
-        sample = _training_sample(chunks, wanted, spec, _dim(loaded), n_new)
-        index = kinds.build_index(spec, _dim(loaded), sample)
+        if not _streams(spec, dim):
+            index = kinds.build_index(spec, dim, _training_sample(chunks, wanted, spec, dim, n_new))
     else:
         spec = kinds.IndexSpec.from_dict(base.manifest["index"])
-        index = base.index
         why = base.manifest.get("index_reason", "")
     report.index_kind, report.index_kind_reason = spec.kind, why
     writer = store.GenerationWriter(index_dir, base, copy_rows=not fresh)
     try:
+        if fresh and index is None:
+            index = writer.stream_flat_index(dim)
         vector_ids_to_drop = [row.id for row in plan.remove if row.status == "indexed"]
         writer.delete_rows([row.id for row in plan.remove])
         writer.upsert_rows(
@@ -83,8 +86,8 @@ def commit_changes(
         for row in plan.existing.values():
             if row.status == "indexed":
                 vector_ids_to_drop.append(row.id)
-        if vector_ids_to_drop:
-            index = kinds.remove_ids(index, np.asarray(vector_ids_to_drop, dtype=np.int64))
+        if not fresh:
+            index = _carry_over(base, writer, spec, vector_ids_to_drop)
         reasons: Counter[str] = Counter()
         for records, features in iter_chunk_features(chunks):
             keep = [r for r in records if r.key in wanted]
@@ -145,6 +148,30 @@ def commit_changes(
     snapshot.close()
 
 
+def _streams(spec: kinds.IndexSpec, dim: int) -> bool:
+    """Whether the index can be written to disk as it is filled (the exact, default kind)."""
+    return spec.factory_string(dim) == flat_file.FLAT_FACTORY and flat_file.layout_matches_faiss()
+
+
+def _carry_over(
+    base: store.Snapshot, writer: store.GenerationWriter, spec: kinds.IndexSpec, drop: list[int]
+) -> Any:
+    """The next generation's index: the base's rows minus ``drop``, ready for new rows.
+
+    A Flat base is copied block by block into a streamed file (memory stays flat); any other
+    kind is read whole and has the rows removed in place.
+    """
+    drop_ids = np.asarray(drop, dtype=np.int64)
+    blocks = base.flat_vector_blocks() if _streams(spec, base.dim) else None
+    if blocks is None:
+        return kinds.remove_ids(base.index, drop_ids) if drop else base.index
+    index = writer.stream_flat_index(base.dim)
+    for vectors, ids in blocks:
+        keep = ~np.isin(ids, drop_ids)
+        index.add_with_ids(vectors[keep], ids[keep])
+    return index
+
+
 def _training_sample(
     chunks: list[Path], wanted: set, spec: kinds.IndexSpec, dim: int, available: int
 ) -> np.ndarray | None:
@@ -183,11 +210,10 @@ def remove_from_index(paths: list[Path], index_dir: Path) -> dict[str, list[str]
             base.close()
             return {"removed": [], "not_in_index": missing}
         vector_ids = [i for i, row in doomed.items() if row.status == "indexed"]
-        index = base.index
-        if vector_ids:
-            index = kinds.remove_ids(index, np.asarray(vector_ids, dtype=np.int64))
+        spec = kinds.IndexSpec.from_dict(base.manifest["index"])
         writer = store.GenerationWriter(index_dir, base)
         try:
+            index = _carry_over(base, writer, spec, vector_ids)
             writer.delete_rows(list(doomed))
             now = _now()
             keep = {k: v for k, v in base.manifest.items() if k not in ("files", "count")}

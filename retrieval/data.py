@@ -32,7 +32,8 @@ from tqdm import tqdm
 
 from .augment import resize_batch
 from .errors import DataError, ImageReadError
-from .images import find_images, load_image
+from .files import find_images
+from .images import load_image
 
 log = logging.getLogger(__name__)
 

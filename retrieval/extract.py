@@ -30,8 +30,8 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from .devices import resolve_device
-from .errors import ImageReadError
-from .images import DEFAULT_MAX_MEGAPIXELS, SkipReason, load_image
+from .errors import ImageReadError, SkipReason
+from .images import DEFAULT_MAX_MEGAPIXELS, load_image
 from .mapper import Fc7Mapper
 from .preprocess import Preprocessing
 from .weights import LoadedModel

@@ -20,7 +20,7 @@ import numpy as np
 from .commit import commit_changes
 from .errors import IndexMismatchError, RetrieveError
 from .extract import ExtractOptions, StageTimes, extract_fc7
-from .images import IMAGE_SUFFIXES, find_images
+from .files import IMAGE_SUFFIXES, find_images
 from .indexes import kinds, store
 from .indexes.staging import StagedFile, Staging
 from .indexes.sync import DiskFile, plan_sync, stat_files

@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from .errors import RetrieveError
-from .model import FC7_END
+from .model import FC7_END, run_classifier
 from .weights import LoadedModel
 
 log = logging.getLogger(__name__)
@@ -41,7 +41,7 @@ class _Fc7(nn.Module):
         self.features, self.avgpool, self.head = features, avgpool, head
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(torch.flatten(self.avgpool(self.features(x)), 1))
+        return run_classifier(self.features(x), self.avgpool, self.head)
 
 
 def _quantized_head(head: nn.Module) -> nn.Module:

@@ -8,9 +8,11 @@ of ``features`` (a parameter-free ``Sequential``), so no index shifts.
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 ARCHITECTURES = ("torchvision", "paper")
@@ -92,13 +94,47 @@ class AlexNet(nn.Module):
 
     def forward_fc7(self, x: torch.Tensor) -> torch.Tensor:
         """fc7: the 4096-d activations after the second fully-connected layer's ReLU."""
-        return self.classifier[:FC7_END](self.forward_features(x))
+        return run_classifier(self.features(x), self.avgpool, self.classifier[:FC7_END])
 
     def forward_head(self, fc7: torch.Tensor) -> torch.Tensor:
         return self.classifier[FC7_END:](fc7)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.classifier(self.forward_features(x))
+        return run_classifier(self.features(x), self.avgpool, self.classifier)
+
+
+def run_classifier(maps: torch.Tensor, avgpool: nn.Module, head: nn.Sequential) -> torch.Tensor:
+    """``head(flatten(avgpool(maps)))`` for a head that starts with dropout and fc6.
+
+    At 63-95 px input the pool5 maps are 1x1, and the adaptive pool only copies each channel
+    into its 36 cells; fc6 then equals a linear layer whose weights are the 36 cells' weights
+    summed. That layer has 36x fewer multiply-adds than fc6, the largest layer of a small-input
+    network (forward ~1.4x faster at 64 px on a CPU), and gives the same numbers up to float
+    rounding. Not while dropout is live: it would drop each of the 36 copies separately.
+    """
+    dropout, fc6 = head[0], head[1]
+    cells = _copies_per_channel(avgpool)
+    foldable = (
+        maps.shape[-2:] == (1, 1)
+        and cells
+        and type(fc6) is nn.Linear  # not a quantised layer
+        and fc6.in_features == maps.shape[1] * cells
+        and isinstance(dropout, nn.Dropout)
+        and not (dropout.training and dropout.p > 0)
+    )
+    if not foldable:
+        return head(torch.flatten(avgpool(maps), 1))
+    weight = fc6.weight.view(fc6.out_features, maps.shape[1], cells).sum(-1)
+    return head[2:](F.linear(maps.flatten(1), weight, fc6.bias))
+
+
+def _copies_per_channel(avgpool: nn.Module) -> int:
+    """Output cells of an adaptive average pool (each a copy of a 1x1 input); 0 if unknown."""
+    if not isinstance(avgpool, nn.AdaptiveAvgPool2d):
+        return 0
+    size = avgpool.output_size
+    size = (size, size) if isinstance(size, int) else tuple(size)
+    return 0 if None in size else math.prod(size)
 
 
 def init_as_paper(model: AlexNet) -> None:

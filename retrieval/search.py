@@ -16,7 +16,7 @@ import numpy as np
 
 from .errors import IndexMismatchError, RetrieveError, WeightsError
 from .extract import ExtractOptions, extract_images
-from .images import find_images
+from .files import find_images
 from .indexes import kinds, store
 from .indexing import default_index_dir
 from .weights import LoadedModel, load_model

@@ -4,7 +4,7 @@ Not a test module: tests import it (``from corpus import make_problem_corpus``).
 written into a folder the caller owns (``tmp_path``), seeded, 1-64 px, so it is fast.
 
 ``make_problem_corpus(root)`` returns ``{relative path: expected}`` for EXACTLY the files that
-``retrieval.images.find_images(root)`` must list (paths relative to root, "/"-separated, as
+``retrieval.files.find_images(root)`` must list (paths relative to root, "/"-separated, as
 ``Path.relative_to(root).as_posix()`` writes them). ``expected`` is the ``SkipReason`` value that
 ``load_image`` must raise, or ``None`` when the file must be indexed. Kinds, by folder:
 

@@ -17,16 +17,9 @@ import pytest
 from PIL import Image, ImageFile
 
 from retrieval import images
-from retrieval.errors import ImageReadError, RetrieveError
-from retrieval.images import (
-    DEFAULT_MAX_MEGAPIXELS,
-    IMAGE_SUFFIXES,
-    SkipReason,
-    WalkProblem,
-    convert_mode,
-    find_images,
-    load_image,
-)
+from retrieval.errors import ImageReadError, RetrieveError, SkipReason
+from retrieval.files import IMAGE_SUFFIXES, WalkProblem, find_images
+from retrieval.images import DEFAULT_MAX_MEGAPIXELS, convert_mode, load_image
 from tests.corpus import (
     MARKER_COLOURS,
     expected_walk_problems,
@@ -210,7 +203,7 @@ def test_folder_that_cannot_be_listed_is_reported_even_as_root(tmp_path: Path, m
             raise PermissionError(errno.EACCES, "Permission denied", str(path))
         return real_scandir(path)
 
-    monkeypatch.setattr(images.os, "scandir", scandir)
+    monkeypatch.setattr(os, "scandir", scandir)
     files, problems = find_images(tmp_path)
     assert relative(files, tmp_path) == ["ok/a.png"]
     assert problems == [WalkProblem(tmp_path / "locked", "permission denied")]

@@ -12,6 +12,7 @@ import pytest
 
 from retrieval.errors import IndexMismatchError, RetrieveError
 from retrieval.indexes import gpu
+from retrieval.indexes.auto import resolve_auto
 from retrieval.indexes.kinds import (
     IndexSpec,
     build_index,
@@ -20,7 +21,6 @@ from retrieval.indexes.kinds import (
     ivf_centroids,
     needs_training,
     remove_ids,
-    resolve_auto,
     search,
     set_search_params,
     training_sample_size,

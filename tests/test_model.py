@@ -52,6 +52,40 @@ def test_fc7_is_after_the_second_fully_connected_relu() -> None:
         assert torch.allclose(model.forward_head(fc7), model(x))
 
 
+def _unfolded(model: AlexNet, x: torch.Tensor) -> torch.Tensor:
+    """The classifier on the pooled 6x6 map, as torchvision computes it."""
+    return model.classifier(torch.flatten(model.avgpool(model.features(x)), 1))
+
+
+@pytest.mark.parametrize("arch", ["torchvision", "paper"])
+def test_small_inputs_fold_fc6_and_give_the_same_outputs_and_gradients(arch: str) -> None:
+    model = build_alexnet(ModelArgs(arch=arch, in_channels=1, num_classes=5, dropout=0.0), seed=3)
+    x = torch.rand(4, 1, 64, 64)
+    assert model.features(x).shape[-2:] == (1, 1)  # the case the fold is for
+    model.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), _unfolded(model, x), rtol=1e-5, atol=1e-6)
+        fc7 = model.forward_fc7(x)
+        torch.testing.assert_close(model.forward_head(fc7), model(x))
+    model.train()  # dropout 0: the fold is exact in training too
+    grads = []
+    for forward in (model, lambda x: _unfolded(model, x)):
+        model.zero_grad()
+        forward(x).square().sum().backward()
+        grads.append(model.classifier[1].weight.grad.clone())
+    torch.testing.assert_close(grads[0], grads[1], rtol=1e-4, atol=1e-6)
+
+
+def test_live_dropout_is_not_folded() -> None:
+    """Dropout draws one mask per pooled cell; folding would share it across the 36 copies."""
+    model = build_alexnet(ModelArgs(in_channels=1, num_classes=5, dropout=0.5), seed=3).train()
+    x = torch.rand(4, 1, 64, 64)
+    torch.manual_seed(0)
+    ours = model(x)
+    torch.manual_seed(0)
+    torch.testing.assert_close(ours, _unfolded(model, x))
+
+
 def test_paper_init_sets_the_papers_biases() -> None:
     model = AlexNet(ModelArgs(arch="paper"))
     init_as_paper(model)

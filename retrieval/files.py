@@ -1,0 +1,137 @@
+"""Folder -> image files: walk a collection and list the files worth decoding.
+
+The walk never stops at a bad entry: unreadable folders, broken symlinks and symlink loops become
+:class:`WalkProblem` values to report, and the walk goes on (a user's photo tree has all three).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import stat
+from collections import deque
+from dataclasses import dataclass
+from pathlib import Path
+
+from retrieval.diagnose import describe_os_error
+from retrieval.errors import RetrieveError
+
+logger = logging.getLogger(__name__)
+
+IMAGE_SUFFIXES: frozenset[str] = frozenset(
+    {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
+)
+
+
+@dataclass(frozen=True)
+class WalkProblem:
+    """A path the walk could not enter or resolve; not an image row, but worth telling."""
+
+    path: Path
+    reason: str
+
+
+def is_image_path(path: Path | str) -> bool:
+    """Whether the name has one of IMAGE_SUFFIXES, in any case."""
+    return os.path.splitext(path)[1].lower() in IMAGE_SUFFIXES
+
+
+def find_images(
+    root: Path, *, follow_symlinks: bool = True, include_hidden: bool = False
+) -> tuple[list[Path], list[WalkProblem]]:
+    """Every image file under root (recursive, sorted by path), plus the problems met on the walk.
+
+    A root that is an image file gives [root]; a root that is missing or neither a folder nor an
+    image file raises RetrieveError (one line). Unreadable folders, broken symlinks and symlink
+    loops become WalkProblems and the walk goes on.
+
+    Each directory is walked once, by its real path when it lies inside root (symlinked
+    directories are followed after the real tree, so an alias never hides the original). A
+    symlink back into its own ancestry is a "symlink loop" problem; other aliases of a walked
+    directory are skipped quietly. A file symlink is listed under its own path. Names starting
+    with "." (``.thumbnails``, macOS ``._x.jpg``) are skipped unless include_hidden. Only regular
+    files are listed, so a named pipe called x.jpg cannot block a reader.
+    """
+    root = Path(root)
+    try:
+        root_stat = root.stat()
+    except OSError as error:
+        raise RetrieveError(f"{root}: cannot open ({describe_os_error(error)})") from error
+    if stat.S_ISREG(root_stat.st_mode):
+        if is_image_path(root):
+            return [root], []
+        suffixes = " ".join(sorted(IMAGE_SUFFIXES))
+        raise RetrieveError(f"{root}: not a folder or an image file ({suffixes})")
+    if not stat.S_ISDIR(root_stat.st_mode):
+        raise RetrieveError(f"{root}: not a folder or an image file")
+    walker = _Walker(follow_symlinks, include_hidden)
+    walker.walk(root, root_stat)
+    return sorted(walker.files), sorted(walker.problems, key=lambda problem: problem.path)
+
+
+class _Walker:
+    """Iterative walk (no recursion limit) that remembers every directory by (st_dev, st_ino)."""
+
+    def __init__(self, follow_symlinks: bool, include_hidden: bool) -> None:
+        self.follow_symlinks = follow_symlinks
+        self.include_hidden = include_hidden
+        self.files: list[Path] = []
+        self.problems: list[WalkProblem] = []
+        self.walked: dict[tuple[int, int], Path] = {}
+        self.linked_dirs: deque[tuple[Path, os.stat_result]] = deque()
+
+    def walk(self, root: Path, root_stat: os.stat_result) -> None:
+        self._walk_real_tree(root, root_stat)
+        while self.linked_dirs:
+            link, target = self.linked_dirs.popleft()
+            walked_as = self.walked.get((target.st_dev, target.st_ino))
+            if walked_as is None:
+                self._walk_real_tree(link, target)
+            elif walked_as == link.parent or walked_as in link.parents:
+                self.problems.append(WalkProblem(link, "symlink loop"))
+            else:
+                logger.debug("%s: same folder as %s, already walked", link, walked_as)
+
+    def _walk_real_tree(self, top: Path, top_stat: os.stat_result) -> None:
+        self.walked[(top_stat.st_dev, top_stat.st_ino)] = top
+        stack = [top]
+        while stack:
+            folder = stack.pop()
+            try:
+                with os.scandir(folder) as listing:
+                    entries = sorted(listing, key=lambda entry: entry.name, reverse=True)
+            except OSError as error:
+                self.problems.append(WalkProblem(folder, describe_os_error(error)))
+                continue
+            for entry in entries:
+                if entry.name.startswith(".") and not self.include_hidden:
+                    continue
+                path = folder / entry.name
+                try:
+                    if entry.is_symlink():
+                        self._visit_link(path)
+                    elif entry.is_dir(follow_symlinks=False):
+                        entry_stat = entry.stat(follow_symlinks=False)
+                        key = (entry_stat.st_dev, entry_stat.st_ino)
+                        if key not in self.walked:  # a bind mount can show a folder twice
+                            self.walked[key] = path
+                            stack.append(path)
+                    elif entry.is_file(follow_symlinks=False) and is_image_path(entry.name):
+                        self.files.append(path)
+                except OSError as error:
+                    self.problems.append(WalkProblem(path, describe_os_error(error)))
+
+    def _visit_link(self, path: Path) -> None:
+        if not self.follow_symlinks:
+            return
+        try:
+            target = os.stat(path)
+        except FileNotFoundError:
+            # A dangling "photo.jpg" or "photos" link is worth telling; "notes.txt" is not.
+            if is_image_path(path) or not path.suffix:
+                self.problems.append(WalkProblem(path, "broken symlink"))
+            return
+        if stat.S_ISDIR(target.st_mode):
+            self.linked_dirs.append((path, target))
+        elif stat.S_ISREG(target.st_mode) and is_image_path(path):
+            self.files.append(path)
