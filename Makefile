@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 TORCH_INDEX ?=
 STAMP := $(VENV)/.installed
 
-.PHONY: install test lint format demo bench bench-memory clean
+.PHONY: install test lint format demo imagenette bench bench-memory clean
 
 install: $(STAMP)
 
@@ -33,6 +33,9 @@ format: install
 demo: install
 	$(BIN)/retrieve demo
 
+imagenette: install
+	bash bench/imagenette.sh
+
 bench: install
 	$(BIN)/python bench/extract.py
 	$(BIN)/python bench/search.py
@@ -41,4 +44,4 @@ bench-memory: install
 	$(BIN)/python bench/memory.py
 
 clean:
-	rm -rf $(VENV) .pytest_cache .ruff_cache *.egg-info demo-out bench-out .retrieve
+	rm -rf $(VENV) .pytest_cache .ruff_cache *.egg-info demo-out imagenette-out bench-out .retrieve

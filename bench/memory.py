@@ -8,10 +8,10 @@ full-size AlexNet on a 64-px crop so that 50,000 images take minutes, not hours.
 reports its peak resident memory (VmHWM from /proc/self/status) and that of its largest decoder
 worker (RUSAGE_CHILDREN).
 
-What is expected to grow: a Flat index holds every vector in RAM (4096 x 4 bytes = 16 KiB per
-image) when it is built and committed, so Flat grows by design; IVF-PQ holds 16 bytes per image.
-Extraction itself streams: features go to staged chunks on disk, one batch in memory at a time.
-The file list, the sync plan and the SQLite rows grow by well under 1 KB per image.
+What may grow: nothing much. Extraction streams (features go to staged chunks on disk, one batch
+in memory at a time); the default Flat index is streamed from those chunks into its file
+(``indexes/flat_file.py``), never held whole; IVF-PQ holds 16 bytes per image. The file list, the
+sync plan, the Flat file's id list and the SQLite rows grow by well under 1 KB per image.
 """
 
 from __future__ import annotations

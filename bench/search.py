@@ -7,7 +7,7 @@ faiss builds on load), recall@10 against exact Flat search, single-query latency
 ``--single`` queries) and batched queries/s, with ratios against Flat. IVF kinds get the
 smallest nprobe reaching the target recall on a separate set of tuning queries (not the ones
 scored). Then projections for 10 M and 100 M vectors. Everything goes through
-``retrieval.indexes.kinds``, the code the CLI uses.
+``retrieval.indexes.kinds`` and ``retrieval.indexes.querying``, the code the CLI uses.
 
 The data (see :func:`fc7_like`): fc7 is non-negative (ReLU), about half zeros, and its PCA
 spectrum decays steeply; neighbours are meaningful because images come in classes. So each
@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 import faiss
 import numpy as np
 
-from retrieval.indexes import kinds
+from retrieval.indexes import kinds, querying
 from retrieval.indexes.kinds import IndexSpec
 from retrieval.metrics import recall_at_k
 
@@ -110,14 +110,14 @@ def machine() -> list[str]:
 
 def timed_search(index, q: np.ndarray, n_single: int) -> tuple[float, float, np.ndarray]:
     """(median single-query ms, batched queries/s, ids of the batched run), on CPU."""
-    kinds.search(index, q[:2], K, device="cpu")  # warm-up: lazy allocations, tables
+    querying.search(index, q[:2], K, device="cpu")  # warm-up: lazy allocations, tables
     lat = []
     for i in range(n_single):
         t = time.perf_counter()
-        kinds.search(index, q[i : i + 1], K, device="cpu")
+        querying.search(index, q[i : i + 1], K, device="cpu")
         lat.append(time.perf_counter() - t)
     t = time.perf_counter()
-    _, ids = kinds.search(index, q, K, device="cpu")
+    _, ids = querying.search(index, q, K, device="cpu")
     return 1000 * float(np.median(lat)), len(q) / (time.perf_counter() - t), ids
 
 
@@ -135,7 +135,7 @@ def build(spec: IndexSpec, xb: np.ndarray, seed: int, centroids=None) -> tuple[o
     index = kinds.build_index(
         spec, xb.shape[1], training_sample(spec, xb, seed), ivf_centroids=centroids
     )
-    fixed = kinds.index_ram_bytes(index)
+    fixed = querying.index_ram_bytes(index)
     for s in range(0, len(xb), 50_000):
         chunk = xb[s : s + 50_000]
         index.add_with_ids(chunk, np.arange(s, s + len(chunk), dtype=np.int64))
@@ -148,12 +148,12 @@ def tune(
     """Smallest knob value reaching ``target`` recall on the tuning queries (or, when the sweep
     cannot, within 0.005 of the best it reaches)."""
     recalls = [
-        recall_at_k(kinds.search(index, tq, K, device="cpu", **{knob: v})[1], truth, K)
+        recall_at_k(querying.search(index, tq, K, device="cpu", **{knob: v})[1], truth, K)
         for v in values
     ]
     target = min(target, max(recalls) - 0.005)
     v, r = next((v, r) for v, r in zip(values, recalls, strict=True) if r >= target)
-    kinds.set_search_params(index, **{knob: v})  # the sweep left the last value set
+    querying.set_search_params(index, **{knob: v})  # the sweep left the last value set
     return v, r
 
 
@@ -239,7 +239,7 @@ def run_kind(text, xb, xq, tq, truth, tune_truth, shared, seed, target) -> Row:
         row.params = f"efSearch={v}"
     row.single_ms, row.qps, ids = timed_search(index, xq, n_single=min(100, len(xq)))
     row.recall = recall_at_k(ids, truth, K)
-    row.disk, row.ram = kinds.index_memory_bytes(index), kinds.index_ram_bytes(index)
+    row.disk, row.ram = querying.index_memory_bytes(index), querying.index_ram_bytes(index)
     row.extra["fixed"] = fixed
     return row
 
@@ -347,14 +347,14 @@ def main(argv: list[str] | None = None) -> int:
     log("Flat: exact reference")
     flat_index, build_s, fixed = build(IndexSpec("Flat"), xb, args.seed)
     single_ms, qps, truth = timed_search(flat_index, xq, n_single=min(20, nq))
-    tune_truth = kinds.search(flat_index, tq, K, device="cpu")[1]
+    tune_truth = querying.search(flat_index, tq, K, device="cpu")[1]
     same_class = (labels[truth] == labels[n : n + nq, None]).mean()
     lines.append(
         f"- zeros: {(xb[:10_000] == 0).mean():.0%} of fc7 units; {same_class:.0%} of the exact "
         f"10 nearest neighbours share the query's class"
     )
-    flat = Row("Flat", "exact", build_s, kinds.index_memory_bytes(flat_index), 0, 1.0)
-    flat.ram, flat.single_ms, flat.qps = kinds.index_ram_bytes(flat_index), single_ms, qps
+    flat = Row("Flat", "exact", build_s, querying.index_memory_bytes(flat_index), 0, 1.0)
+    flat.ram, flat.single_ms, flat.qps = querying.index_ram_bytes(flat_index), single_ms, qps
     flat.extra["fixed"] = fixed
     del flat_index
     rows = [flat]

@@ -2,7 +2,7 @@
 else faiss on CPU; plus the small faiss plumbing (unwrapping IDMap / PreTransform) it needs.
 
 Why a separate module: the GPU paths are optional extras with their own failure modes (no CUDA,
-a faiss build without GPUs, an index kind the GPU cannot hold). ``kinds.search`` asks
+a faiss build without GPUs, an index kind the GPU cannot hold). ``querying.search`` asks
 :func:`pick_searcher` and gets the best place that works. torch is imported only inside
 functions, so importing ``retrieval.indexes`` never pays for it.
 
@@ -115,7 +115,7 @@ class TorchExactSearcher:
     """Exact L2 k-NN over a fixed database held on a torch device.
 
     Build it once and call :meth:`search` many times to keep the database resident (the benchmark
-    does this; ``kinds.search`` builds one per call). ``precision="float16"`` halves memory and
+    does this; ``querying.search`` builds one per call). ``precision="float16"`` halves memory and
     uses tensor cores: vectors are divided by the largest norm before the cast so that dot
     products cannot overflow fp16, norms stay fp32, so the ranking is exact up to fp16 rounding
     of the dot products. ``"auto"`` keeps fp32 when it fits in free GPU memory, else fp16.

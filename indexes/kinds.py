@@ -1,10 +1,9 @@
-"""Index kinds: which FAISS index holds the fc7 rows; how it is built, trained, pruned, searched.
+"""Index kinds: which FAISS index holds the fc7 rows; how it is built, trained and pruned.
 
 Why here: the store records an :class:`IndexSpec` in its manifest and calls these functions; it
 never names a FAISS class. Every kind is built from an ``index_factory`` string, so a manifest
 entry rebuilds the same structure. The metric is always L2, the paper's Euclidean distance on fc7
-(with ``normalize`` the ranking equals cosine); :func:`search` returns Euclidean distances, not
-FAISS's squared ones, measured after the pre-transforms (in the PCA space with ``reduce``).
+(with ``normalize`` the ranking equals cosine). Searching a built index is ``querying.py``'s job.
 
 Ids: IVF kinds store int64 ids natively; every other kind is wrapped in ``IDMap2`` so that
 ``add_with_ids`` works and rows can be reconstructed by id. faiss 1.15 parses ``IDMap2,`` in
@@ -24,20 +23,15 @@ import numpy as np
 
 from retrieval.errors import IndexMismatchError, RetrieveError
 
-from . import gpu
 from .gpu import faiss_message as _faiss_message
 from .gpu import unwrap
 
 __all__ = [
     "IndexSpec",
     "build_index",
-    "index_memory_bytes",
-    "index_ram_bytes",
     "ivf_centroids",
     "needs_training",
     "remove_ids",
-    "search",
-    "set_search_params",
     "training_sample_size",
 ]
 
@@ -285,65 +279,6 @@ def remove_ids(index: Any, ids: np.ndarray) -> Any:
     return index
 
 
-def set_search_params(
-    index: Any,
-    *,
-    nprobe: int | None = None,
-    ef_search: int | None = None,
-    refine_k_factor: float | None = None,
-) -> None:
-    """Set query-time knobs through any IDMap / PreTransform / Refine wrappers; they stick."""
-    import faiss
-
-    space = faiss.ParameterSpace()
-    for name, value in (("nprobe", nprobe), ("efSearch", ef_search), ("k_factor", refine_k_factor)):
-        if value is None:
-            continue
-        if value < 1:
-            raise RetrieveError(f"{name} must be at least 1, got {value}")
-        try:
-            space.set_index_parameter(index, name if name != "k_factor" else "k_factor_rf", value)
-        except RuntimeError:
-            log.warning("%s does not apply to this kind of index; ignored", name)
-
-
-def search(
-    index: Any,
-    queries: np.ndarray,
-    k: int,
-    *,
-    nprobe: int | None = None,
-    ef_search: int | None = None,
-    refine_k_factor: float | None = None,
-    device: str = "auto",
-    batch_size: int = 4096,
-) -> tuple[np.ndarray, np.ndarray]:
-    """(Euclidean distances, ids), each n x k, nearest first; -1 / inf where fewer than k rows.
-
-    ``device``: "cpu", "cuda", "cuda:N" or "auto" (a GPU when there is one: the faiss GPU build,
-    else exact torch search for Flat kinds, else faiss on CPU). The GPU paths copy the index to
-    the GPU once per call, so pass many queries at once; for a resident database across calls
-    use ``gpu.TorchExactSearcher``. The knobs stick to ``index`` (see set_search_params).
-    """
-    q = _as_matrix(queries, index.d, "queries")
-    if int(k) < 1 or batch_size < 1:
-        raise RetrieveError(f"k and batch_size must be at least 1, got {k} and {batch_size}")
-    k = int(k)
-    set_search_params(index, nprobe=nprobe, ef_search=ef_search, refine_k_factor=refine_k_factor)
-    dist = np.full((len(q), k), np.inf, dtype=np.float32)
-    ids = np.full((len(q), k), -1, dtype=np.int64)
-    if index.ntotal == 0 or len(q) == 0:
-        return dist, ids
-    run, where = gpu.pick_searcher(index, device, k)
-    log.debug("searching %d queries (k=%d) with %s", len(q), k, where)
-    for s in range(0, len(q), batch_size):
-        d2, found = run(q[s : s + batch_size])
-        dist[s : s + len(d2)] = np.sqrt(np.maximum(d2, 0.0))
-        ids[s : s + len(d2)] = found
-    dist[ids < 0] = np.inf
-    return dist, ids
-
-
 def _as_matrix(x: np.ndarray, dim: int, what: str) -> np.ndarray:
     a = np.asarray(x)
     if a.ndim == 1:
@@ -351,35 +286,3 @@ def _as_matrix(x: np.ndarray, dim: int, what: str) -> np.ndarray:
     if a.ndim != 2 or a.shape[1] != dim:
         raise IndexMismatchError(f"{what} have shape {a.shape}, the index holds {dim}-d vectors")
     return np.ascontiguousarray(a, dtype=np.float32)
-
-
-def index_memory_bytes(index: Any) -> int:
-    """Serialized size in bytes (what ``write_index`` puts on disk), counted without a copy."""
-    import faiss
-
-    total = 0
-
-    def count(chunk: bytes) -> int:
-        nonlocal total
-        total += len(chunk)
-        return len(chunk)
-
-    writer = faiss.PyCallbackIOWriter(count)
-    faiss.write_index(index, writer)
-    del writer
-    return total
-
-
-def index_ram_bytes(index: Any) -> int:
-    """Estimated RAM once loaded: serialized size plus structures faiss builds on load.
-
-    Those are IVF-PQ's precomputed distance tables and IDMap2's id -> row hash map (about 40
-    bytes per row: an unordered_map node plus its bucket).
-    """
-    import faiss
-
-    extra = 40 * index.ntotal if isinstance(unwrap(index)[0], faiss.IndexIDMap2) else 0
-    ivfpq = _first(index, faiss.IndexIVFPQ)
-    if ivfpq is not None:
-        extra += 4 * ivfpq.precomputed_table.size()
-    return index_memory_bytes(index) + extra

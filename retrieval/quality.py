@@ -16,7 +16,7 @@ import numpy as np
 
 from .errors import RetrieveError
 from .extract import ExtractOptions, extract_fc7
-from .indexes import kinds, store
+from .indexes import querying, store
 from .indexing import default_index_dir
 from .metrics import mean_average_precision, precision_at_k, recall_at_k
 from .search import expand_queries, model_for_index
@@ -116,7 +116,7 @@ def _ranked_labels(
 ) -> np.ndarray:
     """Label codes of each query's ``depth`` nearest rows, its own row left out (-1 pads)."""
     extra = 1 if any(i >= 0 for i in self_ids) else 0
-    _, ids = kinds.search(snapshot.index, features, min(depth + extra, snapshot.count))
+    _, ids = querying.search(snapshot.index, features, min(depth + extra, snapshot.count))
     ranked = np.full((len(ids), depth), -1, dtype=np.int64)
     for row, (found, own) in enumerate(zip(ids, self_ids)):
         found = found[(found >= 0) & (found != own)][:depth]
@@ -161,10 +161,10 @@ def evaluate_recall(
         vectors = np.stack([exact.index.reconstruct(int(i)) for i in sample])
         k = min(k, exact.count, approx.count)
         start = time.perf_counter()
-        _, true_ids = kinds.search(exact.index, vectors, k)
+        _, true_ids = querying.search(exact.index, vectors, k)
         exact_seconds = time.perf_counter() - start
         start = time.perf_counter()
-        _, found = kinds.search(approx.index, vectors, k, nprobe=nprobe, ef_search=ef_search)
+        _, found = querying.search(approx.index, vectors, k, nprobe=nprobe, ef_search=ef_search)
         approx_seconds = time.perf_counter() - start
         translate = np.vectorize(lambda i: approx_ids.get(exact_rows.get(int(i), ""), -2))
         recall = recall_at_k(found, translate(true_ids), k)
@@ -174,8 +174,8 @@ def evaluate_recall(
             recall,
             len(vectors) / exact_seconds,
             len(vectors) / approx_seconds,
-            kinds.index_memory_bytes(exact.index),
-            kinds.index_memory_bytes(approx.index),
+            querying.index_memory_bytes(exact.index),
+            querying.index_memory_bytes(approx.index),
         )
     finally:
         approx.close()

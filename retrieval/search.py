@@ -17,7 +17,7 @@ import numpy as np
 from .errors import IndexMismatchError, RetrieveError, WeightsError
 from .extract import ExtractOptions, extract_images
 from .files import find_images
-from .indexes import kinds, store
+from .indexes import querying, store
 from .indexing import default_index_dir
 from .weights import LoadedModel, load_model
 
@@ -121,7 +121,7 @@ def search_images(
             self_ids = _self_ids(snapshot, [records[i].path for i in good], options.exclude_self)
             extra = 1 if options.exclude_self else 0
             k = min(options.k + extra, snapshot.count)
-            distances, ids = kinds.search(
+            distances, ids = querying.search(
                 snapshot.index,
                 features,
                 k,

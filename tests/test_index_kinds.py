@@ -16,14 +16,16 @@ from retrieval.indexes.auto import resolve_auto
 from retrieval.indexes.kinds import (
     IndexSpec,
     build_index,
-    index_memory_bytes,
-    index_ram_bytes,
     ivf_centroids,
     needs_training,
     remove_ids,
+    training_sample_size,
+)
+from retrieval.indexes.querying import (
+    index_memory_bytes,
+    index_ram_bytes,
     search,
     set_search_params,
-    training_sample_size,
 )
 from retrieval.metrics import recall_at_k
 
