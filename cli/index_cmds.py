@@ -1,4 +1,4 @@
-"""``index``, ``query``, ``grid``, ``info`` and ``remove``: one short function each."""
+"""``index``, ``info`` and ``remove``: build or update an index, describe it, drop rows from it."""
 
 from __future__ import annotations
 
@@ -6,45 +6,9 @@ from pathlib import Path
 
 import click
 
-from .main import DEFAULT_K, device_option, emit_json, index_option, json_option
+from .options import device_option, emit_json, index_option, json_option, weights_option
 from .progress import progress_bar
-
-k_option = click.option(
-    "-k",
-    type=click.IntRange(min=1),
-    default=DEFAULT_K,
-    show_default=True,
-    help="Number of neighbours per query.",
-)
-weights_option = click.option(
-    "--weights",
-    default=None,
-    help="imagenet, random[:SEED] or a checkpoint / state-dict file "
-    "[default: the index's own model; imagenet for a new index].",
-)
-search_options = [
-    click.option(
-        "--nprobe",
-        type=click.IntRange(min=1),
-        default=None,
-        help="IVF lists to visit per query (approximate indexes).",
-    ),
-    click.option(
-        "--ef-search",
-        type=click.IntRange(min=1),
-        default=None,
-        help="HNSW candidate list size per query.",
-    ),
-]
-
-
-def _with(options):
-    def wrap(function):
-        for option in reversed(options):
-            function = option(function)
-        return function
-
-    return wrap
+from .units import human_bytes, parse_bytes
 
 
 @click.command("index")
@@ -134,8 +98,6 @@ def index_command(
     from retrieval import api
     from retrieval.images import DEFAULT_MAX_MEGAPIXELS
 
-    from .units import parse_bytes
-
     if max_megapixels:
         # Pillow refuses images over twice MAX_IMAGE_PIXELS on its own; the user's limit rules.
         from PIL import Image
@@ -186,84 +148,6 @@ def _stage_line(times: dict) -> str:
     return f"stage busy times: {stages}; {times['images']} images at {rate:.1f} images/s"
 
 
-@click.command("query")
-@click.argument("images", nargs=-1, required=True, type=click.Path(exists=True, path_type=Path))
-@k_option
-@index_option
-@weights_option
-@device_option
-@_with(search_options)
-@json_option
-def query_command(images, k, index_dir, weights, device, nprobe, ef_search, as_json):
-    """List the K nearest indexed images of each query image (files or folders)."""
-    from retrieval import api
-
-    options = api.SearchOptions(
-        k=k,
-        weights=weights,
-        nprobe=nprobe,
-        ef_search=ef_search,
-        extract=api.ExtractOptions(device=device),
-    )
-    results = api.search_images(images, index_dir, options)
-    for result in results:
-        if as_json:
-            emit_json(result.to_dict())
-        elif result.error:
-            click.echo(f"{result.query}: cannot use this image: {result.error}", err=True)
-        else:
-            click.echo(result.query)
-            for n in result.neighbors:
-                click.echo(f"  {n.rank:>3}  {n.distance:10.4f}  {n.path}  [{n.label}]")
-    failed = [r for r in results if r.error]
-    if failed and len(failed) == len(results):
-        raise click.ClickException(f"no query image could be used ({failed[0].error})")
-
-
-@click.command("grid")
-@click.argument("queries", nargs=-1, required=True, type=click.Path(exists=True, path_type=Path))
-@click.option(
-    "-o",
-    "--output",
-    type=click.Path(dir_okay=False, path_type=Path),
-    default=Path("grid.png"),
-    show_default=True,
-)
-@k_option
-@click.option(
-    "--n",
-    "n",
-    type=click.IntRange(min=1),
-    default=5,
-    show_default=True,
-    help="Images picked at random from each query folder.",
-)
-@click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--tile", type=click.IntRange(min=32), default=128, show_default=True)
-@index_option
-@weights_option
-@device_option
-@_with(search_options)
-def grid_command(queries, output, k, n, seed, tile, index_dir, weights, device, nprobe, ef_search):
-    """Draw the paper's Figure 4: each query beside its K nearest images."""
-    from retrieval import api
-
-    options = api.SearchOptions(
-        k=k,
-        weights=weights,
-        nprobe=nprobe,
-        ef_search=ef_search,
-        extract=api.ExtractOptions(device=device),
-    )
-    path, results = api.draw_grid(
-        queries, output, index_dir, n=n, seed=seed, tile=tile, options=options
-    )
-    for result in results:
-        if result.error:
-            click.echo(f"{result.query}: cannot use this image: {result.error}", err=True)
-    click.echo(f"wrote {path} ({sum(1 for r in results if r.neighbors)} queries x {k} neighbours)")
-
-
 @click.command("info")
 @index_option
 @json_option
@@ -296,19 +180,11 @@ def info_command(index_dir, as_json):
             f"resize {prep['resize']}, crop {prep['crop']}, {prep['channels']} channels",
         ),
         ("index type", f"{kind['kind']}{extras}"),
-        ("on disk", _human_bytes(info["size_bytes"])),
+        ("on disk", human_bytes(info["size_bytes"])),
         ("updated", info["updated"]),
     ]
     for name, value in lines:
         click.echo(f"{name:<11} {value}")
-
-
-def _human_bytes(size: int) -> str:
-    for unit in ("B", "KB", "MB", "GB"):
-        if size < 1024 or unit == "GB":
-            return f"{size:.1f} {unit}" if unit != "B" else f"{size} B"
-        size /= 1024
-    return f"{size:.1f} TB"
 
 
 @click.command("remove")
@@ -328,61 +204,6 @@ def remove_command(paths, index_dir, as_json):
         click.echo(f"not in the index: {path}", err=True)
 
 
-@click.command("recall")
-@index_option
-@click.option(
-    "--against",
-    "exact_dir",
-    required=True,
-    type=click.Path(exists=True, file_okay=False, path_type=Path),
-    help="An exact (Flat) index of the same files, built with the same model.",
-)
-@click.option("-k", type=click.IntRange(min=1), default=10, show_default=True)
-@click.option(
-    "--queries",
-    type=click.IntRange(min=1),
-    default=1000,
-    show_default=True,
-    help="Stored vectors sampled as queries.",
-)
-@click.option("--seed", type=int, default=0, show_default=True)
-@_with(search_options)
-@json_option
-def recall_command(index_dir, exact_dir, k, queries, seed, nprobe, ef_search, as_json):
-    """recall@k, speed and size of an approximate index against an exact one."""
-    from retrieval import api
-
-    report = api.evaluate_recall(
-        index_dir or api.default_index_dir(),
-        exact_dir,
-        k=k,
-        queries=queries,
-        seed=seed,
-        nprobe=nprobe,
-        ef_search=ef_search,
-    )
-    if as_json:
-        emit_json(report.__dict__)
-        return
-    click.echo(f"recall@{report.k}: {report.recall_at_k:.4f} over {report.queries} queries")
-    click.echo(
-        f"queries/s: {report.approximate_queries_per_second:,.0f} approximate, "
-        f"{report.exact_queries_per_second:,.0f} exact"
-    )
-    click.echo(
-        f"size: {_human_bytes(report.approximate_bytes)} approximate, "
-        f"{_human_bytes(report.exact_bytes)} exact"
-    )
-
-
 def register(group: click.Group) -> None:
-    commands = (
-        index_command,
-        query_command,
-        grid_command,
-        info_command,
-        remove_command,
-        recall_command,
-    )
-    for command in commands:
+    for command in (index_command, info_command, remove_command):
         group.add_command(command)

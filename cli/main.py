@@ -7,16 +7,12 @@ imported inside the commands so ``retrieve --help`` answers at once.
 
 from __future__ import annotations
 
-import json
 import logging
 import sys
-from pathlib import Path
 
 import click
 
 from retrieval.errors import RetrieveError
-
-DEFAULT_K = 6
 
 
 class RetrieveGroup(click.Group):
@@ -48,33 +44,11 @@ def cli(verbose: bool) -> None:
     )
 
 
-def emit_json(data: object) -> None:
-    # ASCII escapes keep any file name (even one that is not valid UTF-8) exact and parseable.
-    click.echo(json.dumps(data, ensure_ascii=True))
-
-
-index_option = click.option(
-    "--index",
-    "index_dir",
-    type=click.Path(path_type=Path, file_okay=False),
-    default=None,
-    help="Index directory [default: $RETRIEVE_INDEX or ./.retrieve].",
-)
-device_option = click.option(
-    "--device",
-    type=click.Choice(["auto", "cpu", "cuda"]),
-    default="auto",
-    show_default=True,
-    help="Where to run the model.",
-)
-json_option = click.option("--json", "as_json", is_flag=True, help="Print JSON for machines.")
-
-
 def _register() -> None:
-    from . import index_cmds, train_cmds
+    from . import demo_cmds, eval_cmds, figure_cmds, index_cmds, query_cmds, train_cmds
 
-    index_cmds.register(cli)
-    train_cmds.register(cli)
+    for module in (index_cmds, query_cmds, figure_cmds, eval_cmds, train_cmds, demo_cmds):
+        module.register(cli)
 
 
 _register()

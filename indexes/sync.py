@@ -12,7 +12,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .store import Row
+from .rows import Row
 
 HASH_BLOCK = 1 << 20
 

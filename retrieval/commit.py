@@ -15,7 +15,8 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from . import __version__
-from .indexes import auto, flat_file, kinds, store
+from .indexes import auto, flat_file, generation, kinds, store
+from .indexes.rows import Row, RowUpdate
 from .indexes.staging import Staging, iter_chunk_features
 from .indexes.sync import SyncPlan
 from .weights import LoadedModel
@@ -61,7 +62,7 @@ def commit_changes(
         spec = kinds.IndexSpec.from_dict(base.manifest["index"])
         why = base.manifest.get("index_reason", "")
     report.index_kind, report.index_kind_reason = spec.kind, why
-    writer = store.GenerationWriter(index_dir, base, copy_rows=not fresh)
+    writer = generation.GenerationWriter(index_dir, base, copy_rows=not fresh)
     try:
         if fresh and index is None:
             index = writer.stream_flat_index(dim)
@@ -69,7 +70,7 @@ def commit_changes(
         writer.delete_rows([row.id for row in plan.remove])
         writer.upsert_rows(
             [
-                store.RowUpdate(
+                RowUpdate(
                     d.path,
                     d.size,
                     d.mtime_ns,
@@ -97,7 +98,7 @@ def commit_changes(
                 previous = plan.existing.get(r.path)
                 status = "indexed" if r.reason is None else "skipped"
                 updates.append(
-                    store.RowUpdate(
+                    RowUpdate(
                         r.path,
                         r.size,
                         r.mtime_ns,
@@ -154,7 +155,10 @@ def _streams(spec: kinds.IndexSpec, dim: int) -> bool:
 
 
 def _carry_over(
-    base: store.Snapshot, writer: store.GenerationWriter, spec: kinds.IndexSpec, drop: list[int]
+    base: store.Snapshot,
+    writer: generation.GenerationWriter,
+    spec: kinds.IndexSpec,
+    drop: list[int],
 ) -> Any:
     """The next generation's index: the base's rows minus ``drop``, ready for new rows.
 
@@ -196,9 +200,9 @@ def _training_sample(
 
 def remove_from_index(paths: list[Path], index_dir: Path) -> dict[str, list[str]]:
     """``retrieve remove``: drop rows by path (a folder drops everything under it)."""
-    with store.write_lock(index_dir):
+    with generation.write_lock(index_dir):
         base = store.open_snapshot(index_dir)
-        doomed: dict[int, store.Row] = {}
+        doomed: dict[int, Row] = {}
         missing = []
         for path in paths:
             row = base.row_for_path(str(path))
@@ -211,7 +215,7 @@ def remove_from_index(paths: list[Path], index_dir: Path) -> dict[str, list[str]
             return {"removed": [], "not_in_index": missing}
         vector_ids = [i for i, row in doomed.items() if row.status == "indexed"]
         spec = kinds.IndexSpec.from_dict(base.manifest["index"])
-        writer = store.GenerationWriter(index_dir, base)
+        writer = generation.GenerationWriter(index_dir, base)
         try:
             index = _carry_over(base, writer, spec, vector_ids)
             writer.delete_rows(list(doomed))

@@ -2,7 +2,7 @@
 
 The run is: walk the folder, plan what changed (``indexes.sync``), extract fc7 for new and edited
 files into staged chunks (``indexes.staging``, so a killed run resumes), then commit one new
-generation (``indexes.store``). Bad files become skipped rows with a reason; the run goes on.
+generation (``indexes.generation``). Bad files become skipped rows with a reason; the run goes on.
 """
 
 from __future__ import annotations
@@ -21,7 +21,8 @@ from .commit import commit_changes
 from .errors import IndexMismatchError, RetrieveError
 from .extract import ExtractOptions, StageTimes, extract_fc7
 from .files import IMAGE_SUFFIXES, find_images
-from .indexes import kinds, store
+from .indexes import generation, kinds, store
+from .indexes.rows import Row
 from .indexes.staging import StagedFile, Staging
 from .indexes.sync import DiskFile, plan_sync, stat_files
 from .weights import LoadedModel, load_model
@@ -99,12 +100,12 @@ def index_folder(
     report.walk_problems = [{"path": str(p.path), "reason": p.reason} for p in problems]
     for problem in problems:
         log.warning("%s: %s", problem.path, problem.reason)
-    with store.write_lock(index_dir):
+    with generation.write_lock(index_dir):
         base = _open_base(index_dir)
-        store.remove_unreferenced(index_dir, base.manifest if base else None)
+        generation.remove_unreferenced(index_dir, base.manifest if base else None)
         loaded = _choose_model(base, options)
         if base and options.rebuild:
-            base_rows: list[store.Row] = []
+            base_rows: list[Row] = []
         else:
             base_rows = list(base.iter_rows(under=str(root))) if base else []
         _check_compatible(base, loaded, options)

@@ -18,6 +18,7 @@ from .errors import IndexMismatchError, RetrieveError, WeightsError
 from .extract import ExtractOptions, extract_images
 from .files import find_images
 from .indexes import querying, store
+from .indexes.rows import Row
 from .indexing import default_index_dir
 from .weights import LoadedModel, load_model
 
@@ -156,7 +157,7 @@ def _self_ids(snapshot: store.Snapshot, paths: list[str], exclude: bool) -> list
 
 
 def _neighbors(
-    distances: np.ndarray, ids: np.ndarray, rows: dict[int, store.Row], skip_id: int, k: int
+    distances: np.ndarray, ids: np.ndarray, rows: dict[int, Row], skip_id: int, k: int
 ) -> list[Neighbor]:
     neighbors = []
     for distance, row_id in zip(distances, ids):

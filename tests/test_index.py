@@ -19,7 +19,7 @@ from retrieval.errors import (
     RetrieveError,
 )
 from retrieval.extract import ExtractOptions, extract_images
-from retrieval.indexes import store
+from retrieval.indexes import generation, store
 from retrieval.indexing import IndexOptions
 from retrieval.weights import load_model
 from tests.corpus import make_image
@@ -222,8 +222,8 @@ def test_damaged_index_is_one_clear_error(photos, tmp_path, small_model, damage)
 
 
 def test_second_writer_is_refused_while_one_holds_the_lock(tmp_path) -> None:
-    with store.write_lock(tmp_path / "idx"), pytest.raises(IndexLockedError):  # noqa: SIM117
-        with store.write_lock(tmp_path / "idx"):
+    with generation.write_lock(tmp_path / "idx"), pytest.raises(IndexLockedError):  # noqa: SIM117
+        with generation.write_lock(tmp_path / "idx"):
             pass
 
 

@@ -18,7 +18,7 @@ from click.testing import CliRunner
 
 from retrieval import api
 from retrieval.cli.main import cli
-from retrieval.indexes import store
+from retrieval.indexes import generation, store
 from retrieval.indexes.staging import STAGING, read_records
 from tests.corpus import expected_walk_problems, make_image, make_problem_corpus
 
@@ -252,7 +252,7 @@ def test_a_second_index_run_is_refused_while_one_writes(tmp_path, small_model) -
     folder = tmp_path / "imgs"
     make_image(folder / "a" / "x.png", seed=1)
     index_dir = tmp_path / "idx"
-    with store.write_lock(index_dir):
+    with generation.write_lock(index_dir):
         result = CliRunner().invoke(
             cli, ["index", str(folder), "--index", str(index_dir), "--weights", str(small_model)]
         )

@@ -1,0 +1,170 @@
+"""``evaluate`` and ``recall``: measure a classifier, retrieval, or an approximate index."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from .options import (
+    DEFAULT_K,
+    device_option,
+    emit_json,
+    index_option,
+    json_option,
+    precision_option,
+    search_options,
+    with_options,
+    workers_option,
+)
+from .units import human_bytes
+
+
+@click.command("evaluate")
+@click.argument("data_dir", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--weights", default=None, help="Checkpoint to evaluate as a classifier.")
+@index_option
+@click.option(
+    "--retrieval",
+    is_flag=True,
+    help="Evaluate retrieval instead: DATA_DIR's labelled images against --index.",
+)
+@click.option(
+    "-k",
+    type=click.IntRange(min=1),
+    default=DEFAULT_K,
+    show_default=True,
+    help="Neighbours for precision@k (with --retrieval).",
+)
+@click.option(
+    "--map-depth",
+    type=click.IntRange(min=1),
+    default=None,
+    help="With --retrieval: rank this many neighbours for mAP [default: the whole index].",
+)
+@click.option(
+    "--ten-crop/--no-ten-crop",
+    default=True,
+    show_default=True,
+    help="Also average the paper's ten crops.",
+)
+@click.option("--batch-size", type=click.IntRange(min=1), default=128, show_default=True)
+@device_option
+@precision_option
+@workers_option
+@json_option
+def evaluate_command(
+    data_dir,
+    weights,
+    index_dir,
+    retrieval,
+    k,
+    map_depth,
+    ten_crop,
+    batch_size,
+    device,
+    precision,
+    workers,
+    as_json,
+):
+    """Top-1/top-5 of --weights on DATA_DIR (idx test split, val/, test/ or the folder), or with
+    --retrieval precision@k and mAP of DATA_DIR's images against an index (same label =
+    relevant)."""
+    if retrieval:
+        from retrieval import api
+
+        extract = api.ExtractOptions(
+            device=device,
+            batch_size=batch_size,
+            workers=workers,
+            precision="bf16" if precision == "bf16" else "fp32",
+        )
+        report = api.evaluate_retrieval(
+            index_dir, data_dir, k=k, map_depth=map_depth, extract=extract
+        )
+        data = report.to_dict()
+        if as_json:
+            emit_json(data)
+        else:
+            for key, value in data.items():
+                click.echo(f"{key}: {value}")
+        return
+    if not weights:
+        raise click.UsageError("give --weights (classifier) or --retrieval (index)")
+    from retrieval.evaluate import evaluate_classifier
+
+    report = evaluate_classifier(
+        weights,
+        data_dir,
+        device=device,
+        batch_size=batch_size,
+        ten_crop=ten_crop,
+        precision=precision,
+        workers=workers,
+    )
+    if as_json:
+        emit_json(report.to_dict())
+        return
+    click.echo(
+        f"{report.images} images: top-1 {100 * report.top1:.2f}%, "
+        f"top-5 {100 * report.top5:.2f}% (centre crop)"
+    )
+    if report.top1_ten_crop is not None:
+        click.echo(
+            f"ten crops: top-1 {100 * report.top1_ten_crop:.2f}%, "
+            f"top-5 {100 * report.top5_ten_crop:.2f}%"
+        )
+    for name, accuracy in report.per_class.items():
+        click.echo(f"  {name}: {100 * accuracy:.1f}%")
+
+
+@click.command("recall")
+@index_option
+@click.option(
+    "--against",
+    "exact_dir",
+    required=True,
+    type=click.Path(exists=True, file_okay=False, path_type=Path),
+    help="An exact (Flat) index of the same files, built with the same model.",
+)
+@click.option("-k", type=click.IntRange(min=1), default=10, show_default=True)
+@click.option(
+    "--queries",
+    type=click.IntRange(min=1),
+    default=1000,
+    show_default=True,
+    help="Stored vectors sampled as queries.",
+)
+@click.option("--seed", type=int, default=0, show_default=True)
+@with_options(search_options)
+@json_option
+def recall_command(index_dir, exact_dir, k, queries, seed, nprobe, ef_search, as_json):
+    """recall@k, speed and size of an approximate index against an exact one."""
+    from retrieval import api
+
+    report = api.evaluate_recall(
+        index_dir or api.default_index_dir(),
+        exact_dir,
+        k=k,
+        queries=queries,
+        seed=seed,
+        nprobe=nprobe,
+        ef_search=ef_search,
+    )
+    if as_json:
+        emit_json(report.__dict__)
+        return
+    click.echo(f"recall@{report.k}: {report.recall_at_k:.4f} over {report.queries} queries")
+    click.echo(
+        f"queries/s: {report.approximate_queries_per_second:,.0f} approximate, "
+        f"{report.exact_queries_per_second:,.0f} exact"
+    )
+    click.echo(
+        f"size: {human_bytes(report.approximate_bytes)} approximate, "
+        f"{human_bytes(report.exact_bytes)} exact"
+    )
+
+
+def register(group: click.Group) -> None:
+    for command in (evaluate_command, recall_command):
+        group.add_command(command)

@@ -1,0 +1,107 @@
+"""``grid`` and ``visualize``: the paper's figures, Figure 4 (neighbours) and Figure 3 (kernels)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from .options import (
+    device_option,
+    index_option,
+    k_option,
+    search_options,
+    weights_option,
+    with_options,
+)
+
+
+@click.command("grid")
+@click.argument("queries", nargs=-1, required=True, type=click.Path(exists=True, path_type=Path))
+@click.option(
+    "-o",
+    "--output",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=Path("grid.png"),
+    show_default=True,
+)
+@k_option
+@click.option(
+    "--n",
+    "n",
+    type=click.IntRange(min=1),
+    default=5,
+    show_default=True,
+    help="Images picked at random from each query folder.",
+)
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--tile", type=click.IntRange(min=32), default=128, show_default=True)
+@index_option
+@weights_option
+@device_option
+@with_options(search_options)
+def grid_command(queries, output, k, n, seed, tile, index_dir, weights, device, nprobe, ef_search):
+    """Draw the paper's Figure 4: each query beside its K nearest images."""
+    from retrieval import api
+
+    options = api.SearchOptions(
+        k=k,
+        weights=weights,
+        nprobe=nprobe,
+        ef_search=ef_search,
+        extract=api.ExtractOptions(device=device),
+    )
+    path, results = api.draw_grid(
+        queries, output, index_dir, n=n, seed=seed, tile=tile, options=options
+    )
+    for result in results:
+        if result.error:
+            click.echo(f"{result.query}: cannot use this image: {result.error}", err=True)
+    click.echo(f"wrote {path} ({sum(1 for r in results if r.neighbors)} queries x {k} neighbours)")
+
+
+@click.command("visualize")
+@click.option("--weights", required=True, help="imagenet, random[:SEED] or a checkpoint.")
+@click.option(
+    "-o",
+    "--output",
+    type=click.Path(dir_okay=False, path_type=Path),
+    required=True,
+    help="PNG to write.",
+)
+@click.option(
+    "--image",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    default=None,
+    help="Show this image's feature maps instead of the conv1 kernels.",
+)
+@click.option(
+    "--layer",
+    default="conv1",
+    show_default=True,
+    help="With --image: conv1..conv5, pool1, pool2, pool5 or a module name.",
+)
+@click.option(
+    "--scale",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Pixels per kernel / map pixel [default: fit about 1000 px].",
+)
+@device_option
+def visualize_command(weights, output, image, layer, scale, device):
+    """The conv1 kernels as coloured patches (the paper's Figure 3), or the feature maps of one
+    layer for --image."""
+    from retrieval import visualize
+
+    if image is None:
+        path = visualize.draw_kernels(weights, output, scale=scale, device=device)
+    else:
+        path = visualize.draw_feature_maps(
+            weights, image, output, layer=layer, scale=scale, device=device
+        )
+    click.echo(str(path))
+
+
+def register(group: click.Group) -> None:
+    for command in (grid_command, visualize_command):
+        group.add_command(command)

@@ -1,0 +1,91 @@
+"""Options that several commands share, defined once so their names, defaults and help agree.
+
+``json_option`` and ``emit_json`` live together: the flag chooses the printer. Options that only one
+command has stay beside that command, even where the name repeats (``index --precision`` takes
+other choices than ``train --precision``).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+
+import click
+
+DEFAULT_K = 6
+
+index_option = click.option(
+    "--index",
+    "index_dir",
+    type=click.Path(path_type=Path, file_okay=False),
+    default=None,
+    help="Index directory [default: $RETRIEVE_INDEX or ./.retrieve].",
+)
+device_option = click.option(
+    "--device",
+    type=click.Choice(["auto", "cpu", "cuda"]),
+    default="auto",
+    show_default=True,
+    help="Where to run the model.",
+)
+json_option = click.option("--json", "as_json", is_flag=True, help="Print JSON for machines.")
+
+k_option = click.option(
+    "-k",
+    type=click.IntRange(min=1),
+    default=DEFAULT_K,
+    show_default=True,
+    help="Number of neighbours per query.",
+)
+weights_option = click.option(
+    "--weights",
+    default=None,
+    help="imagenet, random[:SEED] or a checkpoint / state-dict file "
+    "[default: the index's own model; imagenet for a new index].",
+)
+search_options = [
+    click.option(
+        "--nprobe",
+        type=click.IntRange(min=1),
+        default=None,
+        help="IVF lists to visit per query (approximate indexes).",
+    ),
+    click.option(
+        "--ef-search",
+        type=click.IntRange(min=1),
+        default=None,
+        help="HNSW candidate list size per query.",
+    ),
+]
+
+# Training and classifier evaluation run the same model loop, so they take the same two knobs.
+precision_option = click.option(
+    "--precision",
+    type=click.Choice(["auto", "fp32", "bf16"]),
+    default="auto",
+    show_default=True,
+    help="auto: bf16 autocast on CUDA, fp32 on the CPU.",
+)
+workers_option = click.option(
+    "--workers",
+    type=click.IntRange(min=0),
+    default=None,
+    help="Decoder processes for image folders [default: one per core].",
+)
+
+
+def with_options(options: list) -> Callable:
+    """Apply a list of options as one decorator, in the order listed (as ``--help`` shows them)."""
+
+    def wrap(function):
+        for option in reversed(options):
+            function = option(function)
+        return function
+
+    return wrap
+
+
+def emit_json(data: object) -> None:
+    # ASCII escapes keep any file name (even one that is not valid UTF-8) exact and parseable.
+    click.echo(json.dumps(data, ensure_ascii=True))
