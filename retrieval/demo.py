@@ -21,10 +21,12 @@ import torch
 from PIL import Image
 
 from .augment import Augmentation
-from .data import folder_name, has_idx_files, load_idx_split
+from .data import folder_name
 from .devices import resolve_device
 from .errors import DataError
-from .train import RunOptions, describe_epoch, make_recipe, train
+from .idx_files import has_idx_files, load_idx_split
+from .train import describe_epoch, make_recipe, train
+from .train_setup import RunOptions
 
 log = logging.getLogger(__name__)
 

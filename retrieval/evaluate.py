@@ -10,17 +10,20 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
+from torch.nn import functional as F
 from torchvision.transforms.v2 import functional as TF
 from tqdm import tqdm
 
 from .augment import BatchTransform
-from .data import ImageSet, default_workers, open_eval_data
+from .data import open_eval_data
 from .devices import resolve_device
+from .imagesets import ImageSet, default_workers
 from .metrics import topk_correct
 from .model import AlexNet
 from .weights import load_model
@@ -160,3 +163,29 @@ def evaluate_classifier(
         top5_ten_crop=ten[5] / n if ten else None,
         per_class=per_class,
     )
+
+
+def validate(
+    model: AlexNet,
+    images: ImageSet,
+    transform: BatchTransform,
+    side: int,
+    batch_size: int,
+    device: torch.device,
+    precision: str = "auto",
+    workers: int = 0,
+) -> dict[str, float]:
+    """Loss and top-1 / top-5 error of the centre crops (the paper reports errors)."""
+    started = time.perf_counter()
+    logits, labels = classify(
+        model, images, transform, side, batch_size, device, precision=precision, workers=workers
+    )
+    correct = topk_correct(logits, labels, (1, 5))
+    n = max(len(labels), 1)
+    return {
+        "val_loss": float(F.cross_entropy(logits, labels)) if len(labels) else float("nan"),
+        "top1_error": 1 - correct[1] / n,
+        "top5_error": 1 - correct[5] / n,
+        "val_seconds": time.perf_counter() - started,
+        "val_images": len(labels),
+    }

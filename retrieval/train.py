@@ -23,51 +23,32 @@ from torch.nn import functional as F
 from tqdm import tqdm
 
 from .atomic import atomic_write_text
-from .augment import BatchTransform, PCAColor, pixel_stats, resize_for
-from .data import (
-    DataSplits,
-    FileImages,
-    ImageSet,
-    default_workers,
-    open_training_data,
-    stratified_split,
-)
+from .augment import BatchTransform, PCAColor, resize_for
 from .devices import resolve_device
-from .errors import DataError, WeightsError
-from .evaluate import autocast_for, classify
-from .metrics import topk_correct
-from .model import AlexNet
-from .preprocess import IMAGENET_MEAN, IMAGENET_STD, Preprocessing
+from .errors import DataError
+from .evaluate import autocast_for, validate
+from .preprocess import Preprocessing
 from .recipes import RECIPES, Recipe, build_model, make_recipe, make_scheduler
-from .weights import GREY_MEAN, GREY_STD, read_checkpoint, save_checkpoint
+from .train_setup import (
+    RunOptions,
+    make_optimizer,
+    measure_preprocessing,
+    open_run_data,
+    read_resume_state,
+    run_workers,
+)
+from .weights import save_checkpoint
 
 __all__ = [
     "RECIPES",
     "Recipe",
-    "RunOptions",
     "TrainResult",
     "describe_epoch",
     "make_recipe",
     "train",
-    "validate",
 ]
 
 log = logging.getLogger(__name__)
-
-STATS_SAMPLE = 2000  # images to compute mean, std and colour PCA from
-
-
-@dataclass(frozen=True)
-class RunOptions:
-    """How to run (not what to learn): device, workers, checkpoints, budget."""
-
-    device: str = "auto"
-    precision: str = "auto"  # "auto": bf16 autocast on CUDA, fp32 on the CPU
-    workers: int | None = None
-    checkpoint_every: int = 0  # also save every N steps (0: at the end of each epoch only)
-    max_steps: int | None = None  # stop (with a checkpoint) after this many steps in total
-    resume: bool = False
-    cache_bytes: int = 4 << 30  # decode a folder data set once if it fits in this much memory
 
 
 @dataclass
@@ -96,78 +77,19 @@ def epoch_order(n: int, seed: int, epoch: int) -> torch.Tensor:
     return torch.randperm(n, generator=torch.Generator().manual_seed(step_seed(seed, epoch, -1)))
 
 
-def _preprocessing(
-    recipe: Recipe, data: DataSplits, side: int, workers: int = 0
-) -> tuple[Preprocessing, PCAColor]:
-    """Mean/std and colour PCA from a sample of the training set (section 4.1)."""
-    generator = torch.Generator().manual_seed(recipe.seed)
-    pick = torch.randperm(len(data.train), generator=generator)[:STATS_SAMPLE]
-    batches = data.train.batches(pick, 256, side, workers=workers)
-    sample = torch.cat([pixels for pixels, _ in batches])
-    stats = pixel_stats(sample, seed=recipe.seed)
-    mean, std = stats.mean, stats.std
-    if recipe.finetune:  # the pretrained weights expect ImageNet's statistics
-        mean, std = (GREY_MEAN, GREY_STD) if data.channels == 1 else (IMAGENET_MEAN, IMAGENET_STD)
-    prep = Preprocessing(side, recipe.image_size, tuple(mean), tuple(std), data.channels)
-    return prep, stats.pca
-
-
-def make_optimizer(model: AlexNet, recipe: Recipe) -> torch.optim.SGD:
-    """SGD with momentum and weight decay (paper section 5), fused where torch has it: the
-    fused kernel updates AlexNet's 57M parameters in ~25 ms on a 2-core CPU instead of ~125."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    kwargs = {"lr": recipe.lr, "momentum": recipe.momentum, "weight_decay": recipe.weight_decay}
-    try:
-        return torch.optim.SGD(params, fused=True, **kwargs)
-    except (RuntimeError, TypeError, ValueError):  # older torch, or a device without the kernel
-        return torch.optim.SGD(params, **kwargs)
-
-
-def _open_data(data_dir: str | Path, recipe: Recipe, options: RunOptions) -> DataSplits:
-    """The splits, subset taken, and folder images decoded into memory when they fit."""
-    data = open_training_data(data_dir, val_fraction=recipe.val_fraction, seed=recipe.seed)
-    if recipe.subset and recipe.subset < len(data.train):
-        fraction = recipe.subset / len(data.train)
-        _, keep = stratified_split(data.train.labels, fraction, recipe.seed)
-        data.train = data.train.subset(keep)
-    side = resize_for(recipe.image_size)
-    for name in ("train", "val"):
-        part: ImageSet = getattr(data, name)
-        if isinstance(part, FileImages) and part.nbytes(side) <= options.cache_bytes:
-            log.info("decoding the %d %s images once into memory", len(part), name)
-            setattr(data, name, part.in_memory(side, _workers(options)))
-    return data
-
-
-def _workers(options: RunOptions) -> int:
-    return default_workers() if options.workers is None else options.workers
-
-
-def _read_resume_state(output: Path) -> dict[str, Any]:
-    if not output.exists():
-        raise WeightsError(f"--resume: no checkpoint at {output} to continue from")
-    state = read_checkpoint(output)
-    if state.get("finished"):
-        raise WeightsError(f"--resume: the run in {output} has finished already")
-    if "train_state" not in state or "recipe" not in state:
-        raise WeightsError(f"--resume: {output} holds no training state")
-    log.info("resuming %s at epoch %d, step %d", output, state["epoch"], state["step"])
-    return state
-
-
 class _Run:
     """One training run: the model, optimizer, scheduler and position, and how to save them."""
 
     on_epoch: Callable[[dict[str, Any]], None] | None = None
 
     def __init__(self, data_dir: str | Path, output: Path, recipe: Recipe, options: RunOptions):
-        state = _read_resume_state(output) if options.resume else None
+        state = read_resume_state(output) if options.resume else None
         if state is not None:
             recipe = Recipe.from_dict(state["recipe"])  # the checkpoint's recipe wins
         self.recipe, self.options, self.output = recipe, options, output
         self.device = resolve_device(options.device)
         self.side = resize_for(recipe.image_size)
-        self.data = _open_data(data_dir, recipe, options)
+        self.data = open_run_data(data_dir, recipe, options)
         if state is not None and list(state["classes"]) != self.data.classes:
             raise DataError(f"--resume: {data_dir} has other classes than {output}")
         self.model = build_model(
@@ -178,7 +100,9 @@ class _Run:
             self.prep = Preprocessing.from_dict(state["preprocessing"])
             self.pca = PCAColor.from_dict(state["train_state"]["pca"])
         else:
-            self.prep, self.pca = _preprocessing(recipe, self.data, self.side, _workers(options))
+            self.prep, self.pca = measure_preprocessing(
+                recipe, self.data, self.side, run_workers(options)
+            )
         self.transform = BatchTransform(
             recipe.image_size, self.prep.mean, self.prep.std, self.pca, recipe.augmentation
         )
@@ -257,7 +181,7 @@ class _Run:
         order = epoch_order(len(self.data.train), recipe.seed, self.epoch)
         started, images = time.perf_counter(), 0
         batches = self.data.train.batches(
-            order, recipe.batch_size, self.side, start=self.step, workers=_workers(options)
+            order, recipe.batch_size, self.side, start=self.step, workers=run_workers(options)
         )
         desc = f"epoch {self.epoch + 1}/{recipe.epochs}"
         with tqdm(
@@ -294,7 +218,7 @@ class _Run:
             self.recipe.batch_size,
             self.device,
             self.options.precision,
-            _workers(self.options),
+            run_workers(self.options),
         )
         if self.recipe.name != "onecycle":
             self.scheduler.step(val["top1_error"])
@@ -367,29 +291,3 @@ def train(
         finished,
         time.perf_counter() - started,
     )
-
-
-def validate(
-    model: AlexNet,
-    images: ImageSet,
-    transform: BatchTransform,
-    side: int,
-    batch_size: int,
-    device: torch.device,
-    precision: str = "auto",
-    workers: int = 0,
-) -> dict[str, float]:
-    """Loss and top-1 / top-5 error of the centre crops (the paper reports errors)."""
-    started = time.perf_counter()
-    logits, labels = classify(
-        model, images, transform, side, batch_size, device, precision=precision, workers=workers
-    )
-    correct = topk_correct(logits, labels, (1, 5))
-    n = max(len(labels), 1)
-    return {
-        "val_loss": float(F.cross_entropy(logits, labels)) if len(labels) else float("nan"),
-        "top1_error": 1 - correct[1] / n,
-        "top5_error": 1 - correct[5] / n,
-        "val_seconds": time.perf_counter() - started,
-        "val_images": len(labels),
-    }

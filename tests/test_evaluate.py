@@ -11,9 +11,10 @@ from click.testing import CliRunner
 from torchvision import transforms
 
 from retrieval.augment import BatchTransform
-from retrieval.data import decode_square, open_eval_data
+from retrieval.data import open_eval_data
 from retrieval.evaluate import classify, evaluate_classifier
 from retrieval.images import load_image
+from retrieval.imagesets import decode_square
 from retrieval.model import ModelArgs, build_alexnet
 from retrieval.preprocess import Preprocessing
 from retrieval.weights import load_model, save_checkpoint

@@ -13,15 +13,13 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from retrieval.data import (
-    FASHION_MNIST_CLASSES,
-    FileImages,
-    open_training_data,
-    stratified_split,
-)
+from retrieval.data import open_training_data, stratified_split
 from retrieval.errors import DataError, WeightsError
+from retrieval.idx_files import FASHION_MNIST_CLASSES
+from retrieval.imagesets import FileImages
 from retrieval.recipes import build_model, make_recipe
-from retrieval.train import RunOptions, train
+from retrieval.train import train
+from retrieval.train_setup import RunOptions
 from retrieval.weights import load_model, read_checkpoint
 from tests.corpus import make_labelled_folder
 
