@@ -10,6 +10,7 @@ from .options import (
     device_option,
     index_option,
     k_option,
+    make_search_options,
     search_options,
     weights_option,
     with_options,
@@ -44,13 +45,7 @@ def grid_command(queries, output, k, n, seed, tile, index_dir, weights, device, 
     """Draw the paper's Figure 4: each query beside its K nearest images."""
     from retrieval import api
 
-    options = api.SearchOptions(
-        k=k,
-        weights=weights,
-        nprobe=nprobe,
-        ef_search=ef_search,
-        extract=api.ExtractOptions(device=device),
-    )
+    options = make_search_options(k, weights, device, nprobe, ef_search)
     path, results = api.draw_grid(
         queries, output, index_dir, n=n, seed=seed, tile=tile, options=options
     )

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import click
 
@@ -73,6 +74,21 @@ workers_option = click.option(
     default=None,
     help="Decoder processes for image folders [default: one per core].",
 )
+
+
+def make_search_options(
+    k: int, weights: str | None, device: str, nprobe: int | None, ef_search: int | None
+) -> Any:
+    """The library's SearchOptions from the options ``query`` and ``grid`` share."""
+    from retrieval import api
+
+    return api.SearchOptions(
+        k=k,
+        weights=weights,
+        nprobe=nprobe,
+        ef_search=ef_search,
+        extract=api.ExtractOptions(device=device),
+    )
 
 
 def with_options(options: list) -> Callable:

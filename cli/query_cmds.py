@@ -12,6 +12,7 @@ from .options import (
     index_option,
     json_option,
     k_option,
+    make_search_options,
     search_options,
     weights_option,
     with_options,
@@ -30,13 +31,7 @@ def query_command(images, k, index_dir, weights, device, nprobe, ef_search, as_j
     """List the K nearest indexed images of each query image (files or folders)."""
     from retrieval import api
 
-    options = api.SearchOptions(
-        k=k,
-        weights=weights,
-        nprobe=nprobe,
-        ef_search=ef_search,
-        extract=api.ExtractOptions(device=device),
-    )
+    options = make_search_options(k, weights, device, nprobe, ef_search)
     results = api.search_images(images, index_dir, options)
     for result in results:
         if as_json:
