@@ -1,6 +1,6 @@
 """Indexing speed in one run: the naive way, a plain DataLoader, ``retrieve index``, and ceilings.
 
-    python bench/extract.py [--limit 300] [--photo-size] [--rounds 2] [--out FILE.md]
+    python bench/extract.py [--limit 1000] [--photo-size] [--rounds 2] [--out FILE.md]
 
 (a) naive: what img2vec and most tutorials do: PIL open, torchvision transforms, the model on one
     image at a time under ``no_grad``;
@@ -37,7 +37,7 @@ from torch.utils.data import DataLoader, Dataset
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from retrieval import api
-from retrieval.devices import resolve_device
+from retrieval.devices import fast_bf16, resolve_device
 from retrieval.extract import (
     CPU_BATCH,
     GPU_BATCH,
@@ -254,7 +254,7 @@ def _model_ceiling(
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", type=Path, default=DEFAULT_DATA)
-    parser.add_argument("--limit", type=int, default=300)
+    parser.add_argument("--limit", type=int, default=1000)
     parser.add_argument("--photo-size", action="store_true")
     parser.add_argument("--weights", default="random")
     parser.add_argument("--device", default="auto")
@@ -263,15 +263,22 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--precisions",
         default=None,
-        help="(c) variants, e.g. fp32,bf16,int8 [default: all on CPU, fp32,bf16 on CUDA]",
+        help="(c) variants, e.g. fp32,bf16,int8 [default: all on CPU (bf16 only where native), "
+        "fp32,bf16 on CUDA]",
     )
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args(argv)
     device = resolve_device(args.device)
     cpu = device.type == "cpu"
-    precisions = (args.precisions or ("fp32,bf16,int8" if cpu else "fp32,bf16")).split(",")
     lines = [f"Machine: {machine(device)}"]
-    print(lines[0], flush=True)
+    if args.precisions:
+        precisions = args.precisions.split(",")
+    elif not fast_bf16(device):
+        precisions = ["fp32", "int8"]
+        lines.append("bf16: not measured (no native bf16 on this CPU: emulated, ~6x slower)")
+    else:
+        precisions = ["fp32", "bf16", "int8"] if cpu else ["fp32", "bf16"]
+    print("\n".join(lines), flush=True)
     with tempfile.TemporaryDirectory(prefix="retrieve-bench-") as tmp:
         tmp = Path(tmp)
         paths = sample(args.data.resolve(), args.limit)
@@ -316,8 +323,7 @@ def main(argv: list[str] | None = None) -> None:
         else:
             device_decode_ceiling(paths[:batch], loaded, device, batch)  # warm-up: nvjpeg handles
             best["decode"] = device_decode_ceiling(paths, loaded, device, batch)
-        all_cores = len(os.sched_getaffinity(0))
-        thread_counts = sorted({all_cores, default_threads(workers)}) if cpu else [None]
+        thread_counts = sorted({1, default_threads()}) if cpu else [None]
         model_rates = {
             (p, t): model_ceiling(args.weights, device, p, batch, t)
             for p in precisions

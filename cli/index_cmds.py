@@ -33,7 +33,7 @@ from .units import human_bytes, parse_bytes
     "--threads",
     type=click.IntRange(min=1),
     default=None,
-    help="Torch threads for the model on the CPU [default: the cores the workers leave].",
+    help="Torch threads for the model on the CPU [default: one per core].",
 )
 @click.option(
     "--index-type",

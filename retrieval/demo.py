@@ -22,7 +22,7 @@ from PIL import Image
 
 from .augment import Augmentation
 from .data import folder_name
-from .devices import resolve_device
+from .devices import fast_bf16, resolve_device
 from .errors import DataError
 from .idx_files import has_idx_files, load_idx_split
 from .train import describe_epoch, make_recipe, train
@@ -109,10 +109,7 @@ def default_settings(device: torch.device) -> DemoSettings:
     if device.type == "cuda":
         return DemoSettings("cuda", image_size=224, epochs=10, precision="auto")
     # bf16 autocast trains ~1.6x faster on CPUs with native bf16 (AVX-512 BF16, AMX).
-    fast_bf16 = bool(
-        torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
-    )
-    precision, subset = ("bf16", 40_000) if fast_bf16 else ("fp32", 25_000)
+    precision, subset = ("bf16", 40_000) if fast_bf16(device) else ("fp32", 25_000)
     return DemoSettings("cpu", 64, 2, precision, subset, random_crop=False, dropout=0.0)
 
 

@@ -55,7 +55,7 @@ class ExtractOptions:
     precision: str = "fp32"  # "bf16" or "int8" (CPU): faster, slightly different numbers
     max_megapixels: float = DEFAULT_MAX_MEGAPIXELS
     channels_last: bool = True
-    threads: int | None = None  # torch threads for the CPU model; None: cores minus workers
+    threads: int | None = None  # torch threads for the CPU model; None: every core
     compile: bool = False  # torch.compile the model (a one-off warm-up of tens of seconds)
 
 
@@ -199,23 +199,24 @@ def _cores() -> int:
 def default_workers(n_files: int) -> int:
     """Decoder processes for the CPU path: one per eight cores, at least one.
 
-    Decoding and cropping a 224-px JPEG takes about 1.1 ms of one core, AlexNet about 20 ms
-    (fp32; 12 ms in bf16), so one decoder feeds the model of up to about ten cores. Decoders
-    and torch threads together never exceed the cores (:func:`default_threads`): torch's
-    OpenMP threads meet at a barrier after every layer, so one that loses its core to another
-    process stalls them all. Measured on the shared 2-core development machine (384 Imagenette
-    images, 10 alternating runs each, load average 4-5 from other jobs): 1 worker + 1 thread
-    52 images/s (median), 1 + 2: 44, 0 + 2: 31. In the one run at load 2.4, 0 + 2 did 107
-    against 61 for 1 + 1: on an idle 2-core machine ``--workers 0 --threads 2`` is faster.
+    Decoding and cropping a 224-px JPEG takes about 3 ms of one core, AlexNet about 27 ms of
+    core time (fp32), so one decoder feeds the model of up to about eight cores.
     """
     if n_files < MIN_FILES_FOR_WORKERS:
         return 0
     return max(1, _cores() // 8) if _cores() > 1 else 0
 
 
-def default_threads(workers: int) -> int:
-    """Torch threads for the model: the cores the decoder workers leave free."""
-    return max(1, _cores() - workers)
+def default_threads() -> int:
+    """Torch threads for the model: every core, the decoders' included.
+
+    A decoder is busy about a tenth of the time, so leaving it a core idles most of that core.
+    Measured on an idle 2-core EPYC (AVX2; 400 Imagenette JPEGs, two rounds): 1 decoder + 2
+    threads 62-72 images/s, 0 + 2: 57-63, 1 + 1: 40-44. On a machine that other jobs keep busy
+    the order turns (an earlier measurement at load average 4-5: 1 + 1 52, 1 + 2 44): there
+    pass ``threads`` (``--threads``) explicitly.
+    """
+    return _cores()
 
 
 @contextlib.contextmanager
@@ -260,7 +261,7 @@ def _extract_on_cpu(
         collate_fn=_collate,
         prefetch_factor=4 if workers else None,
     )
-    threads = options.threads if options.threads is not None else default_threads(workers)
+    threads = options.threads if options.threads is not None else default_threads()
     with _torch_threads(threads):
         resumed = time.perf_counter()
         for records, pixels, times in loader:

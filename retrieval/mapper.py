@@ -24,6 +24,7 @@ import warnings
 import torch
 from torch import nn
 
+from .devices import fast_bf16
 from .errors import RetrieveError
 from .model import FC7_END, run_classifier
 from .weights import LoadedModel
@@ -71,6 +72,11 @@ class Fc7Mapper:
         if precision == "int8" and device.type != "cpu":
             raise RetrieveError("--precision int8 runs on the CPU only; use bf16 on a GPU")
         self.device, self.precision, self.channels_last = device, precision, channels_last
+        if precision == "bf16" and not fast_bf16(device):
+            log.warning(
+                "this CPU has no native bf16 (AVX-512 BF16 or AMX): bf16 is emulated and about "
+                "6x slower than fp32 here; leave out --precision bf16"
+            )
         self.preprocessing = loaded.preprocessing
         model = loaded.model.to(device).eval()
         head = model.classifier[:FC7_END]
