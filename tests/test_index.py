@@ -23,6 +23,7 @@ from retrieval.indexes import generation, store
 from retrieval.indexing import IndexOptions
 from retrieval.weights import load_model
 from tests.corpus import make_image
+from tests.stored import stored_vectors
 
 
 def _index(folder: Path, index_dir: Path, weights: Path | str | None, **kw) -> api.IndexReport:
@@ -30,22 +31,11 @@ def _index(folder: Path, index_dir: Path, weights: Path | str | None, **kw) -> a
     return api.index_folder(folder, index_dir, options)
 
 
-def _stored(index_dir: Path) -> dict[str, np.ndarray]:
-    """path -> stored vector, through the FAISS index and the rows."""
-    snapshot = store.open_snapshot(index_dir)
-    index = snapshot.index
-    rows = list(snapshot.iter_rows(status="indexed"))
-    vectors = {row.path: index.reconstruct(row.id) for row in rows}
-    assert index.ntotal == len(rows) == snapshot.count
-    snapshot.close()
-    return vectors
-
-
 def test_query_equals_numpy_brute_force(photos: Path, tmp_path: Path, small_model: Path) -> None:
     index_dir = tmp_path / "idx"
     report = _index(photos, index_dir, small_model)
     assert report.added == 12 and report.count == 12
-    stored = _stored(index_dir)
+    stored = stored_vectors(index_dir)
     paths = sorted(stored)
     database = np.stack([stored[p] for p in paths])
 
@@ -107,7 +97,7 @@ def test_incremental_update_extracts_only_changed_files_and_equals_a_rebuild(
 
     rebuilt = tmp_path / "rebuilt"
     _index(folder, rebuilt, small_model)
-    incremental, full = _stored(index_dir), _stored(rebuilt)
+    incremental, full = stored_vectors(index_dir), stored_vectors(rebuilt)
     assert sorted(incremental) == sorted(full)
     for path in full:
         np.testing.assert_allclose(incremental[path], full[path], atol=1e-4)
@@ -145,7 +135,7 @@ def test_random_add_change_delete_sequences_keep_rows_and_vectors_in_agreement(
             else:
                 make_image(path, seed=100 * step + names.index(path))
         _index(folder, index_dir, None)
-        stored = _stored(index_dir)  # asserts ntotal == indexed rows
+        stored = stored_vectors(index_dir)  # asserts ntotal == indexed rows
         on_disk = {str(p) for p in names if p.exists()}
         assert set(stored) == on_disk
         features, _ = extract_images(
@@ -161,7 +151,7 @@ def test_remove_drops_rows_and_vectors(photos, tmp_path, small_model) -> None:
     first_class = sorted(p for p in photos.iterdir())[0]
     result = api.remove_paths([first_class, tmp_path / "not-there.png"], index_dir)
     assert len(result["removed"]) == 4 and len(result["not_in_index"]) == 1
-    stored = _stored(index_dir)
+    stored = stored_vectors(index_dir)
     assert len(stored) == 8 and not any(p.startswith(str(first_class)) for p in stored)
 
 
@@ -282,7 +272,7 @@ def test_changing_one_percent_of_5000_images_reads_only_those_files(
     monkeypatch.undo()
     rebuilt = tmp_path / "rebuilt"
     _index(folder, rebuilt, small_model)
-    incremental, full = _stored(index_dir), _stored(rebuilt)
+    incremental, full = stored_vectors(index_dir), stored_vectors(rebuilt)
     assert sorted(incremental) == sorted(full)
     for path in (str(p) for p in changed):
         np.testing.assert_allclose(incremental[path], full[path], atol=1e-4)

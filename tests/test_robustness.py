@@ -21,15 +21,7 @@ from retrieval.cli.main import cli
 from retrieval.indexes import generation, store
 from retrieval.indexes.staging import STAGING, read_records
 from tests.corpus import expected_walk_problems, make_image, make_problem_corpus
-
-
-def _stored(index_dir: Path) -> dict[str, np.ndarray]:
-    snapshot = store.open_snapshot(index_dir)
-    vectors = {
-        r.path: snapshot.index.reconstruct(r.id) for r in snapshot.iter_rows(status="indexed")
-    }
-    snapshot.close()
-    return vectors
+from tests.stored import stored_vectors
 
 
 def test_problem_corpus_indexes_every_good_file_and_skips_every_bad_one(
@@ -175,7 +167,7 @@ def test_sigkill_at_random_points_then_resume_equals_an_uninterrupted_run(
     )
     report = json.loads(final.stdout)
     assert report["resumed"] == staged and report["extracted"] == 240 - staged
-    ours, theirs = _stored(index_dir), _stored(reference)
+    ours, theirs = stored_vectors(index_dir), stored_vectors(reference)
     assert sorted(ours) == sorted(theirs)
     for path in theirs:
         np.testing.assert_allclose(ours[path], theirs[path], atol=1e-4)
@@ -189,7 +181,7 @@ def test_sigkill_during_an_update_leaves_the_previous_index_usable(tmp_path, sma
         make_image(folder / f"c{i % 3}" / f"{i:03d}.png", seed=i)
     index_dir = tmp_path / "idx"
     subprocess.run(_index_command(folder, index_dir, small_model), check=True, capture_output=True)
-    before = _stored(index_dir)
+    before = stored_vectors(index_dir)
     for i in range(60, 200):
         make_image(folder / f"c{i % 3}" / f"{i:03d}.png", seed=i)
     for delay in (0.5, 2.0, 3.5):
@@ -201,10 +193,10 @@ def test_sigkill_during_an_update_leaves_the_previous_index_usable(tmp_path, sma
         time.sleep(delay)
         process.send_signal(signal.SIGKILL)
         process.wait()
-        current = _stored(index_dir)  # opens cleanly: old or new, never a mix
+        current = stored_vectors(index_dir)  # opens cleanly: old or new, never a mix
         assert sorted(current) in (sorted(before), sorted(str(p) for p in folder.rglob("*.png")))
     subprocess.run(_index_command(folder, index_dir, small_model), check=True, capture_output=True)
-    assert len(_stored(index_dir)) == 200
+    assert len(stored_vectors(index_dir)) == 200
 
 
 @pytest.mark.slow
