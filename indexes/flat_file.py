@@ -80,27 +80,33 @@ def _pread(fd: int, size: int, offset: int) -> bytes:
     return data
 
 
+def _headers(fd: int) -> tuple[tuple, tuple]:
+    """The IDMap2 header and the one of the index inside it, unpacked."""
+    data = _pread(fd, 2 * _HEADER.size, 0)
+    return _HEADER.unpack_from(data, 0), _HEADER.unpack_from(data, _HEADER.size)
+
+
+def _is_flat(outer: tuple, inner: tuple) -> bool:
+    return outer[0] == _IDMAP2 and inner[0] == _FLAT_L2 and outer[-1] == _METRIC_L2
+
+
 def flat_shape(handle: BinaryIO) -> tuple[int, int] | None:
     """``(dim, ntotal)`` when the file is an ``IDMap2,Flat`` index, else None."""
     try:
-        outer = _HEADER.unpack(_pread(handle.fileno(), _HEADER.size, 0))
-        inner = _HEADER.unpack(_pread(handle.fileno(), _HEADER.size, _HEADER.size))
+        outer, inner = _headers(handle.fileno())
     except FlatLayoutError:
         return None
-    if outer[0] != _IDMAP2 or inner[0] != _FLAT_L2 or outer[-1] != _METRIC_L2:
-        return None
-    return inner[1], inner[2]
+    return (inner[1], inner[2]) if _is_flat(outer, inner) else None
 
 
 def read_flat_blocks(handle: BinaryIO, rows: int = 2048) -> Iterator[tuple[np.ndarray, np.ndarray]]:
     """``(vectors, ids)`` blocks of an ``IDMap2,Flat`` file, read with ``pread``: the handle's
     position is left alone, so a snapshot's open file can be shared."""
     fd = handle.fileno()
-    shape = flat_shape(handle)
-    if shape is None:
+    outer, inner = _headers(fd)
+    if not _is_flat(outer, inner):
         raise FlatLayoutError(f"not an {FLAT_FACTORY} index")
-    dim, ntotal = shape
-    outer = _HEADER.unpack(_pread(fd, _HEADER.size, 0))
+    dim, ntotal = inner[1], inner[2]
     (n_values,) = _COUNT.unpack(_pread(fd, _COUNT.size, _CODES_SIZE_AT))
     if outer[1:3] != (dim, ntotal) or n_values != ntotal * dim:
         raise FlatLayoutError(f"inconsistent {FLAT_FACTORY} header")

@@ -84,14 +84,8 @@ class Snapshot:
                 index = faiss.read_index(faiss.PyCallbackIOReader(self._vectors_file.read))
             except RuntimeError as exc:
                 first = str(exc).strip().splitlines()[0] if str(exc).strip() else "unreadable"
-                raise IndexCorruptError(
-                    f"{self.vectors_path} is damaged ({first}); {REBUILD}"
-                ) from exc
-            if index.ntotal != self.count or index.d != self.dim:
-                raise IndexCorruptError(
-                    f"{self.vectors_path} holds {index.ntotal} vectors of {index.d}-d but the "
-                    f"manifest says {self.count} of {self.dim}-d; {REBUILD}"
-                )
+                raise self._damaged(first) from exc
+            self._check_holds(index.d, index.ntotal)
             self._index = index
         return self._index
 
@@ -101,11 +95,7 @@ class Snapshot:
         shape = flat_file.flat_shape(self._vectors_file)
         if shape is None:
             return None
-        if shape != (self.dim, self.count):
-            raise IndexCorruptError(
-                f"{self.vectors_path} holds {shape[1]} vectors of {shape[0]}-d but the "
-                f"manifest says {self.count} of {self.dim}-d; {REBUILD}"
-            )
+        self._check_holds(*shape)
         return self._checked(flat_file.read_flat_blocks(self._vectors_file))
 
     def _checked(
@@ -114,7 +104,18 @@ class Snapshot:
         try:
             yield from blocks
         except flat_file.FlatLayoutError as exc:
-            raise IndexCorruptError(f"{self.vectors_path} is damaged ({exc}); {REBUILD}") from exc
+            raise self._damaged(str(exc)) from exc
+
+    def _damaged(self, why: str) -> IndexCorruptError:
+        return IndexCorruptError(f"{self.vectors_path} is damaged ({why}); {REBUILD}")
+
+    def _check_holds(self, dim: int, ntotal: int) -> None:
+        """The vectors file must hold what the manifest says, or the index is damaged."""
+        if (ntotal, dim) != (self.count, self.dim):
+            raise IndexCorruptError(
+                f"{self.vectors_path} holds {ntotal} vectors of {dim}-d but the "
+                f"manifest says {self.count} of {self.dim}-d; {REBUILD}"
+            )
 
     def rows_by_id(self, ids: Iterable[int]) -> dict[int, Row]:
         wanted = sorted({int(i) for i in ids if i >= 0})
