@@ -38,20 +38,18 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from retrieval import api
 from retrieval.devices import fast_bf16, resolve_device
-from retrieval.extract import (
-    CPU_BATCH,
-    GPU_BATCH,
-    ExtractOptions,
+from retrieval.extraction.cpu import (
     _collate,
     _Files,
     _torch_threads,
     default_threads,
     default_workers,
 )
-from retrieval.files import find_images
-from retrieval.images import DEFAULT_MAX_MEGAPIXELS
-from retrieval.mapper import Fc7Mapper
-from retrieval.weights import load_model
+from retrieval.extraction.mapper import Fc7Mapper
+from retrieval.extraction.types import CPU_BATCH, GPU_BATCH, ExtractOptions
+from retrieval.images.decode import DEFAULT_MAX_MEGAPIXELS
+from retrieval.images.walk import find_images
+from retrieval.model.weights import load_model
 
 DEFAULT_DATA = (
     Path(__file__).resolve().parents[1] / ".." / "shared" / "datasets" / "imagenette2-224"
@@ -207,7 +205,7 @@ class _NoModel:
 
 def device_decode_ceiling(paths: list[Path], loaded, device: torch.device, batch: int) -> float:
     """Reader threads + nvjpeg + resize/crop on the GPU, as ``retrieve index`` runs them."""
-    from retrieval.extract_cuda import extract_on_device
+    from retrieval.extraction.cuda import extract_on_device
 
     options = ExtractOptions(device=str(device), batch_size=batch)
     start = time.perf_counter()

@@ -46,9 +46,9 @@ def make_jpegs(folder: Path, count: int, size: int = 48) -> None:
 
 
 def make_model(path: Path) -> None:
-    from retrieval.model import ModelArgs, build_alexnet
-    from retrieval.preprocess import Preprocessing
-    from retrieval.weights import save_checkpoint
+    from retrieval.model.alexnet import ModelArgs, build_alexnet
+    from retrieval.model.preprocess import Preprocessing
+    from retrieval.model.weights import save_checkpoint
 
     save_checkpoint(
         path,

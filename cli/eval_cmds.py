@@ -6,6 +6,8 @@ from pathlib import Path
 
 import click
 
+from retrieval.units import human_bytes
+
 from .options import (
     DEFAULT_K,
     device_option,
@@ -17,7 +19,6 @@ from .options import (
     with_options,
     workers_option,
 )
-from .units import human_bytes
 
 
 @click.command("evaluate")
@@ -91,7 +92,7 @@ def evaluate_command(
         return
     if not weights:
         raise click.UsageError("give --weights (classifier) or --retrieval (index)")
-    from retrieval.evaluate import evaluate_classifier
+    from retrieval.training.evaluate import evaluate_classifier
 
     report = evaluate_classifier(
         weights,

@@ -86,7 +86,7 @@ def grid_command(queries, output, k, n, seed, tile, index_dir, weights, device, 
 def visualize_command(weights, output, image, layer, scale, device):
     """The conv1 kernels as coloured patches (the paper's Figure 3), or the feature maps of one
     layer for --image."""
-    from retrieval import visualize
+    from retrieval.figures import kernels as visualize
 
     if image is None:
         path = visualize.draw_kernels(weights, output, scale=scale, device=device)

@@ -6,9 +6,10 @@ from pathlib import Path
 
 import click
 
+from retrieval.units import human_bytes, parse_bytes
+
 from .options import device_option, emit_json, index_option, json_option, weights_option
 from .progress import progress_bar
-from .units import human_bytes, parse_bytes
 
 
 @click.command("index")
@@ -96,7 +97,7 @@ def index_command(
 ):
     """Index the images under IMAGES_DIR (again: only what changed)."""
     from retrieval import api
-    from retrieval.images import DEFAULT_MAX_MEGAPIXELS
+    from retrieval.images.decode import DEFAULT_MAX_MEGAPIXELS
 
     if max_megapixels:
         # Pillow refuses images over twice MAX_IMAGE_PIXELS on its own; the user's limit rules.
@@ -116,7 +117,7 @@ def index_command(
     options = api.IndexOptions(
         weights=weights,
         spec=_spec(api.IndexSpec, index_type, reduce, normalize),
-        memory_budget=parse_bytes(memory),
+        memory_budget=_memory_budget(memory),
         rebuild=rebuild,
         strict=strict,
         extract=extract,
@@ -132,6 +133,15 @@ def index_command(
         click.echo(f"index type: {report.index_kind_reason}", err=True)
     if click.get_current_context().find_root().params.get("verbose") and report.times:
         click.echo(_stage_line(report.times), err=True)
+
+
+def _memory_budget(text: str | None) -> int | None:
+    if text is None:
+        return None
+    try:
+        return parse_bytes(text)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="--memory") from None
 
 
 def _spec(spec_class, index_type, reduce, normalize):

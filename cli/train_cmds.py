@@ -138,9 +138,9 @@ def train_command(
 ):
     """Train AlexNet on DATA_DIR (train/ and val/ class folders, one folder of classes, or the
     four idx files of (Fashion-)MNIST) and write a checkpoint for `retrieve index --weights`."""
-    from retrieval.augment import Augmentation
-    from retrieval.train import describe_epoch, make_recipe, train
-    from retrieval.train_setup import RunOptions
+    from retrieval.training.augment import Augmentation
+    from retrieval.training.loop import describe_epoch, make_recipe, train
+    from retrieval.training.setup import RunOptions
 
     if freeze and not finetune:
         raise click.UsageError("--freeze needs --finetune")

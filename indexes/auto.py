@@ -9,6 +9,7 @@ from __future__ import annotations
 import numpy as np
 
 from retrieval.errors import RetrieveError
+from retrieval.units import human_bytes
 
 from .kinds import POINTS_PER_CENTROID, IndexSpec
 
@@ -37,13 +38,14 @@ def resolve_auto(
     size = f"{n:,} vectors x {d}-d"
     flat = n * (4 * d + _IDMAP_ROW)
     if flat <= budget and n * d <= FLAT_MAX_SCAN:
-        why = f"Flat: {size} fit in {_human(flat)}, exact search is fast enough"
+        why = f"Flat: {size} fit in {human_bytes(flat)}, exact search is fast enough"
         return IndexSpec("Flat", spec.reduce, spec.normalize), why
     nlist = _auto_nlist(n)
     ivf_flat = n * (4 * d + 8) + nlist * d * 4
     if ivf_flat <= budget:
         why = (
-            f"IVF{nlist},Flat: {size} ({_human(ivf_flat)}) fit in the {_human(budget)} budget, "
+            f"IVF{nlist},Flat: {size} ({human_bytes(ivf_flat)}) fit in the "
+            f"{human_bytes(budget)} budget, "
             f"but exact search would scan all of them per query; {nlist} lists, a few scanned"
         )
         return IndexSpec(f"IVF{nlist},Flat", spec.reduce, spec.normalize), why
@@ -55,14 +57,14 @@ def resolve_auto(
         if m <= d // 2 and d % m == 0 and need <= budget:
             kind = f"IVF{nlist},PQ{m}x4fs"
             why = (
-                f"{kind}: {size} would need {_human(n * 4 * d)} uncompressed, over the "
-                f"{_human(budget)} budget; {m // 2}-byte codes need {_human(need)} "
+                f"{kind}: {size} would need {human_bytes(n * 4 * d)} uncompressed, over the "
+                f"{human_bytes(budget)} budget; {m // 2}-byte codes need {human_bytes(need)} "
                 f"(approximate: check it with `retrieve recall --against`)"
             )
             return IndexSpec(kind, spec.reduce, spec.normalize), why
     raise RetrieveError(
-        f"a memory budget of {_human(budget)} is too small for {size}; "
-        f"the smallest index (IVF{nlist},PQ8x4fs) needs {_human(n * 12 + fixed)}"
+        f"a memory budget of {human_bytes(budget)} is too small for {size}; "
+        f"the smallest index (IVF{nlist},PQ8x4fs) needs {human_bytes(n * 12 + fixed)}"
     )
 
 
@@ -82,10 +84,3 @@ def _half_of_ram() -> int:
         return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") // 2
     except (ValueError, OSError, AttributeError):
         return 8 * 2**30
-
-
-def _human(nbytes: float) -> str:
-    for unit, scale in (("TB", 1e12), ("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
-        if nbytes >= scale:
-            return f"{nbytes / scale:.3g} {unit}"
-    return f"{int(nbytes)} bytes"

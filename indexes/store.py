@@ -36,6 +36,11 @@ OPEN_ATTEMPTS = 5
 REBUILD = "rebuild it with `retrieve index FOLDER --rebuild`"
 
 
+def default_index_dir() -> Path:
+    """``$RETRIEVE_INDEX`` or ``.retrieve`` in the current directory."""
+    return Path(os.environ.get("RETRIEVE_INDEX") or ".retrieve")
+
+
 def _connect_read_only(path: Path) -> sqlite3.Connection:
     # immutable=1: a committed generation never changes, so no locks and no journal are needed.
     uri = f"file:{path.as_posix()}?mode=ro&immutable=1"

@@ -15,15 +15,22 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from .errors import RetrieveError
-from .extract import ExtractOptions
-from .figures import render_grid
-from .files import find_images
-from .indexes import store
-from .indexes.kinds import IndexSpec
-from .indexing import IndexOptions, IndexReport, default_index_dir, index_folder
-from .quality import RecallReport, RetrievalQuality, evaluate_recall, evaluate_retrieval
-from .search import QueryResult, SearchOptions, display_path, search_images
+from retrieval.errors import RetrieveError
+from retrieval.extraction.types import ExtractOptions
+from retrieval.figures.grid import render_grid
+from retrieval.images.walk import find_images
+from retrieval.indexes import store
+from retrieval.indexes.kinds import IndexSpec
+from retrieval.indexes.store import default_index_dir
+from retrieval.indexing.options import IndexOptions, IndexReport
+from retrieval.indexing.run import index_folder
+from retrieval.search.quality import (
+    RecallReport,
+    RetrievalQuality,
+    evaluate_recall,
+    evaluate_retrieval,
+)
+from retrieval.search.query import QueryResult, SearchOptions, display_path, search_images
 
 __all__ = [
     "ExtractOptions",
@@ -112,7 +119,7 @@ def index_info(index_dir: Path | None = None) -> dict[str, Any]:
 
 def remove_paths(paths: Sequence[Path], index_dir: Path | None = None) -> dict[str, list[str]]:
     """Drop these files (or every file under these folders) from the index."""
-    from .commit import remove_from_index
+    from retrieval.indexing.commit import remove_from_index
 
     result = remove_from_index(
         [Path(os.path.abspath(p)) for p in paths], Path(index_dir or default_index_dir())

@@ -20,13 +20,13 @@ from typing import Any
 import torch
 from PIL import Image
 
-from .augment import Augmentation
-from .data import folder_name
-from .devices import fast_bf16, resolve_device
-from .errors import DataError
-from .idx_files import has_idx_files, load_idx_split
-from .train import describe_epoch, make_recipe, train
-from .train_setup import RunOptions
+from retrieval.devices import fast_bf16, resolve_device
+from retrieval.errors import DataError
+from retrieval.training.augment import Augmentation
+from retrieval.training.datasets import folder_name
+from retrieval.training.idx_files import has_idx_files, load_idx_split
+from retrieval.training.loop import describe_epoch, make_recipe, train
+from retrieval.training.setup import RunOptions
 
 log = logging.getLogger(__name__)
 
@@ -174,7 +174,7 @@ def run_demo(
     progress: Callable[[str], None] | None = None,
 ) -> DemoReport:
     """Train on Fashion-MNIST, index its training images, query with its test images."""
-    from . import api
+    from retrieval import api
 
     started = time.perf_counter()
     seconds: dict[str, float] = {}

@@ -1,16 +1,33 @@
-"""Which device to run on: ``auto`` is CUDA when present, else the CPU."""
+"""Where work runs: the cores this process may use, and the torch device for ``--device``.
+
+One answer to each question for every stage (extraction, training, search). torch is imported
+inside the functions that need it, so naming a device costs nothing until a model runs.
+"""
 
 from __future__ import annotations
 
-import torch
+import os
+from typing import TYPE_CHECKING
 
-from .errors import RetrieveError
+from retrieval.errors import RetrieveError
+
+if TYPE_CHECKING:
+    import torch
 
 DEVICE_CHOICES = ("auto", "cpu", "cuda")
 
 
+def usable_cores() -> int:
+    """Cores this process may run on (its affinity mask, which containers and taskset narrow)."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
+
+
 def resolve_device(device: str = "auto") -> torch.device:
     """The torch device for ``device``; asking for CUDA where there is none is a user error."""
+    import torch
+
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device.startswith("cuda") and not torch.cuda.is_available():
@@ -24,6 +41,8 @@ def resolve_device(device: str = "auto") -> torch.device:
 def fast_bf16(device: torch.device) -> bool:
     """Whether bf16 arithmetic is native here: any CUDA GPU torch runs on, or a CPU with
     AVX-512 BF16 / AMX. Elsewhere oneDNN emulates it, about 6x slower than fp32."""
+    import torch
+
     if device.type == "cuda":
         return True
     return bool(

@@ -36,9 +36,9 @@ def _offline_and_seeded(tmp_path_factory: pytest.TempPathFactory, monkeypatch) -
 @pytest.fixture(scope="session")
 def small_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A seeded full-size AlexNet checkpoint with 64-px preprocessing."""
-    from retrieval.model import ModelArgs, build_alexnet
-    from retrieval.preprocess import IMAGENET_MEAN, IMAGENET_STD, Preprocessing
-    from retrieval.weights import save_checkpoint
+    from retrieval.model.alexnet import ModelArgs, build_alexnet
+    from retrieval.model.preprocess import IMAGENET_MEAN, IMAGENET_STD, Preprocessing
+    from retrieval.model.weights import save_checkpoint
 
     path = tmp_path_factory.mktemp("models") / "small.pt"
     model = build_alexnet(ModelArgs(num_classes=3), seed=0)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from retrieval.augment import (
+from retrieval.training.augment import (
     Augmentation,
     BatchTransform,
     PCAColor,

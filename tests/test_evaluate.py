@@ -10,14 +10,14 @@ import torch
 from click.testing import CliRunner
 from torchvision import transforms
 
-from retrieval.augment import BatchTransform
-from retrieval.data import open_eval_data
-from retrieval.evaluate import classify, evaluate_classifier
-from retrieval.images import load_image
-from retrieval.imagesets import decode_square
-from retrieval.model import ModelArgs, build_alexnet
-from retrieval.preprocess import Preprocessing
-from retrieval.weights import load_model, save_checkpoint
+from retrieval.images.decode import load_image
+from retrieval.model.alexnet import ModelArgs, build_alexnet
+from retrieval.model.preprocess import Preprocessing
+from retrieval.model.weights import load_model, save_checkpoint
+from retrieval.training.augment import BatchTransform
+from retrieval.training.datasets import open_eval_data
+from retrieval.training.evaluate import classify, evaluate_classifier
+from retrieval.training.imagesets import decode_square
 from tests.corpus import make_labelled_folder
 
 CLASSES = ["circles", "squares", "stripes"]

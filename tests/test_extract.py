@@ -11,10 +11,11 @@ import torchvision.transforms as T
 from PIL import Image
 
 from retrieval.errors import RetrieveError
-from retrieval.extract import ExtractOptions, extract_fc7, extract_images
-from retrieval.mapper import Fc7Mapper
+from retrieval.extraction import extract_fc7, extract_images
+from retrieval.extraction.mapper import Fc7Mapper
+from retrieval.extraction.types import ExtractOptions
 from retrieval.metrics import recall_at_k
-from retrieval.weights import load_model
+from retrieval.model.weights import load_model
 from tests.corpus import make_image, make_labelled_folder
 
 CPU = torch.device("cpu")
@@ -201,8 +202,8 @@ def test_extraction_streams_instead_of_reading_everything_first(
     tmp_path: Path, small_model: Path, monkeypatch
 ) -> None:
     """Memory stays flat because files are read a few batches ahead, never all up front."""
-    import retrieval.extract as extract
-    import retrieval.extract_cuda as extract_cuda
+    import retrieval.extraction.cpu as extract
+    import retrieval.extraction.cuda as extract_cuda
 
     path = make_image(tmp_path / "a.jpg", size=(64, 64))
     paths = [path] * 400

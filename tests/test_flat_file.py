@@ -12,7 +12,7 @@ import pytest
 from retrieval import api
 from retrieval.errors import IndexCorruptError
 from retrieval.indexes import flat_file, kinds, store
-from retrieval.indexing import IndexOptions
+from retrieval.indexing.options import IndexOptions
 from tests.corpus import make_image
 
 

@@ -21,20 +21,22 @@ import pytest
 import torch
 from PIL import Image, ImageOps
 
-from retrieval.extract import (
-    ExtractOptions,
-    StageTimes,
-    decode_on_cpu,
-    extract_images,
-    read_file,
+from retrieval.extraction import extract_images
+from retrieval.extraction.cuda import (
+    _Jpeg,
+    assemble,
+    decode_items,
+    extract_on_device,
+    read_for_device,
 )
-from retrieval.extract_cuda import _Jpeg, assemble, decode_items, extract_on_device, read_for_device
-from retrieval.gpu_decode import decode_jpegs, orient, resize_and_crop, resized_size
-from retrieval.images import load_image
-from retrieval.jpeg import exif_orientation, inspect_jpeg
-from retrieval.mapper import Fc7Mapper
-from retrieval.preprocess import IMAGENET, Preprocessing
-from retrieval.weights import load_model
+from retrieval.extraction.mapper import Fc7Mapper
+from retrieval.extraction.reader import decode_on_cpu, read_file
+from retrieval.extraction.types import ExtractOptions, StageTimes
+from retrieval.images.decode import load_image
+from retrieval.images.gpu_decode import decode_jpegs, orient, resize_and_crop, resized_size
+from retrieval.images.jpeg import exif_orientation, inspect_jpeg
+from retrieval.model.preprocess import IMAGENET, Preprocessing
+from retrieval.model.weights import load_model
 from tests.corpus import make_image, make_oriented_jpeg, make_problem_corpus, structured_rgb
 
 SMALL = Preprocessing(resize=64, crop=56)
@@ -183,7 +185,7 @@ def test_one_file_nvjpeg_refuses_does_not_fail_its_batch(monkeypatch) -> None:
 def test_a_refused_jpeg_is_decoded_by_pillow_or_skipped_with_its_reason(
     tmp_path: Path, monkeypatch
 ) -> None:
-    import retrieval.extract_cuda as extract_cuda
+    import retrieval.extraction.cuda as extract_cuda
 
     good = make_image(tmp_path / "good.jpg", size=(64, 64), seed=1)
     broken = tmp_path / "broken.jpg"  # a whole header, then stray markers: Pillow says corrupt

@@ -16,10 +16,10 @@ import numpy as np
 import pytest
 from PIL import Image, ImageFile
 
-from retrieval import images
 from retrieval.errors import ImageReadError, RetrieveError, SkipReason
-from retrieval.files import IMAGE_SUFFIXES, WalkProblem, find_images
-from retrieval.images import DEFAULT_MAX_MEGAPIXELS, convert_mode, load_image
+from retrieval.images import decode as images
+from retrieval.images.decode import DEFAULT_MAX_MEGAPIXELS, convert_mode, load_image
+from retrieval.images.walk import IMAGE_SUFFIXES, WalkProblem, find_images
 from tests.corpus import (
     MARKER_COLOURS,
     expected_walk_problems,

@@ -18,10 +18,11 @@ from retrieval.errors import (
     IndexNotFoundError,
     RetrieveError,
 )
-from retrieval.extract import ExtractOptions, extract_images
+from retrieval.extraction import extract_images
+from retrieval.extraction.types import ExtractOptions
 from retrieval.indexes import generation, store
-from retrieval.indexing import IndexOptions
-from retrieval.weights import load_model
+from retrieval.indexing.options import IndexOptions
+from retrieval.model.weights import load_model
 from tests.corpus import make_image
 from tests.stored import stored_vectors
 
@@ -245,7 +246,7 @@ def test_changing_one_percent_of_5000_images_reads_only_those_files(
     tmp_path: Path, small_model: Path, monkeypatch
 ) -> None:
     """Issue 6: 50 of 5,000 files changed -> only those 50 are read and extracted again."""
-    import retrieval.extract as extract_module
+    import retrieval.extraction.cpu as extract_module
 
     folder = tmp_path / "photos"
     for i in range(5000):

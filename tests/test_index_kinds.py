@@ -336,7 +336,7 @@ def test_spec_round_trips_through_its_manifest_dict():
 def test_auto_picks_flat_for_small_collections():
     spec, why = resolve_auto(IndexSpec("auto"), 12_000, 4096, 2 * 10**9)
     assert spec == IndexSpec("Flat")
-    assert why.startswith("Flat: 12,000 vectors x 4096-d fit in 197 MB")
+    assert why.startswith("Flat: 12,000 vectors x 4096-d fit in 188.0 MB")  # binary units
 
 
 def test_auto_picks_ivf_flat_when_exact_scans_too_much_but_vectors_fit():
@@ -346,9 +346,9 @@ def test_auto_picks_ivf_flat_when_exact_scans_too_much_but_vectors_fit():
 
 
 def test_auto_picks_ivf_pq_when_raw_vectors_exceed_the_budget():
-    spec, why = resolve_auto(IndexSpec("auto"), 10_000_000, 4096, 16 * 10**9)
+    spec, why = resolve_auto(IndexSpec("auto"), 10_000_000, 4096, 16 * 2**30)
     assert spec.kind.startswith("IVF16384,PQ")
-    assert "over the 16 GB budget" in why
+    assert "over the 16.0 GB budget" in why  # binary, as `--memory 16GB` is parsed
     reduced, _ = resolve_auto(IndexSpec("auto", reduce="PCA256"), 1_000_000, 4096, 16 * 10**9)
     assert reduced == IndexSpec("Flat", reduce="PCA256")  # 256-d rows are cheap to scan
 

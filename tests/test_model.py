@@ -8,9 +8,10 @@ import torch
 import torchvision
 from PIL import Image
 
-from retrieval.extract import ExtractOptions, extract_images
-from retrieval.model import FC7_DIM, AlexNet, ModelArgs, build_alexnet, init_as_paper
-from retrieval.weights import load_model
+from retrieval.extraction import extract_images
+from retrieval.extraction.types import ExtractOptions
+from retrieval.model.alexnet import FC7_DIM, AlexNet, ModelArgs, build_alexnet, init_as_paper
+from retrieval.model.weights import load_model
 
 
 def test_torchvision_state_dict_loads_unchanged() -> None:

@@ -10,7 +10,7 @@ import pytest
 from retrieval import api
 from retrieval.indexes import store
 from retrieval.indexes.kinds import IndexSpec
-from retrieval.indexing import IndexOptions
+from retrieval.indexing.options import IndexOptions
 from retrieval.metrics import mean_average_precision, precision_at_k
 from tests.corpus import make_labelled_folder
 

@@ -13,14 +13,14 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from retrieval.data import open_training_data, stratified_split
 from retrieval.errors import DataError, WeightsError
-from retrieval.idx_files import FASHION_MNIST_CLASSES
-from retrieval.imagesets import FileImages
-from retrieval.recipes import build_model, make_recipe
-from retrieval.train import train
-from retrieval.train_setup import RunOptions
-from retrieval.weights import load_model, read_checkpoint
+from retrieval.model.weights import load_model, read_checkpoint
+from retrieval.training.datasets import open_training_data, stratified_split
+from retrieval.training.idx_files import FASHION_MNIST_CLASSES
+from retrieval.training.imagesets import FileImages
+from retrieval.training.loop import train
+from retrieval.training.recipes import build_model, make_recipe
+from retrieval.training.setup import RunOptions
 from tests.corpus import make_labelled_folder
 
 SIZE = 64  # AlexNet's smallest convenient input (it needs >= 63 px)

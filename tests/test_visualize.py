@@ -11,10 +11,10 @@ from click.testing import CliRunner
 from PIL import Image
 
 from retrieval.errors import RetrieveError
-from retrieval.model import ModelArgs, build_alexnet
-from retrieval.preprocess import Preprocessing
-from retrieval.visualize import draw_feature_maps, draw_kernels, kernel_grid
-from retrieval.weights import save_checkpoint
+from retrieval.figures.kernels import draw_feature_maps, draw_kernels, kernel_grid
+from retrieval.model.alexnet import ModelArgs, build_alexnet
+from retrieval.model.preprocess import Preprocessing
+from retrieval.model.weights import save_checkpoint
 from tests.corpus import make_labelled_folder
 
 

@@ -10,9 +10,9 @@ import torch
 import torchvision
 
 from retrieval.errors import WeightsError
-from retrieval.model import ModelArgs, build_alexnet
-from retrieval.preprocess import IMAGENET, Preprocessing
-from retrieval.weights import load_model, save_checkpoint, state_dict_sha256
+from retrieval.model.alexnet import ModelArgs, build_alexnet
+from retrieval.model.preprocess import IMAGENET, Preprocessing
+from retrieval.model.weights import load_model, save_checkpoint, state_dict_sha256
 
 
 def _imagenet_cache() -> Path:

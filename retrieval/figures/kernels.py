@@ -11,11 +11,11 @@ import torch
 from PIL import Image
 from torchvision.utils import make_grid
 
-from .atomic import atomic_path
-from .devices import resolve_device
-from .errors import RetrieveError
-from .images import load_image
-from .weights import load_model
+from retrieval.atomic import atomic_path
+from retrieval.devices import resolve_device
+from retrieval.errors import RetrieveError
+from retrieval.images.decode import load_image
+from retrieval.model.weights import load_model
 
 # The paper's names for torchvision's module indices (outputs after the ReLU, or LRN in the
 # paper variant, where both sit in the same slot).

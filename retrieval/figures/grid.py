@@ -8,10 +8,10 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw, ImageFont, ImageOps
 
-from .atomic import atomic_write
-from .errors import ImageReadError, RetrieveError
-from .images import load_image
-from .search import QueryResult
+from retrieval.atomic import atomic_write
+from retrieval.errors import ImageReadError, RetrieveError
+from retrieval.images.decode import load_image
+from retrieval.search.query import QueryResult
 
 log = logging.getLogger(__name__)
 

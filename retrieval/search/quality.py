@@ -14,12 +14,13 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import RetrieveError
-from .extract import ExtractOptions, extract_fc7
-from .indexes import querying, store
-from .indexing import default_index_dir
-from .metrics import mean_average_precision, precision_at_k, recall_at_k
-from .search import expand_queries, model_for_index
+from retrieval.errors import RetrieveError
+from retrieval.extraction import extract_fc7
+from retrieval.extraction.types import ExtractOptions
+from retrieval.indexes import querying, store
+from retrieval.indexes.store import default_index_dir
+from retrieval.metrics import mean_average_precision, precision_at_k, recall_at_k
+from retrieval.search.query import expand_queries, model_for_index
 
 SEARCH_BATCH = 256
 

@@ -28,8 +28,8 @@ from torchvision.io import ImageReadMode
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms import functional as F
 
-from .jpeg import JpegInfo
-from .preprocess import Preprocessing
+from retrieval.images.jpeg import JpegInfo
+from retrieval.model.preprocess import Preprocessing
 
 log = logging.getLogger(__name__)
 

@@ -18,10 +18,10 @@ from pathlib import Path
 
 import torch
 
-from .errors import DataError
-from .files import find_images
-from .idx_files import has_idx_files, load_idx_split
-from .imagesets import FileImages, ImageSet
+from retrieval.errors import DataError
+from retrieval.images.walk import find_images
+from retrieval.training.idx_files import has_idx_files, load_idx_split
+from retrieval.training.imagesets import FileImages, ImageSet
 
 log = logging.getLogger(__name__)
 

@@ -11,75 +11,24 @@ import logging
 import os
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from .commit import commit_changes
-from .errors import IndexMismatchError, RetrieveError
-from .extract import ExtractOptions, StageTimes, extract_fc7
-from .files import IMAGE_SUFFIXES, find_images
-from .indexes import generation, kinds, store
-from .indexes.rows import Row
-from .indexes.staging import StagedFile, Staging
-from .indexes.sync import DiskFile, plan_sync, stat_files
-from .weights import LoadedModel, load_model
+from retrieval.errors import IndexMismatchError, RetrieveError
+from retrieval.extraction import extract_fc7
+from retrieval.extraction.types import StageTimes
+from retrieval.images.walk import IMAGE_SUFFIXES, find_images
+from retrieval.indexes import generation, kinds, store
+from retrieval.indexes.rows import Row
+from retrieval.indexes.staging import StagedFile, Staging
+from retrieval.indexes.sync import DiskFile, plan_sync, stat_files
+from retrieval.indexing.commit import commit_changes
+from retrieval.indexing.options import IndexOptions, IndexReport
+from retrieval.model.weights import LoadedModel, load_model
 
 log = logging.getLogger(__name__)
-
-DEFAULT_CHUNK_SIZE = 1024
-
-
-@dataclass
-class IndexReport:
-    """What a run did, for the summary line and ``--json``."""
-
-    index_dir: str
-    added: int = 0
-    updated: int = 0
-    removed: int = 0
-    unchanged: int = 0
-    touched: int = 0
-    skipped: int = 0
-    skip_reasons: dict[str, int] = field(default_factory=dict)
-    skipped_files: list[dict[str, str]] = field(default_factory=list)
-    walk_problems: list[dict[str, str]] = field(default_factory=list)
-    extracted: int = 0  # files run through the model in this run
-    resumed: int = 0  # files taken from chunks an earlier, interrupted run finished
-    count: int = 0
-    total_skipped: int = 0
-    index_kind: str = ""
-    index_kind_reason: str = ""
-    seconds: float = 0.0
-    times: dict[str, float] = field(default_factory=dict)
-
-    def summary(self) -> str:
-        reasons = ", ".join(f"{n} {r}" for r, n in sorted(self.skip_reasons.items()))
-        text = (
-            f"{self.added} added, {self.updated} updated, {self.removed} removed, "
-            f"{self.unchanged + self.touched} unchanged, {self.skipped} skipped"
-        )
-        if reasons:
-            text += f" ({reasons})"
-        return text + f"; the index holds {self.count} images ({self.index_dir})"
-
-
-@dataclass(frozen=True)
-class IndexOptions:
-    weights: str | None = None  # None: the index's own model, else "imagenet"
-    spec: kinds.IndexSpec | None = None  # None: the index's own kind, Flat for a new one
-    memory_budget: int | None = None
-    rebuild: bool = False
-    strict: bool = False
-    chunk_size: int = DEFAULT_CHUNK_SIZE
-    extract: ExtractOptions = field(default_factory=ExtractOptions)
-
-
-def default_index_dir() -> Path:
-    """``$RETRIEVE_INDEX`` or ``.retrieve`` in the current directory."""
-    return Path(os.environ.get("RETRIEVE_INDEX") or ".retrieve")
 
 
 def index_folder(
@@ -90,7 +39,7 @@ def index_folder(
 ) -> IndexReport:
     """Index every image under ``images_dir``; on an existing index, apply only the changes."""
     started = time.perf_counter()
-    index_dir = Path(index_dir or default_index_dir())
+    index_dir = Path(index_dir or store.default_index_dir())
     root = Path(os.path.abspath(images_dir))
     paths, problems = find_images(root)
     report = IndexReport(index_dir=str(index_dir))
@@ -235,7 +184,3 @@ def _extract_to_staging(
         staging.write_chunk(pending, np.concatenate(pending_features))
     report.extracted = len(todo)
     return times
-
-
-def loaded_dim(loaded: LoadedModel) -> int:
-    return int(loaded.model.classifier[4].out_features)

@@ -11,7 +11,6 @@ labels make up a data set is ``data.py``'s job; this module only turns them into
 from __future__ import annotations
 
 import logging
-import os
 from collections.abc import Iterator, Sequence
 
 import torch
@@ -20,16 +19,17 @@ from torchvision.transforms import InterpolationMode
 from torchvision.transforms import functional as TF
 from tqdm import tqdm
 
-from .augment import resize_batch
-from .errors import DataError, ImageReadError
-from .images import load_image
+from retrieval.devices import usable_cores
+from retrieval.errors import DataError, ImageReadError
+from retrieval.images.decode import load_image
+from retrieval.training.augment import resize_batch
 
 log = logging.getLogger(__name__)
 
 
 def default_workers() -> int:
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    return max(0, min(cores or 1, 8))
+    """DataLoader workers for training: one per core, at most eight."""
+    return max(0, min(usable_cores(), 8))
 
 
 class ImageSet:

@@ -22,14 +22,15 @@ import torch
 from torch.nn import functional as F
 from tqdm import tqdm
 
-from .atomic import atomic_write_text
-from .augment import BatchTransform, PCAColor, resize_for
-from .devices import resolve_device
-from .errors import DataError
-from .evaluate import autocast_for, validate
-from .preprocess import Preprocessing
-from .recipes import RECIPES, Recipe, build_model, make_recipe, make_scheduler
-from .train_setup import (
+from retrieval.atomic import atomic_write_text
+from retrieval.devices import resolve_device
+from retrieval.errors import DataError
+from retrieval.model.preprocess import Preprocessing
+from retrieval.model.weights import save_checkpoint
+from retrieval.training.augment import BatchTransform, PCAColor, resize_for
+from retrieval.training.evaluate import autocast_for, validate
+from retrieval.training.recipes import RECIPES, Recipe, build_model, make_recipe, make_scheduler
+from retrieval.training.setup import (
     RunOptions,
     make_optimizer,
     measure_preprocessing,
@@ -37,7 +38,6 @@ from .train_setup import (
     read_resume_state,
     run_workers,
 )
-from .weights import save_checkpoint
 
 __all__ = [
     "RECIPES",

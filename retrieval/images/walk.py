@@ -13,8 +13,8 @@ from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
 
-from retrieval.diagnose import describe_os_error
 from retrieval.errors import RetrieveError
+from retrieval.images.diagnose import describe_os_error
 
 logger = logging.getLogger(__name__)
 

@@ -1,4 +1,5 @@
-"""The CUDA path of :mod:`retrieval.extract`: readers in threads, decoding and the model on the GPU.
+"""The CUDA path of :mod:`retrieval.extraction`: reader threads, decoding and the model on
+the GPU.
 
 Reader threads stat, read and hash files a few batches ahead and look at each JPEG's header;
 files nvjpeg can take travel on as bytes, everything else is decoded, resized and cropped on the
@@ -26,21 +27,20 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .extract import (
+from retrieval.devices import usable_cores
+from retrieval.extraction.mapper import Fc7Mapper
+from retrieval.extraction.reader import decode_on_cpu, read_file
+from retrieval.extraction.types import (
     GPU_BATCH,
     ExtractedBatch,
     ExtractOptions,
     FileRecord,
     StageTimes,
-    _cores,
-    decode_on_cpu,
-    read_file,
 )
-from .gpu_decode import decode_jpegs, resize_and_crop
-from .jpeg import JpegInfo, inspect_jpeg
-from .mapper import Fc7Mapper
-from .preprocess import Preprocessing
-from .weights import LoadedModel
+from retrieval.images.gpu_decode import decode_jpegs, resize_and_crop
+from retrieval.images.jpeg import JpegInfo, inspect_jpeg
+from retrieval.model.preprocess import Preprocessing
+from retrieval.model.weights import LoadedModel
 
 # Files per reader task: large enough that task overhead vanishes, small enough to spread a
 # batch over the threads.
@@ -62,7 +62,7 @@ _Item = tuple[FileRecord, "_Jpeg | torch.Tensor | None", StageTimes]
 
 def default_reader_threads() -> int:
     """Reading is I/O and hashing, with Pillow for the odd non-JPEG: two threads a core."""
-    return max(4, min(32, 2 * _cores()))
+    return max(4, min(32, 2 * usable_cores()))
 
 
 def read_for_device(

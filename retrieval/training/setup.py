@@ -16,14 +16,14 @@ from typing import Any
 
 import torch
 
-from .augment import PCAColor, pixel_stats, resize_for
-from .data import DataSplits, open_training_data, stratified_split
-from .errors import WeightsError
-from .imagesets import FileImages, ImageSet, default_workers
-from .model import AlexNet
-from .preprocess import IMAGENET_MEAN, IMAGENET_STD, Preprocessing
-from .recipes import Recipe
-from .weights import GREY_MEAN, GREY_STD, read_checkpoint
+from retrieval.errors import WeightsError
+from retrieval.model.alexnet import AlexNet
+from retrieval.model.preprocess import IMAGENET_MEAN, IMAGENET_STD, Preprocessing
+from retrieval.model.weights import GREY_MEAN, GREY_STD, read_checkpoint
+from retrieval.training.augment import PCAColor, pixel_stats, resize_for
+from retrieval.training.datasets import DataSplits, open_training_data, stratified_split
+from retrieval.training.imagesets import FileImages, ImageSet, default_workers
+from retrieval.training.recipes import Recipe
 
 log = logging.getLogger(__name__)
 

@@ -18,10 +18,10 @@ from typing import Any
 
 import torch
 
-from .atomic import atomic_write
-from .errors import WeightsError
-from .model import AlexNet, ModelArgs, build_alexnet
-from .preprocess import IMAGENET, Preprocessing
+from retrieval.atomic import atomic_write
+from retrieval.errors import WeightsError
+from retrieval.model.alexnet import AlexNet, ModelArgs, build_alexnet
+from retrieval.model.preprocess import IMAGENET, Preprocessing
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +46,10 @@ class LoadedModel:
     @property
     def args(self) -> ModelArgs:
         return self.model.args
+
+    @property
+    def fc7_dim(self) -> int:
+        return self.model.fc7_dim
 
     def describe(self) -> dict[str, Any]:
         """What a manifest stores to refuse a query with another model."""

@@ -88,6 +88,11 @@ class AlexNet(nn.Module):
             nn.Linear(FC7_DIM, args.num_classes),
         )
 
+    @property
+    def fc7_dim(self) -> int:
+        """Width of fc7, the layer an index stores (4096 for every ImageNet-shaped variant)."""
+        return int(self.classifier[FC7_END - 2].out_features)
+
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """The flattened pool5 map (the input of the classifier)."""
         return torch.flatten(self.avgpool(self.features(x)), 1)

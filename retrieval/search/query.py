@@ -14,13 +14,14 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import IndexMismatchError, RetrieveError, WeightsError
-from .extract import ExtractOptions, extract_images
-from .files import find_images
-from .indexes import querying, store
-from .indexes.rows import Row
-from .indexing import default_index_dir
-from .weights import LoadedModel, load_model
+from retrieval.errors import IndexMismatchError, RetrieveError, WeightsError
+from retrieval.extraction import extract_images
+from retrieval.extraction.types import ExtractOptions
+from retrieval.images.walk import find_images
+from retrieval.indexes import querying, store
+from retrieval.indexes.rows import Row
+from retrieval.indexes.store import default_index_dir
+from retrieval.model.weights import LoadedModel, load_model
 
 log = logging.getLogger(__name__)
 

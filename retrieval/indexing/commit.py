@@ -14,15 +14,15 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from . import __version__
-from .indexes import auto, flat_file, generation, kinds, store
-from .indexes.rows import Row, RowUpdate
-from .indexes.staging import Staging, iter_chunk_features
-from .indexes.sync import SyncPlan
-from .weights import LoadedModel
+from retrieval import __version__
+from retrieval.indexes import auto, flat_file, generation, kinds, store
+from retrieval.indexes.rows import Row, RowUpdate
+from retrieval.indexes.staging import Staging, iter_chunk_features
+from retrieval.indexes.sync import SyncPlan
+from retrieval.model.weights import LoadedModel
 
 if TYPE_CHECKING:
-    from .indexing import IndexOptions, IndexReport
+    from retrieval.indexing.options import IndexOptions, IndexReport
 
 TRAINING_SEED = 1234
 
@@ -44,7 +44,7 @@ def commit_changes(
     wanted = {(f.path, f.size, f.mtime_ns) for f in plan.extract}
     chunks = staging.chunk_paths()
     fresh = base is None or options.rebuild
-    dim = _dim(loaded)
+    dim = loaded.fc7_dim
     index = None  # a fresh Flat index is streamed; an update starts from the base (below)
     if fresh:
         n_new = sum(
@@ -226,10 +226,6 @@ def remove_from_index(paths: list[Path], index_dir: Path) -> dict[str, list[str]
             writer.abort()
             raise
         return {"removed": sorted(row.path for row in doomed.values()), "not_in_index": missing}
-
-
-def _dim(loaded: LoadedModel) -> int:
-    return int(loaded.model.classifier[4].out_features)
 
 
 def _now() -> str:

@@ -24,10 +24,10 @@ import warnings
 import torch
 from torch import nn
 
-from .devices import fast_bf16
-from .errors import RetrieveError
-from .model import FC7_END, run_classifier
-from .weights import LoadedModel
+from retrieval.devices import fast_bf16
+from retrieval.errors import RetrieveError
+from retrieval.model.alexnet import FC7_END, run_classifier
+from retrieval.model.weights import LoadedModel
 
 log = logging.getLogger(__name__)
 
@@ -88,7 +88,7 @@ class Fc7Mapper:
         self.module = module
         self.compiled = compile
         self._forward = torch.compile(module, dynamic=False) if compile else module
-        self.out_features = int(model.classifier[FC7_END - 2].out_features)
+        self.out_features = model.fc7_dim
 
     def _autocast(self) -> contextlib.AbstractContextManager:
         if self.precision != "bf16":

@@ -27,8 +27,8 @@ from typing import BinaryIO
 import numpy as np
 from PIL import ExifTags, Image, ImageOps
 
-from retrieval.diagnose import describe_os_error, diagnose, looks_like, sniff
 from retrieval.errors import ImageReadError, SkipReason
+from retrieval.images.diagnose import describe_os_error, diagnose, looks_like, sniff
 
 logger = logging.getLogger(__name__)
 

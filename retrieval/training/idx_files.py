@@ -13,8 +13,8 @@ from pathlib import Path
 
 import torch
 
-from .errors import DataError
-from .imagesets import TensorImages
+from retrieval.errors import DataError
+from retrieval.training.imagesets import TensorImages
 
 IDX_NAMES = {
     "train_images": "train-images-idx3-ubyte",

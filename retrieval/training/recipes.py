@@ -12,10 +12,10 @@ from typing import Any
 
 import torch
 
-from .augment import Augmentation
-from .errors import RetrieveError, WeightsError
-from .model import MIN_IMAGE_SIZE, AlexNet, ModelArgs, init_as_paper
-from .weights import load_model
+from retrieval.errors import RetrieveError, WeightsError
+from retrieval.model.alexnet import MIN_IMAGE_SIZE, AlexNet, ModelArgs, init_as_paper
+from retrieval.model.weights import load_model
+from retrieval.training.augment import Augmentation
 
 RECIPES = ("paper", "onecycle")
 

@@ -20,13 +20,13 @@ from torch.nn import functional as F
 from torchvision.transforms.v2 import functional as TF
 from tqdm import tqdm
 
-from .augment import BatchTransform
-from .data import open_eval_data
-from .devices import resolve_device
-from .imagesets import ImageSet, default_workers
-from .metrics import topk_correct
-from .model import AlexNet
-from .weights import load_model
+from retrieval.devices import resolve_device
+from retrieval.metrics import topk_correct
+from retrieval.model.alexnet import AlexNet
+from retrieval.model.weights import load_model
+from retrieval.training.augment import BatchTransform
+from retrieval.training.datasets import open_eval_data
+from retrieval.training.imagesets import ImageSet, default_workers
 
 log = logging.getLogger(__name__)
 

@@ -1,0 +1,86 @@
+"""Files to fc7 features: reader -> decoder -> preprocess -> model (mapper), each stage timed.
+
+Two paths share the records, the options and the mapper (:mod:`retrieval.extraction.mapper`):
+
+- CPU: worker processes read each file, hash it, decode it safely (Pillow, JPEG draft mode) and
+  resize and crop it to uint8; the main process normalises whole batches and runs the model.
+- CUDA (:mod:`retrieval.extraction.cuda`): threads read and hash bytes ahead of the GPU, which
+  decodes JPEGs in batches with nvjpeg and resizes, crops and normalises them; whatever nvjpeg
+  cannot take is decoded on the CPU in those threads.
+
+A file that cannot be used comes back as a record with a reason instead of pixels, so a bad file
+never stops the run and ids stay aligned with paths. Output is one batch at a time, so memory
+does not grow with the number of files. Stage times show a slow stage (``--verbose``,
+``bench/extract.py``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from dataclasses import replace
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from retrieval.extraction.types import (
+    CPU_BATCH,
+    GPU_BATCH,
+    ExtractedBatch,
+    ExtractOptions,
+    FileRecord,
+    StageTimes,
+)
+
+if TYPE_CHECKING:
+    import numpy as np
+
+    from retrieval.model.weights import LoadedModel
+
+__all__ = [
+    "ExtractOptions",
+    "ExtractedBatch",
+    "FileRecord",
+    "StageTimes",
+    "extract_fc7",
+    "extract_images",
+]
+
+
+def extract_fc7(
+    paths: Sequence[Path], loaded: LoadedModel, options: ExtractOptions = ExtractOptions()
+) -> Iterator[ExtractedBatch]:
+    """fc7 features of ``paths`` in order, one batch at a time (memory stays flat).
+
+    torch and the runners are imported here, not at the top: naming the options and records
+    (``info``, a re-index with nothing to do) must not pay for them.
+    """
+    from retrieval.devices import resolve_device
+    from retrieval.extraction.mapper import Fc7Mapper
+
+    device = resolve_device(options.device)
+    if options.batch_size is None:
+        options = replace(options, batch_size=GPU_BATCH if device.type == "cuda" else CPU_BATCH)
+    mapper = Fc7Mapper(loaded, device, options.precision, options.channels_last, options.compile)
+    if device.type == "cuda":
+        from retrieval.extraction.cuda import extract_on_device
+
+        yield from extract_on_device(paths, loaded, mapper, options)
+    else:
+        from retrieval.extraction.cpu import extract_on_cpu
+
+        yield from extract_on_cpu(paths, loaded, mapper, options)
+
+
+def extract_images(
+    paths: Sequence[Path], loaded: LoadedModel, options: ExtractOptions = ExtractOptions()
+) -> tuple[np.ndarray, list[FileRecord]]:
+    """All at once, for a handful of query images: features of the good ones and every record."""
+    records: list[FileRecord] = []
+    chunks = []
+    for batch in extract_fc7(paths, loaded, options):
+        records.extend(batch.records)
+        chunks.append(batch.features)
+    import numpy as np
+
+    if chunks:
+        return np.concatenate(chunks), records
+    return np.zeros((0, loaded.fc7_dim), np.float32), records

@@ -1,0 +1,63 @@
+"""The reader and decoder stages on the host: read and hash one file, decode and crop it."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import time
+from typing import TYPE_CHECKING
+
+from retrieval.errors import ImageReadError, SkipReason
+from retrieval.extraction.types import FileRecord, StageTimes
+from retrieval.images.decode import load_image
+from retrieval.model.preprocess import Preprocessing
+
+if TYPE_CHECKING:
+    import torch
+
+
+def read_file(position: int, path: str) -> tuple[FileRecord, bytearray | None, StageTimes]:
+    """Stat, read and hash one file; an unreadable one is a record with a reason."""
+    record, times = FileRecord(position, path), StageTimes()
+    start = time.perf_counter()
+    try:
+        with open(path, "rb") as handle:
+            stat = os.fstat(handle.fileno())
+            record.size, record.mtime_ns = stat.st_size, stat.st_mtime_ns
+            data = bytearray(stat.st_size)
+            got = handle.readinto(data)
+            if got != stat.st_size:  # the file changed under us: keep what is there
+                data = data[:got] + bytearray(handle.read())
+    except OSError as exc:
+        record.reason, record.detail = SkipReason.UNREADABLE.value, exc.strerror or str(exc)
+        return record, None, times
+    record.sha256 = hashlib.sha256(data).hexdigest()
+    times.read = time.perf_counter() - start
+    return record, data, times
+
+
+def decode_on_cpu(
+    record: FileRecord,
+    data: bytes | bytearray,
+    times: StageTimes,
+    preprocessing: Preprocessing,
+    max_megapixels: float,
+) -> torch.Tensor | None:
+    """Pillow decode, resize and crop to uint8; a bad file sets the record's reason instead."""
+    start = time.perf_counter()
+    try:
+        image = load_image(
+            data,
+            mode=preprocessing.mode,
+            max_megapixels=max_megapixels,
+            draft_size=preprocessing.resize,
+            path_for_errors=record.path,
+        )
+    except ImageReadError as exc:
+        record.reason, record.detail = exc.reason, exc.detail
+        return None
+    decoded = time.perf_counter()
+    times.decode += decoded - start
+    pixels = preprocessing.resize_and_crop(image)
+    times.preprocess += time.perf_counter() - decoded
+    return pixels

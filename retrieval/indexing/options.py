@@ -1,0 +1,56 @@
+"""What ``retrieve index`` is asked to do (:class:`IndexOptions`), and what it did
+(:class:`IndexReport`)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from retrieval.extraction.types import ExtractOptions
+from retrieval.indexes import kinds
+
+DEFAULT_CHUNK_SIZE = 1024
+
+
+@dataclass
+class IndexReport:
+    """What a run did, for the summary line and ``--json``."""
+
+    index_dir: str
+    added: int = 0
+    updated: int = 0
+    removed: int = 0
+    unchanged: int = 0
+    touched: int = 0
+    skipped: int = 0
+    skip_reasons: dict[str, int] = field(default_factory=dict)
+    skipped_files: list[dict[str, str]] = field(default_factory=list)
+    walk_problems: list[dict[str, str]] = field(default_factory=list)
+    extracted: int = 0  # files run through the model in this run
+    resumed: int = 0  # files taken from chunks an earlier, interrupted run finished
+    count: int = 0
+    total_skipped: int = 0
+    index_kind: str = ""
+    index_kind_reason: str = ""
+    seconds: float = 0.0
+    times: dict[str, float] = field(default_factory=dict)
+
+    def summary(self) -> str:
+        reasons = ", ".join(f"{n} {r}" for r, n in sorted(self.skip_reasons.items()))
+        text = (
+            f"{self.added} added, {self.updated} updated, {self.removed} removed, "
+            f"{self.unchanged + self.touched} unchanged, {self.skipped} skipped"
+        )
+        if reasons:
+            text += f" ({reasons})"
+        return text + f"; the index holds {self.count} images ({self.index_dir})"
+
+
+@dataclass(frozen=True)
+class IndexOptions:
+    weights: str | None = None  # None: the index's own model, else "imagenet"
+    spec: kinds.IndexSpec | None = None  # None: the index's own kind, Flat for a new one
+    memory_budget: int | None = None
+    rebuild: bool = False
+    strict: bool = False
+    chunk_size: int = DEFAULT_CHUNK_SIZE
+    extract: ExtractOptions = field(default_factory=ExtractOptions)

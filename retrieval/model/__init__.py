@@ -1,0 +1,1 @@
+"""AlexNet, where its weights come from, and how an image is prepared for it."""

@@ -1,0 +1,1 @@
+"""Queries against an index, and how good the answers are."""

@@ -1,0 +1,1 @@
+"""Training AlexNet on a labelled folder: data, augmentation, recipes, the loop, evaluation."""
