@@ -114,3 +114,12 @@ def test_image_sizes_keep_the_papers_crop_ratio() -> None:
     assert resize_for(224) == 256
     assert resize_for(64) == 73
     assert resize_batch(_coloured_batch(size=28), 73).shape[-2:] == (73, 73)
+
+
+def test_pca_colour_read_back_from_a_checkpoint_shifts_bitwise_alike() -> None:
+    # eigh's eigenvectors are column-major; the checkpoint's copy is row-major. Both must give
+    # the same shifts to the last bit, or a resumed run's colours drift from an uninterrupted one.
+    pca = pixel_stats(_coloured_batch(8, 20)).pca
+    restored = PCAColor.from_dict(pca.to_dict())
+    alphas = pca.sample_alphas(9, torch.Generator().manual_seed(3))
+    assert torch.equal(pca.shifts(alphas), restored.shifts(alphas))

@@ -82,6 +82,14 @@ class PCAColor:
     eigvecs: torch.Tensor  # (C, C), columns are components
     std: float = 0.1
 
+    def __post_init__(self) -> None:
+        # eigh returns column-major eigenvectors; a checkpoint's copy comes back row-major, and
+        # the two layouts round the shift's matmul differently, so a resumed run's colours
+        # drifted by an ulp from an uninterrupted run's. One layout for both.
+        for name in ("eigvals", "eigvecs"):
+            value = getattr(self, name).to(torch.float32).contiguous()
+            object.__setattr__(self, name, value)
+
     def sample_alphas(self, n: int, generator: torch.Generator) -> torch.Tensor:
         """One ``alpha ~ N(0, std)`` per image and component: ``N x C``."""
         return torch.randn(n, self.eigvals.numel(), generator=generator) * self.std
