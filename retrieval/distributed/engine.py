@@ -1,0 +1,246 @@
+"""The driver: plan parts, run each on Ray Data (decode tasks -> model actors), write its shard.
+
+Each manifest part is one Ray Data pipeline whose output the driver collects by key: a retried
+task or a restarted actor may hand a row back twice or not finish a block, so rows are
+de-duplicated by key and the part is written only when every key came back exactly once
+(otherwise the part fails: nothing is lost and nothing doubled). A finished part is its shard on
+disk, so a killed driver, run again with the same arguments, skips to the first unfinished part.
+Retries are finite (Ray's default retries forever, and a file that kills its decoder every time
+would loop): ``max_retries`` for tasks, ``max_restarts`` / ``max_task_retries`` for actors.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from retrieval.distributed.manifest import PART_FILES, Manifest, Source, plan, read_part
+from retrieval.errors import RetrieveError
+from retrieval.images.decode import DEFAULT_MAX_MEGAPIXELS
+from retrieval.indexes.shards import ShardRows, SkippedRows, write_identity, write_shard
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class RayOptions:
+    """How to spread the work; ``None`` means decided from the cluster's resources."""
+
+    address: str | None = None  # None: start a local cluster; "auto" or HOST:PORT: join one
+    actors: int | None = None  # model actors; None: one per GPU, else max(1, CPUs // 4)
+    actor_cpus: float = 1.0  # CPUs each CPU actor reserves (and torch threads it runs)
+    device: str = "auto"  # "auto": cuda actors when the cluster has GPUs
+    precision: str = "fp32"
+    batch_size: int = 64  # rows per decode task and per model call
+    part_files: int = PART_FILES
+    retries: int = 3
+    max_megapixels: float = DEFAULT_MAX_MEGAPIXELS
+    num_cpus: int | None = None  # for a local cluster only
+
+
+@dataclass
+class RunReport:
+    """What a run did: parts written now and before, rows, skipped files, seconds."""
+
+    out: Path
+    parts_done_before: int = 0
+    parts_written: list[int] = field(default_factory=list)
+    images: int = 0
+    skipped: int = 0
+    seconds: float = 0.0
+    actors: int = 0
+
+
+def connect(options: RayOptions) -> None:
+    """Join or start the cluster once per process (a test or a caller may have done it)."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    if options.address is None:
+        ray.init(num_cpus=options.num_cpus, include_dashboard=False, log_to_driver=False)
+    else:
+        ray.init(address=options.address, log_to_driver=False)
+
+
+def extract_with_ray(
+    source: Source,
+    weights: str,
+    out: Path,
+    options: RayOptions = RayOptions(),
+    on_part: Callable[[int, int], None] | None = None,
+    on_batch: Callable[[int], None] | None = None,
+) -> RunReport:
+    """Extract every file of ``source`` into fc7 shards in ``out`` (resuming a run there)."""
+    from retrieval.model.weights import load_model
+
+    try:
+        import ray
+        import ray.data
+    except ImportError:
+        raise RetrieveError("--engine ray needs Ray: pip install 'retrieve[ray]'") from None
+    started = time.perf_counter()
+    loaded = load_model(weights)
+    identity = loaded.describe()
+    out = Path(out)
+    write_identity(out, identity, loaded.fc7_dim)
+    manifest = plan(out, source, identity, options.part_files)
+    connect(options)
+    report = RunReport(out)
+    todo = [p for p in manifest.parts if not (out / f"fc7-{p.number:05d}.npy").exists()]
+    report.parts_done_before = len(manifest.parts) - len(todo)
+    if report.parts_done_before:
+        log.info(
+            "resuming: %d of %d parts already written",
+            report.parts_done_before,
+            len(manifest.parts),
+        )
+    device, num_gpus, actors = _placement(options, ray.cluster_resources())
+    job = _Job(
+        weights, loaded.sha256, loaded.preprocessing.to_dict(), device, num_gpus, actors, options
+    )
+    report.actors = actors
+    for part in todo:
+        images, skipped = _run_part(out, manifest, part.number, job, on_batch)
+        report.parts_written.append(part.number)
+        report.images += images
+        report.skipped += skipped
+        if on_part is not None:
+            on_part(part.number, images + skipped)
+    report.seconds = time.perf_counter() - started
+    return report
+
+
+def _placement(options: RayOptions, resources: dict) -> tuple[str, float, int]:
+    gpus = int(resources.get("GPU", 0))
+    cpus = int(resources.get("CPU", 1))
+    use_gpu = options.device == "cuda" or (options.device == "auto" and gpus > 0)
+    if use_gpu and gpus == 0:
+        raise RetrieveError("--device cuda: the Ray cluster has no GPUs")
+    if options.actors is not None:
+        actors = options.actors
+    else:
+        actors = gpus if use_gpu else max(1, cpus // 4)
+    return ("cuda" if use_gpu else "cpu"), (1.0 if use_gpu else 0.0), actors
+
+
+@dataclass(frozen=True)
+class _Job:
+    """What every part of a run shares: the weights, their digest, the crops, the placement."""
+
+    weights: str
+    sha256: str
+    preprocessing: dict
+    device: str
+    num_gpus: float
+    actors: int
+    options: RayOptions
+
+
+def _pipeline(dataset, job: _Job):
+    """Decode tasks -> model actors, with finite retries for both."""
+    import ray.data
+
+    from retrieval.distributed.tasks import Fc7Actor, decode_batch
+
+    options = job.options
+    with warnings.catch_warnings():
+        # Ray 2.60 deprecates remote args passed as keywords, yet has no other way to make
+        # retries finite (its defaults are -1, forever, for tasks and actors alike).
+        warnings.simplefilter("ignore", DeprecationWarning)
+        dataset = dataset.map_batches(
+            decode_batch,
+            batch_size=options.batch_size,
+            batch_format="numpy",
+            fn_kwargs={
+                "preprocessing": job.preprocessing,
+                "max_megapixels": options.max_megapixels,
+            },
+            num_cpus=1,
+            max_retries=options.retries,
+            retry_exceptions=False,  # a Python error is a bug, not a flaky node: fail at once
+        )
+        return dataset.map_batches(
+            Fc7Actor,
+            batch_size=options.batch_size,
+            batch_format="numpy",
+            fn_constructor_kwargs={
+                "weights": job.weights,
+                "sha256": job.sha256,
+                "device": job.device,
+                "precision": options.precision,
+                "threads": None if job.num_gpus else max(1, int(options.actor_cpus)),
+            },
+            compute=ray.data.ActorPoolStrategy(size=job.actors),
+            num_cpus=0 if job.num_gpus else options.actor_cpus,
+            num_gpus=job.num_gpus,
+            max_restarts=options.retries,
+            max_task_retries=options.retries,
+        )
+
+
+def _run_part(
+    out: Path,
+    manifest: Manifest,
+    number: int,
+    job: _Job,
+    on_batch: Callable[[int], None] | None,
+) -> tuple[int, int]:
+    """One part through the cluster; its shard is written only when every key came back."""
+    import ray.data
+
+    files = read_part(out, manifest, number)
+    blocks = max(1, -(-len(files["key"]) // job.options.batch_size))
+    dataset = ray.data.from_items(
+        [dict(zip(files, values)) for values in zip(*files.values())],
+        override_num_blocks=blocks,
+    )
+    seen: dict[int, tuple] = {}
+    try:
+        for batch in _pipeline(dataset, job).iter_batches(batch_size=None, batch_format="numpy"):
+            for i, key in enumerate(batch["key"]):
+                seen.setdefault(int(key), tuple(batch[c][i] for c in _COLUMNS))
+            if on_batch is not None:
+                on_batch(len(seen))
+    except Exception as exc:  # Ray wraps worker failures in many classes; one line for the user
+        first_line = str(exc).splitlines()[0] if str(exc) else ""
+        raise RetrieveError(
+            f"part {number} (from {files['path'][0]}) failed, retries included "
+            f"({job.options.retries}): {type(exc).__name__}: {first_line}"
+        ) from exc
+    missing = set(files["key"]) - set(seen)
+    if missing:
+        raise RetrieveError(f"part {number}: {len(missing)} files never came back; run again")
+    return _write_part(out, number, files, seen)
+
+
+_COLUMNS = ("size", "mtime", "sha256", "reason", "detail", "fc7")
+
+
+def _write_part(out: Path, number: int, files: dict, seen: dict[int, tuple]) -> tuple[int, int]:
+    rows, skipped, vectors = ShardRows(), SkippedRows(), []
+    for key, path in zip(files["key"], files["path"]):
+        size, mtime, sha256, reason, detail, fc7 = seen[key]
+        if reason:
+            skipped.id.append(key)
+            skipped.path.append(path)
+            skipped.reason.append(str(reason))
+            skipped.detail.append(str(detail))
+            continue
+        rows.id.append(key)
+        rows.path.append(path)
+        rows.label.append(Path(path).parent.name)
+        rows.sha256.append(str(sha256))
+        rows.size.append(int(size))
+        rows.mtime.append(int(mtime))
+        vectors.append(fc7)
+    dim = len(seen[files["key"][0]][-1])
+    matrix = np.stack(vectors) if vectors else np.zeros((0, dim), np.float32)
+    write_shard(out, number, matrix, rows, skipped)
+    return len(rows), len(skipped)

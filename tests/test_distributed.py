@@ -1,0 +1,237 @@
+"""The Ray engine against the local one, and its faults: a killed actor, a killed driver.
+
+A local Ray cluster with 4 logical CPUs is started once for the module (with 2, a resumed run
+deadlocks: the model actor and the decode tasks leave nothing for the rest). Each test has a hard
+timeout: SIGALRM fails it, and faulthandler ends the process if even that cannot get through.
+"""
+
+from __future__ import annotations
+
+import faulthandler
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+ray = pytest.importorskip("ray")
+pytest.importorskip("pyarrow")
+
+from retrieval.distributed import (  # noqa: E402
+    RayOptions,
+    Source,
+    extract_locally,
+    extract_with_ray,
+)
+from retrieval.errors import RetrieveError  # noqa: E402
+from retrieval.indexes.shards import open_shards  # noqa: E402
+from tests.corpus import make_labelled_folder  # noqa: E402
+
+TEST_SECONDS = 240
+OPTIONS = RayOptions(part_files=10, batch_size=4, actors=1, retries=3)
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
+    yield ray.get_runtime_context().gcs_address
+    ray.shutdown()
+
+
+@pytest.fixture(autouse=True)
+def _hard_timeout():
+    def fail(signum, frame):
+        raise TimeoutError(f"test ran past {TEST_SECONDS}s")
+
+    previous = signal.signal(signal.SIGALRM, fail)
+    signal.alarm(TEST_SECONDS)
+    faulthandler.dump_traceback_later(TEST_SECONDS + 60, exit=True)
+    yield
+    faulthandler.cancel_dump_traceback_later()
+    signal.alarm(0)
+    signal.signal(signal.SIGALRM, previous)
+
+
+@pytest.fixture
+def collection(tmp_path: Path) -> Path:
+    root = tmp_path / "photos"
+    make_labelled_folder(root, classes=3, per_class=6, size=48)
+    (root / "circles" / "notes.jpg").write_bytes(b"a text file, not a JPEG")
+    good = next((root / "squares").iterdir()).read_bytes()
+    (root / "squares" / "cut.png").write_bytes(good[: len(good) // 2])
+    return root
+
+
+def _contents(folder: Path) -> tuple[np.ndarray, list[dict], list[dict]]:
+    vectors, rows, skipped = [], [], []
+    for shard in open_shards(folder):
+        vectors.append(np.array(shard.vectors))
+        rows.extend(shard.metadata.to_pylist())
+        skipped.extend(shard.skipped.to_pylist())
+    return np.concatenate(vectors), rows, skipped
+
+
+def _assert_same(got: Path, want: Path) -> None:
+    got_vectors, got_rows, got_skipped = _contents(got)
+    want_vectors, want_rows, want_skipped = _contents(want)
+    assert got_rows == want_rows
+    assert got_skipped == want_skipped
+    assert len({row["id"] for row in got_rows}) == len(got_rows)  # nothing twice
+    # Same model, same crops: only the order of float additions may differ (batching).
+    np.testing.assert_allclose(got_vectors, want_vectors, rtol=1e-5, atol=1e-6)
+
+
+def _processes(title: str) -> list[int]:
+    found = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/cmdline", "rb") as handle:
+                    command = handle.read()
+            except OSError:
+                continue
+            if command.startswith(title.encode()):
+                found.append(int(entry))
+    return found
+
+
+def test_ray_engine_gives_the_local_engines_vectors_rows_and_skips(
+    cluster, collection: Path, small_model: Path, tmp_path: Path
+) -> None:
+    source = Source.parse(collection)
+    local = extract_locally(source, str(small_model), tmp_path / "local", part_files=10)
+    report = extract_with_ray(source, str(small_model), tmp_path / "ray", OPTIONS)
+    assert report.parts_written == [0, 1] and report.images == 18 and report.skipped == 2
+    assert (local.images, local.skipped) == (18, 2)
+    _assert_same(tmp_path / "ray", tmp_path / "local")
+    _, _, skipped = _contents(tmp_path / "ray")
+    assert {row["reason"] for row in skipped} == {"not an image", "truncated"}
+
+
+def test_model_actor_killed_mid_run_loses_and_duplicates_nothing(
+    cluster, collection: Path, small_model: Path, tmp_path: Path
+) -> None:
+    source = Source.parse(collection)
+    extract_locally(source, str(small_model), tmp_path / "local", part_files=40)
+    killed: list[int] = []
+
+    def kill_actor_once(rows_so_far: int) -> None:
+        if not killed:
+            for pid in _processes("ray::MapWorker(MapBatches(Fc7Actor))"):
+                os.kill(pid, signal.SIGKILL)
+                killed.append(pid)
+
+    options = RayOptions(part_files=40, batch_size=2, actors=1, retries=3)
+    report = extract_with_ray(
+        source, str(small_model), tmp_path / "ray", options, on_batch=kill_actor_once
+    )
+    assert killed, "no model actor was found to kill"
+    assert report.images == 18
+    _assert_same(tmp_path / "ray", tmp_path / "local")
+
+
+DRIVER = """
+import sys
+import ray
+from retrieval.distributed import RayOptions, Source, extract_with_ray
+ray.init(address=sys.argv[1], log_to_driver=False)
+options = RayOptions(part_files=5, batch_size=4, actors=1, retries=3)
+extract_with_ray(Source.parse(sys.argv[2]), sys.argv[3], sys.argv[4], options)
+"""
+
+
+def test_killed_driver_resumes_from_the_parts_it_finished(
+    cluster, collection: Path, small_model: Path, tmp_path: Path
+) -> None:
+    source = Source.parse(collection)
+    extract_locally(source, str(small_model), tmp_path / "local", part_files=5)
+    out = tmp_path / "ray"
+    driver = subprocess.Popen(
+        [sys.executable, "-c", DRIVER, cluster, str(collection), str(small_model), str(out)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    first = out / "fc7-00000.npy"
+    try:
+        while not first.exists():
+            assert driver.poll() is None, "the driver ended before writing its first part"
+            time.sleep(0.1)
+    finally:
+        driver.kill()
+        driver.wait()
+    written_before = sorted(p.name for p in out.glob("fc7-*.npy"))
+    assert len(written_before) < 4, "the driver finished before it could be killed"
+    stamp = first.stat().st_mtime_ns
+    options = RayOptions(part_files=5, batch_size=4, actors=1, retries=3)
+    report = extract_with_ray(source, str(small_model), out, options)
+    assert report.parts_done_before == len(written_before)
+    assert first.stat().st_mtime_ns == stamp  # a finished part is not done again
+    _assert_same(out, tmp_path / "local")
+
+
+def test_resuming_into_a_folder_of_another_source_is_refused(
+    cluster, collection: Path, small_model: Path, tmp_path: Path
+) -> None:
+    extract_locally(Source.parse(collection), str(small_model), tmp_path / "out")
+    other = tmp_path / "other"
+    make_labelled_folder(other, classes=1, per_class=2, size=32)
+    with pytest.raises(RetrieveError, match="another source or model"):
+        extract_with_ray(Source.parse(other), str(small_model), tmp_path / "out", OPTIONS)
+
+
+def test_tar_shards_give_the_vectors_of_the_unpacked_folder(
+    cluster, collection: Path, small_model: Path, tmp_path: Path
+) -> None:
+    import tarfile
+
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    files = sorted(p for p in collection.rglob("*") if p.is_file())
+    for number, start in enumerate(range(0, len(files), 12)):
+        with tarfile.open(shards / f"{number:05d}.tar", "w") as archive:
+            for path in files[start : start + 12]:
+                archive.add(path, arcname=path.relative_to(collection).as_posix())
+    extract_locally(Source.parse(collection), str(small_model), tmp_path / "local", part_files=40)
+    source = Source.parse(shards)
+    assert source.kind == "tar"
+    options = RayOptions(part_files=40, batch_size=4, actors=1, retries=3)
+    extract_with_ray(source, str(small_model), tmp_path / "ray", options)
+    got_vectors, got_rows, got_skipped = _contents(tmp_path / "ray")
+    want_vectors, want_rows, want_skipped = _contents(tmp_path / "local")
+    relative = [row["path"].split(".tar/", 1)[1] for row in got_rows]
+    assert relative == [Path(r["path"]).relative_to(collection).as_posix() for r in want_rows]
+    assert [r["label"] for r in got_rows] == [r["label"] for r in want_rows]
+    assert [r["sha256"] for r in got_rows] == [r["sha256"] for r in want_rows]
+    assert [r["reason"] for r in got_skipped] == [r["reason"] for r in want_skipped]
+    np.testing.assert_allclose(got_vectors, want_vectors, rtol=1e-5, atol=1e-6)
+
+
+def test_extract_command_writes_shards_and_resumes(
+    collection: Path, small_model: Path, tmp_path: Path
+) -> None:
+    import json
+
+    from click.testing import CliRunner
+
+    from retrieval.cli.extract_cmds import extract_command
+
+    out = tmp_path / "out"
+    args = [str(collection), "--out", str(out), "--weights", str(small_model), "--json"]
+    first = CliRunner().invoke(extract_command, [*args, "--part-files", "8"])
+    assert first.exit_code == 0, first.output
+    assert json.loads(first.output)["images"] == 18
+    again = CliRunner().invoke(extract_command, [*args, "--part-files", "8"])
+    summary = json.loads(again.output)
+    assert (summary["parts_written"], summary["parts_done_before"]) == (0, 3)
+    listing = tmp_path / "list.txt"
+    listing.write_text(f"{collection / 'missing.jpg'}\n")
+    other = CliRunner().invoke(
+        extract_command,
+        ["--files-from", str(listing), "--out", str(tmp_path / "x"), "--weights", str(small_model)],
+    )
+    assert other.exit_code == 0, other.output
+    assert "0 images" in other.output and "1 skipped" in other.output
