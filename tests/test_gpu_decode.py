@@ -24,7 +24,9 @@ from PIL import Image, ImageOps
 from retrieval.extraction import extract_images
 from retrieval.extraction.cuda import (
     _Jpeg,
+    _launch,
     assemble,
+    cuda_settings,
     decode_items,
     extract_on_device,
     read_for_device,
@@ -200,6 +202,83 @@ def test_a_refused_jpeg_is_decoded_by_pillow_or_skipped_with_its_reason(
     assert items[1][0].reason == "corrupt" and items[0][0].ok
 
 
+def test_progressive_and_large_jpegs_are_decoded_in_the_reader_threads(tmp_path: Path) -> None:
+    """Both would be decoded serially or at full size on the GPU; Pillow's draft is cheaper."""
+    plain = make_image(tmp_path / "plain.jpg", size=(80, 72), seed=1)
+    progressive = make_image(tmp_path / "progressive.jpg", size=(80, 72), seed=2, progressive=True)
+    large = make_image(tmp_path / "large.jpg", size=(8 * 64 + 8, 8 * 64), seed=3)
+    just_under = make_image(tmp_path / "under.jpg", size=(8 * 64, 8 * 64 - 1), seed=4)
+    kinds = {
+        path.name: type(read_for_device(0, str(path), SMALL, 175)[1])
+        for path in (plain, progressive, large, just_under)
+    }
+    assert kinds == {
+        "plain.jpg": _Jpeg,
+        "progressive.jpg": torch.Tensor,
+        "large.jpg": torch.Tensor,
+        "under.jpg": _Jpeg,
+    }
+
+
+def test_refused_jpegs_are_decoded_in_the_fallback_pool_not_the_caller(
+    tmp_path: Path, monkeypatch
+) -> None:
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    import retrieval.extraction.cuda as extract_cuda
+
+    paths = [make_image(tmp_path / f"{i}.jpg", size=(64, 64), seed=i) for i in range(3)]
+    items = [read_for_device(i, str(p), SMALL, 175) for i, p in enumerate(paths)]
+    monkeypatch.setattr(extract_cuda, "decode_jpegs", lambda datas, *a: [None] * len(datas))
+    threads: list[str] = []
+    real = extract_cuda.decode_on_cpu
+
+    def spy(*args):
+        threads.append(threading.current_thread().name)
+        return real(*args)
+
+    monkeypatch.setattr(extract_cuda, "decode_on_cpu", spy)
+    with ThreadPoolExecutor(2, "retrieve-fallback") as pool:
+        images, crops = decode_items(items, SMALL, CPU, 175, pool)
+    assert images == {} and sorted(crops) == [0, 1, 2]
+    assert threads and all(name.startswith("retrieve-fallback") for name in threads)
+
+
+def test_crops_are_assembled_without_index_tensors(tmp_path: Path, monkeypatch) -> None:
+    """``torch.tensor(list, device="cuda")`` blocks the host; none may be made per batch."""
+    paths = [make_image(tmp_path / f"{i}.jpg", size=(60 + 4 * i, 70), seed=i) for i in range(5)]
+    paths.append(make_image(tmp_path / "x.png", size=(64, 64), seed=9))
+    items = [read_for_device(i, str(p), SMALL, 175) for i, p in enumerate(paths)]
+    images, crops = decode_items(items, SMALL, CPU, 175)
+    want = assemble(images, crops, SMALL, CPU)
+
+    def no_tensor(*args, **kwargs):
+        raise AssertionError("torch.tensor called while assembling a batch")
+
+    monkeypatch.setattr(torch, "tensor", no_tensor)
+    got = assemble(images, crops, SMALL, CPU)
+    monkeypatch.undo()
+    assert torch.equal(got, want) and got.shape == (6, 3, 56, 56)
+
+
+def test_fp32_on_cuda_turns_tf32_off_and_autotunes_then_restores() -> None:
+    cudnn, matmul = torch.backends.cudnn, torch.backends.cuda.matmul
+    before = (cudnn.benchmark, cudnn.allow_tf32, matmul.allow_tf32)
+    with cuda_settings(torch.device("cuda"), "fp32"):
+        assert (cudnn.benchmark, cudnn.allow_tf32, matmul.allow_tf32) == (True, False, False)
+    assert (cudnn.benchmark, cudnn.allow_tf32, matmul.allow_tf32) == before
+    with cuda_settings(torch.device("cuda"), "bf16"):
+        assert cudnn.benchmark and cudnn.allow_tf32 == before[1]
+    with cuda_settings(CPU, "fp32"):
+        assert (cudnn.benchmark, cudnn.allow_tf32, matmul.allow_tf32) == before
+
+
+def test_unknown_decode_ordering_is_refused() -> None:
+    with pytest.raises(ValueError, match="ordering"):
+        decode_jpegs([], [], CPU, 3, "sometimes")
+
+
 def _mixed_folder(root: Path, size: tuple[int, int] = (240, 200)) -> list[Path]:
     """24 JPEGs of assorted sizes (one progressive, one 4:4:4), greyscale, CMYK, PNG,
     EXIF-rotated, then a truncated one."""
@@ -301,3 +380,72 @@ def test_cuda_compile_and_order_with_reader_threads(tmp_path: Path) -> None:
     assert [r.path for r in records] == [str(p) for p in paths]
     relative = np.linalg.norm(compiled - plain, axis=1) / np.linalg.norm(plain, axis=1)
     assert relative.max() <= 1e-2
+
+
+def _race_folder(root: Path) -> list[Path]:
+    """96 JPEGs of varied sizes: each batch frees blocks of many sizes for the next to reuse."""
+    return [
+        make_image(root / f"{i:03d}.jpg", size=(224 + 13 * (i % 9), 224 + 7 * (i % 5)), seed=i)
+        for i in range(96)
+    ]
+
+
+@pytest.mark.cuda
+def test_pipelined_nvjpeg_decode_gives_the_features_of_a_synchronised_run(tmp_path: Path) -> None:
+    """The decode race: batch N+1's nvjpeg output must not land in memory batch N still reads.
+
+    Unordered, torchvision allocates the output on the main stream and nvjpeg writes it from its
+    own, so N's queued model can read N+1's pixels (a torchvision pull request saw 199 corrupted
+    runs of 200 on an H100). The reference synchronises before every decode.
+    """
+    paths = _race_folder(tmp_path)
+    loaded = load_model("random")
+    mapper = Fc7Mapper(loaded, torch.device("cuda"))
+    options = ExtractOptions(device="cuda", batch_size=16, workers=8)
+
+    def run(ordering: str) -> np.ndarray:
+        batches = extract_on_device(paths, loaded, mapper, options, ordering=ordering)
+        return np.concatenate([b.features for b in batches])
+
+    reference = run("sync")
+    for _ in range(5):
+        pipelined = run("streams")
+        relative = np.linalg.norm(pipelined - reference, axis=1) / np.linalg.norm(reference, axis=1)
+        assert relative.max() <= 1e-3
+
+
+@pytest.mark.cuda
+def test_decoding_and_assembling_a_batch_never_waits_for_the_device(tmp_path: Path) -> None:
+    paths = _race_folder(tmp_path)[:32]
+    paths.append(make_image(tmp_path / "x.png", size=(300, 260), seed=1))  # a CPU crop too
+    device = torch.device("cuda")
+    items = [read_for_device(i, str(p), IMAGENET, 175) for i, p in enumerate(paths)]
+    decode_items(items, IMAGENET, device, 175)  # warm-up: nvjpeg handles, allocator pools
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        images, crops = decode_items(items, IMAGENET, device, 175)
+        batch = assemble(images, crops, IMAGENET, device)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert batch.shape == (33, 3, 224, 224)
+
+
+@pytest.mark.cuda
+def test_launching_a_batch_through_the_model_never_waits_for_the_device(tmp_path: Path) -> None:
+    """The whole launch, normalisation and model included (needs Preprocessing.normalize to keep
+    its mean and std off the host-to-device path)."""
+    paths = _race_folder(tmp_path)[:32]
+    loaded = load_model("random")
+    mapper = Fc7Mapper(loaded, torch.device("cuda"))
+    options = ExtractOptions(device="cuda", batch_size=32)
+    items = [read_for_device(i, str(p), IMAGENET, 175) for i, p in enumerate(paths)]
+    _launch(list(items), IMAGENET, mapper, options).marks.wait()  # warm-up (cuDNN, pools)
+    items = [read_for_device(i, str(p), IMAGENET, 175) for i, p in enumerate(paths)]
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        launched = _launch(items, IMAGENET, mapper, options)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    launched.marks.wait()
+    assert launched.features.shape == (32, loaded.fc7_dim)

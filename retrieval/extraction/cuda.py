@@ -9,14 +9,25 @@ CPU-decoded crops through pinned memory, and runs the mapper. Features come back
 memory with a non-blocking copy, and a batch is handed out only after the next one has been
 queued, so the GPU computes while the caller writes the previous batch.
 
-Stage times come from CUDA events (no extra synchronisation); reader times are summed over the
-threads. The same code runs on the CPU (torchvision decodes with libjpeg-turbo there), which is
-how ``tests/test_gpu_decode.py`` checks its order, records and fallbacks without a GPU; its
-tests marked ``cuda`` run it with nvjpeg.
+Progressive JPEGs and large photos go to Pillow in the reader threads too (see
+:func:`better_on_cpu`), and the rare JPEG nvjpeg refuses to a small fallback pool, never to the
+main thread. nvjpeg's output is ordered against the queued work of the previous batch (a side
+stream, ``wait_stream`` + ``record_stream``; see :mod:`retrieval.images.gpu_decode`), and nothing
+between decoding and the model waits for the device (no index tensors, no pageable copies).
+
+Stage times: decoding on the host clock (it returns when the pixels are ready, so waiting for
+the previous batch is not counted), cropping and the model from CUDA events; reader times are
+summed over the threads. "fp32" on CUDA is IEEE fp32 (TF32 off) and cuDNN autotunes the fixed
+batch shape (:func:`cuda_settings`).
+
+The same code runs on the CPU (torchvision decodes with libjpeg-turbo there), which is how
+``tests/test_gpu_decode.py`` checks its order, records and fallbacks without a GPU; its tests
+marked ``cuda`` run it with nvjpeg.
 """
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections import deque
 from collections.abc import Iterator, Sequence
@@ -47,6 +58,12 @@ from retrieval.model.weights import LoadedModel
 READ_CHUNK = 16
 # Batches read ahead of the one the GPU is on.
 READ_AHEAD = 4
+# The start-of-frame marker of a progressive (Huffman) JPEG.
+PROGRESSIVE = 0xC2
+# Threads that decode the JPEGs nvjpeg refused (rare: it is told only about files it takes).
+FALLBACK_THREADS = 2
+# JPEGs whose shorter side is at least this many times the resize go to Pillow's draft mode.
+CPU_DRAFT_SCALE = 8
 
 
 @dataclass
@@ -65,6 +82,20 @@ def default_reader_threads() -> int:
     return max(4, min(32, 2 * usable_cores()))
 
 
+def better_on_cpu(info: JpegInfo, preprocessing: Preprocessing) -> bool:
+    """Whether a JPEG nvjpeg could take is still cheaper to decode in a reader thread.
+
+    Progressive JPEGs: torchvision's batched nvjpeg decode takes them one by one, Huffman
+    decoding on the host, in the main thread, while the GPU waits. Large photos: Pillow's draft
+    mode decodes them at 1/8 scale (8 x the resize on the shorter side, e.g. 2048 px for 256),
+    an eighth of the IDCT work, where nvjpeg decodes every pixel and the GPU then resizes them.
+    ``bench/gpu_check.py`` measures where the crossover lies on the machine it runs on.
+    """
+    return info.frame == PROGRESSIVE or min(info.width, info.height) >= (
+        CPU_DRAFT_SCALE * preprocessing.resize
+    )
+
+
 def read_for_device(
     position: int, path: str, preprocessing: Preprocessing, max_megapixels: float
 ) -> _Item:
@@ -73,7 +104,11 @@ def read_for_device(
     if data is None:
         return record, None, times
     info = inspect_jpeg(data)
-    if info is not None and info.gpu_decodable(max_megapixels):
+    if (
+        info is not None
+        and info.gpu_decodable(max_megapixels)
+        and not better_on_cpu(info, preprocessing)
+    ):
         return record, _Jpeg(torch.frombuffer(data, dtype=torch.uint8), info), times
     return record, decode_on_cpu(record, data, times, preprocessing, max_megapixels), times
 
@@ -92,11 +127,14 @@ def decode_items(
     preprocessing: Preprocessing,
     device: torch.device,
     max_megapixels: float,
+    pool: ThreadPoolExecutor | None = None,
+    ordering: str = "streams",
 ) -> tuple[dict[int, torch.Tensor], dict[int, torch.Tensor]]:
     """Upright decoded images on ``device`` and CPU-decoded crops, by position in ``items``.
 
-    A JPEG nvjpeg refuses goes to Pillow here; if Pillow rejects it too, its record gets the
-    reason and it is in neither result.
+    A JPEG nvjpeg refuses goes to Pillow, in ``pool``'s reader threads when given (not one by
+    one in the thread that feeds the GPU); if Pillow rejects it too, its record gets the reason
+    and it is in neither result.
     """
     jobs = [(i, payload) for i, (_, payload, _) in enumerate(items) if isinstance(payload, _Jpeg)]
     crops = {
@@ -108,18 +146,22 @@ def decode_items(
             [job.info for _, job in jobs],
             device,
             preprocessing.channels,
+            ordering,
         )
         if jobs
         else []
     )
     images: dict[int, torch.Tensor] = {}
+    refused: dict[int, Future[torch.Tensor | None] | torch.Tensor | None] = {}
     for (i, job), image in zip(jobs, decoded, strict=True):
         if image is not None:
             images[i] = image
             continue
         record, _, times = items[i]
-        data = job.data.numpy().tobytes()
-        pixels = decode_on_cpu(record, data, times, preprocessing, max_megapixels)
+        args = (record, job.data.numpy().tobytes(), times, preprocessing, max_megapixels)
+        refused[i] = pool.submit(decode_on_cpu, *args) if pool else decode_on_cpu(*args)
+    for i, outcome in refused.items():
+        pixels = outcome.result() if isinstance(outcome, Future) else outcome
         if pixels is not None:
             crops[i] = pixels
     return images, crops
@@ -131,25 +173,24 @@ def assemble(
     preprocessing: Preprocessing,
     device: torch.device,
 ) -> torch.Tensor | None:
-    """One ``N x C x crop x crop`` uint8 batch on ``device``, in position order."""
-    ok = sorted([*images, *crops])
-    if not ok:
+    """One ``N x C x crop x crop`` uint8 batch on ``device``, in position order.
+
+    No index tensors and no pageable copies: the host never waits for the device here (a
+    ``torch.tensor(list, device="cuda")`` is a blocking copy).
+    """
+    if not images and not crops:
         return None
-    slot = {i: k for k, i in enumerate(ok)}
-    size = preprocessing.crop
-    out = torch.empty(
-        (len(ok), preprocessing.channels, size, size), dtype=torch.uint8, device=device
-    )
+    placed: dict[int, torch.Tensor] = {}
     if images:
-        index = torch.tensor([slot[i] for i in images], device=device)
-        out[index] = resize_and_crop(list(images.values()), preprocessing)
+        order = list(images)
+        placed.update(zip(order, resize_and_crop([images[i] for i in order], preprocessing)))
     if crops:
-        staged = torch.stack(list(crops.values()))
+        order = list(crops)
+        staged = torch.stack([crops[i] for i in order])
         if device.type == "cuda":  # the caching host allocator keeps it alive until copied
             staged = staged.pin_memory()
-        index = torch.tensor([slot[i] for i in crops], device=device)
-        out[index] = staged.to(device, non_blocking=True)
-    return out
+        placed.update(zip(order, staged.to(device, non_blocking=True)))
+    return torch.stack([placed[i] for i in sorted(placed)])
 
 
 class _Marks:
@@ -189,9 +230,8 @@ class _InFlight:
 def _finish(batch: _InFlight, out_features: int) -> ExtractedBatch:
     batch.marks.wait()
     times, marks = batch.times, batch.marks
-    times.decode += marks.seconds(0, 1)
-    times.preprocess += marks.seconds(1, 2)
-    times.model = marks.seconds(2, 3)
+    times.preprocess += marks.seconds(0, 1)
+    times.model = marks.seconds(1, 2)
     if batch.features is None:
         features = np.zeros((0, out_features), dtype=np.float32)
     else:
@@ -202,13 +242,26 @@ def _finish(batch: _InFlight, out_features: int) -> ExtractedBatch:
 
 
 def _launch(
-    items: list[_Item], preprocessing: Preprocessing, mapper: Fc7Mapper, options: ExtractOptions
+    items: list[_Item],
+    preprocessing: Preprocessing,
+    mapper: Fc7Mapper,
+    options: ExtractOptions,
+    pool: ThreadPoolExecutor | None = None,
+    ordering: str = "streams",
 ) -> _InFlight:
-    """Queue one batch's decoding, cropping, model and copy back; return without waiting."""
+    """Queue one batch's decoding, cropping, model and copy back; return without waiting.
+
+    Decoding is timed on the host clock (nvjpeg returns when its pixels are ready), so time
+    the device spends finishing the previous batch is not counted as decoding; cropping and the
+    model are timed with CUDA events on the main stream.
+    """
     device = mapper.device
+    started = time.perf_counter()
+    images, cpu_crops = decode_items(
+        items, preprocessing, device, options.max_megapixels, pool, ordering
+    )
+    decode_seconds = time.perf_counter() - started
     marks = _Marks(device)
-    marks.mark()
-    images, cpu_crops = decode_items(items, preprocessing, device, options.max_megapixels)
     marks.mark()
     crops = assemble(images, cpu_crops, preprocessing, device)
     marks.mark()
@@ -221,19 +274,48 @@ def _launch(
         else:
             host = fc7
     marks.mark()
-    times = StageTimes()
+    times = StageTimes(decode=decode_seconds if images else 0.0)
     for _, _, item_times in items:  # after decode_items, which may add CPU fallbacks
         times.add(item_times)
     return _InFlight([record for record, _, _ in items], host, marks, times)
 
 
+@contextlib.contextmanager
+def cuda_settings(device: torch.device, precision: str) -> Iterator[None]:
+    """cuDNN autotuning on (every batch has one shape), and "fp32" that is IEEE fp32.
+
+    PyTorch lets cuDNN run fp32 convolutions in TF32 by default (10-bit mantissa), so a run
+    labelled fp32 was not; here fp32 turns TF32 off for convolutions and matmuls, and bf16 is
+    the fast path. Both settings are put back afterwards.
+    """
+    if device.type != "cuda":
+        yield
+        return
+    cudnn, matmul = torch.backends.cudnn, torch.backends.cuda.matmul
+    before = (cudnn.benchmark, cudnn.allow_tf32, matmul.allow_tf32)
+    cudnn.benchmark = True
+    if precision == "fp32":
+        cudnn.allow_tf32 = matmul.allow_tf32 = False
+    try:
+        yield
+    finally:
+        cudnn.benchmark, cudnn.allow_tf32, matmul.allow_tf32 = before
+
+
 def extract_on_device(
-    paths: Sequence[Path], loaded: LoadedModel, mapper: Fc7Mapper, options: ExtractOptions
+    paths: Sequence[Path],
+    loaded: LoadedModel,
+    mapper: Fc7Mapper,
+    options: ExtractOptions,
+    *,
+    ordering: str = "streams",
 ) -> Iterator[ExtractedBatch]:
     """fc7 of ``paths`` in order, one batch at a time, with the device one batch ahead.
 
     Made for CUDA (``extract_fc7`` sends it nothing else); it runs on the CPU too, which is
-    how its ordering and bookkeeping are tested without a GPU.
+    how its ordering and bookkeeping are tested without a GPU. ``ordering`` is how nvjpeg is
+    ordered against queued work (:data:`retrieval.images.gpu_decode.ORDERINGS`); anything but
+    the default is for ``bench/gpu_check.py``'s probe of the decode race.
     """
     names = [str(p) for p in paths]
     size = options.batch_size or GPU_BATCH
@@ -258,22 +340,28 @@ def extract_on_device(
                 ]
             )
 
+    # nvjpeg's rare refusals are decoded by Pillow here, not behind the read-ahead queue.
+    fallback = ThreadPoolExecutor(FALLBACK_THREADS, "retrieve-fallback")
     try:
-        for _ in range(READ_AHEAD):
-            read_next_batch()
-        in_flight: _InFlight | None = None
-        resumed = time.perf_counter()
-        while reads or in_flight is not None:
-            launched = None
-            if reads:
-                items = [item for future in reads.popleft() for item in future.result()]
+        with cuda_settings(mapper.device, mapper.precision):
+            for _ in range(READ_AHEAD):
                 read_next_batch()
-                launched = _launch(items, loaded.preprocessing, mapper, options)
-            if in_flight is not None:
-                finished = _finish(in_flight, mapper.out_features)
-                finished.times.wall = time.perf_counter() - resumed
-                yield finished
-                resumed = time.perf_counter()
-            in_flight = launched
+            in_flight: _InFlight | None = None
+            resumed = time.perf_counter()
+            while reads or in_flight is not None:
+                launched = None
+                if reads:
+                    items = [item for future in reads.popleft() for item in future.result()]
+                    read_next_batch()
+                    launched = _launch(
+                        items, loaded.preprocessing, mapper, options, fallback, ordering
+                    )
+                if in_flight is not None:
+                    finished = _finish(in_flight, mapper.out_features)
+                    finished.times.wall = time.perf_counter() - resumed
+                    yield finished
+                    resumed = time.perf_counter()
+                in_flight = launched
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
+        fallback.shutdown(wait=True, cancel_futures=True)

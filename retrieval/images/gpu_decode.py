@@ -59,22 +59,65 @@ def orient(image: torch.Tensor, orientation: int) -> torch.Tensor:
     return image
 
 
+# How a batch's nvjpeg decode is ordered against the work already queued on the device:
+# "streams" (the default) decodes on a side stream that waits for the main one, and records the
+# decoded images as used on the main stream; "sync" waits for the device first; "none" is the
+# unordered call (torchvision allocates the output on the caller's stream but nvjpeg writes it
+# from its own, so the allocator can hand it memory that queued kernels still read). "none" is
+# kept only so ``bench/gpu_check.py`` can show the corruption it causes.
+ORDERINGS = ("streams", "sync", "none")
+_side_streams: dict[int, torch.cuda.Stream] = {}
+
+
 def decode_jpegs(
-    datas: Sequence[torch.Tensor], infos: Sequence[JpegInfo], device: torch.device, channels: int
+    datas: Sequence[torch.Tensor],
+    infos: Sequence[JpegInfo],
+    device: torch.device,
+    channels: int,
+    ordering: str = "streams",
 ) -> list[torch.Tensor | None]:
     """Decode on ``device``, upright, with ``channels`` channels; None where decoding failed.
 
     One file that nvjpeg rejects fails its whole call, so a failed call is retried file by file
     and only the culprits come back as None (the caller decodes those on the CPU).
     """
+    if ordering not in ORDERINGS:
+        raise ValueError(f"ordering must be one of {ORDERINGS}, not {ordering!r}")
     mode = ImageReadMode.GRAY if channels == 1 else ImageReadMode.UNCHANGED
     decoded: list[torch.Tensor | None] = []
     for start, stop in _budgeted_slices(infos):
-        decoded.extend(_decode_slice(list(datas[start:stop]), mode, device))
+        chunk = list(datas[start:stop])
+        if device.type == "cuda" and ordering != "none":
+            decoded.extend(_ordered_decode(chunk, mode, device, ordering))
+        else:
+            decoded.extend(_decode_slice(chunk, mode, device))
     return [
         None if image is None else _channels(orient(image, info.orientation), channels)
         for image, info in zip(decoded, infos, strict=True)
     ]
+
+
+def _ordered_decode(
+    datas: list[torch.Tensor], mode: ImageReadMode, device: torch.device, ordering: str
+) -> list[torch.Tensor | None]:
+    """nvjpeg's output never shares memory with work still queued on the main stream."""
+    main = torch.cuda.current_stream(device)
+    if ordering == "sync":
+        main.synchronize()
+        return _decode_slice(datas, mode, device)
+    side = _side_streams.get(device.index or 0)
+    if side is None:
+        side = _side_streams.setdefault(device.index or 0, torch.cuda.Stream(device))
+    side.wait_stream(main)
+    with torch.cuda.stream(side):
+        images = _decode_slice(datas, mode, device)
+    main.wait_stream(side)
+    for image in images:
+        if image is not None:
+            # Freed later on the main stream: without this the allocator would give the block
+            # back to the side stream's pool while main-stream kernels still read it.
+            image.record_stream(main)
+    return images
 
 
 def _budgeted_slices(infos: Sequence[JpegInfo]) -> list[tuple[int, int]]:
@@ -149,20 +192,18 @@ def resize_and_crop(images: Sequence[torch.Tensor], preprocessing: Preprocessing
     """Upright ``C x H x W`` uint8 images -> ``N x C x crop x crop`` uint8, on their device.
 
     Images of one size are resized together (one kernel per size, not per image): a folder of
-    same-sized JPEGs costs one resize per batch.
+    same-sized JPEGs costs one resize per batch. The crops are put back in order with one stack
+    of views, not with index tensors: ``torch.tensor(list, device="cuda")`` is a blocking
+    host-to-device copy, and one per size group stalled the host about 256 times a batch.
     """
     if not images:
         raise ValueError("resize_and_crop needs at least one image")
     crop = preprocessing.crop
-    out = torch.empty(
-        (len(images), preprocessing.channels, crop, crop),
-        dtype=torch.uint8,
-        device=images[0].device,
-    )
     groups: dict[tuple[int, ...], list[int]] = defaultdict(list)
     for position, image in enumerate(images):
         groups[tuple(image.shape)].append(position)
     interpolation = InterpolationMode(preprocessing.interpolation)
+    crops: list[torch.Tensor | None] = [None] * len(images)
     for shape, positions in groups.items():
         size = resized_size(shape[-2], shape[-1], preprocessing.resize)
         step = max(1, RESIZE_PIXEL_BUDGET // max(shape[-1] * shape[-2], size[0] * size[1]))
@@ -172,6 +213,6 @@ def resize_and_crop(images: Sequence[torch.Tensor], preprocessing: Preprocessing
             # (on uint8, the CPU would take a Pillow-like fixed-point path instead).
             batch = torch.stack([images[p] for p in chunk]).to(torch.float32)
             batch = F.center_crop(_resize_like_pillow(batch, size, interpolation), [crop])
-            index = torch.tensor(chunk, device=out.device)
-            out[index] = batch.to(torch.uint8)
-    return out
+            for position, pixels in zip(chunk, batch.to(torch.uint8)):
+                crops[position] = pixels
+    return torch.stack(crops)
