@@ -55,14 +55,91 @@ def torch_cuda_available() -> bool:
     return bool(torch.cuda.is_available())
 
 
+# faiss GPU IVF-PQ keeps a query's lookup tables in shared memory: past 48 bytes a code
+# (sub-quantizers x bits / 8), they only fit in float16.
+GPU_PQ_FLOAT32_MAX_BYTES = 48
+
+
+def gpu_cloner_options(index: Any) -> Any:
+    """Cloner options that let ``index`` move: float16 lookup tables for IVF-PQ codes > 48 B."""
+    import faiss
+
+    options = faiss.GpuClonerOptions()
+    try:
+        ivf = faiss.extract_index_ivf(index)
+    except RuntimeError:  # not an IVF kind
+        return options
+    ivf = faiss.downcast_index(ivf)
+    if isinstance(ivf, faiss.IndexIVFPQ) and ivf.code_size > GPU_PQ_FLOAT32_MAX_BYTES:
+        options.useFloat16 = True  # for IVF-PQ: the lookup tables (the codes are unchanged)
+    return options
+
+
+def without_fast_scan(index: Any) -> Any:
+    """``index`` with an IVF-PQ fast-scan core rewritten as plain IVF-PQ over the same codes.
+
+    faiss has no GPU version of the fast-scan kinds (``IVF...,PQ...x4fs``, what ``auto`` picks
+    for large collections), so they never moved; the plain IVF-PQ with the same coarse
+    quantizer, product quantizer and codes moves, and ranks as the fast-scan does up to its
+    8-bit quantised lookup tables. Any other index comes back as it is.
+    """
+    import faiss
+
+    node = faiss.downcast_index(index)
+    pre = None
+    if isinstance(node, faiss.IndexPreTransform):
+        pre, node = node, faiss.downcast_index(node.index)
+    if not isinstance(node, faiss.IndexIVFPQFastScan):
+        return index
+    plain = faiss.IndexIVFPQ(
+        node.quantizer, node.d, node.nlist, node.pq.M, node.pq.nbits, node.metric_type
+    )
+    plain.pq = node.pq
+    plain.by_residual = node.by_residual
+    plain.nprobe = node.nprobe
+    plain.is_trained = True
+    packer = node.get_CodePacker()
+    lists = node.invlists
+    for list_no in range(node.nlist):
+        size = lists.list_size(list_no)
+        if size == 0:
+            continue
+        blocks = -(-size // packer.nvec)
+        packed = faiss.rev_swig_ptr(lists.get_codes(list_no), blocks * packer.block_size)
+        codes = np.empty((blocks * packer.nvec, packer.code_size), dtype=np.uint8)
+        for block in range(blocks):
+            start = block * packer.block_size
+            packer.unpack_all(
+                faiss.swig_ptr(packed[start : start + packer.block_size]),
+                faiss.swig_ptr(codes[block * packer.nvec :]),
+            )
+        ids = faiss.rev_swig_ptr(lists.get_ids(list_no), size).copy()
+        codes = np.ascontiguousarray(codes[:size])
+        plain.invlists.add_entries(list_no, size, faiss.swig_ptr(ids), faiss.swig_ptr(codes))
+    plain.ntotal = node.ntotal
+    plain.referenced_objects = [index]  # the quantizer and pq belong to the original
+    if pre is None:
+        return plain
+    wrapped = faiss.IndexPreTransform(plain)
+    for i in reversed(range(pre.chain.size())):
+        wrapped.prepend_transform(pre.chain.at(i))
+    wrapped.referenced_objects = [index, plain]
+    return wrapped
+
+
 def faiss_index_to_gpu(index: Any, device: int = 0) -> Any:
-    """A GPU copy of ``index`` (search parameters included); raises RuntimeError if unsupported."""
+    """A GPU copy of ``index`` (search parameters included); raises RuntimeError if unsupported.
+
+    Fast-scan kinds are rewritten as plain IVF-PQ first and IVF-PQ with codes over 48 bytes
+    moves with float16 lookup tables (:func:`without_fast_scan`, :func:`gpu_cloner_options`).
+    """
     import faiss
 
     global _gpu_resources
     if _gpu_resources is None:
         _gpu_resources = faiss.StandardGpuResources()
-    return faiss.index_cpu_to_gpu(_gpu_resources, device, index)
+    portable = without_fast_scan(index)
+    return faiss.index_cpu_to_gpu(_gpu_resources, device, portable, gpu_cloner_options(portable))
 
 
 def flat_database(index: Any) -> tuple[np.ndarray, Any, np.ndarray | None] | None:
@@ -115,10 +192,12 @@ class TorchExactSearcher:
     """Exact L2 k-NN over a fixed database held on a torch device.
 
     Build it once and call :meth:`search` many times to keep the database resident (the benchmark
-    does this; ``querying.search`` builds one per call). ``precision="float16"`` halves memory and
-    uses tensor cores: vectors are divided by the largest norm before the cast so that dot
-    products cannot overflow fp16, norms stay fp32, so the ranking is exact up to fp16 rounding
-    of the dot products. ``"auto"`` keeps fp32 when it fits in free GPU memory, else fp16.
+    and ``searcher.Searcher`` do this; ``querying.search`` builds one per call).
+    ``precision="float16"`` halves memory and uses tensor cores: vectors are divided by the
+    largest norm before the cast so that dot products cannot overflow fp16, norms stay fp32, and
+    the products accumulate in and come back as fp32 (:func:`inner_products`), so the ranking is
+    exact up to the fp16 rounding of the stored vectors. ``"auto"`` keeps fp32 when it fits in
+    free GPU memory, else fp16.
     """
 
     def __init__(
@@ -189,8 +268,7 @@ class TorchExactSearcher:
         step = self.chunk_rows or max(1024, _DISTANCE_ELEMENTS // max(1, q.shape[0]))
         best_d = best_r = None
         for start in range(0, self.ntotal, step):
-            chunk = self._db[start : start + step]
-            ip = (qm @ chunk.T).float() * factor
+            ip = inner_products(qm, self._db[start : start + step]) * factor
             d = (q_sq + self._db_sq[start : start + step].unsqueeze(0) - 2.0 * ip).clamp_min_(0)
             kc = min(k, d.shape[1])
             d, r = torch.topk(d, kc, dim=1, largest=False, sorted=True)
@@ -200,6 +278,25 @@ class TorchExactSearcher:
                 r = torch.gather(torch.cat([best_r, r], 1), 1, pick)
             best_d, best_r = d, r
         return best_d, best_r
+
+
+def inner_products(queries: Any, chunk: Any) -> Any:
+    """``queries @ chunk.T`` as float32, accumulated in float32 also when both are float16.
+
+    On CUDA ``torch.mm(..., out_dtype=torch.float32)`` (torch >= 2.8) keeps the fp32
+    accumulator's result instead of rounding it to fp16 (3 significant digits, which reordered
+    near neighbours); elsewhere, or on an older torch, the operands are upcast first.
+    """
+    import torch
+
+    if queries.dtype == torch.float32:
+        return queries @ chunk.T
+    if queries.device.type == "cuda":
+        try:
+            return torch.mm(queries, chunk.T, out_dtype=torch.float32)
+        except (TypeError, RuntimeError, NotImplementedError):
+            pass
+    return queries.float() @ chunk.float().T
 
 
 def _choose_precision(precision: str, database: np.ndarray, device: Any) -> str:
@@ -259,7 +356,9 @@ def pick_searcher(index: Any, device: str, k: int) -> tuple[Any, str]:
             g = faiss_index_to_gpu(index, ordinal)
             return (lambda b: g.search(b, k)), "faiss-gpu"
         except RuntimeError as e:
-            log.info("faiss cannot put this index on the GPU (%s)", faiss_message(e))
+            log.warning(
+                "faiss-gpu cannot hold this index (%s); searching elsewhere", faiss_message(e)
+            )
     has_cuda = torch_cuda_available()
     flat = flat_database(index) if has_cuda else None
     if flat is not None:
