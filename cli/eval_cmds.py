@@ -78,7 +78,7 @@ def evaluate_command(
             device=device,
             batch_size=batch_size,
             workers=workers,
-            precision="bf16" if precision == "bf16" else "fp32",
+            precision=None if precision == "auto" else precision,  # auto: the index's own
         )
         report = api.evaluate_retrieval(
             index_dir, data_dir, k=k, map_depth=map_depth, extract=extract

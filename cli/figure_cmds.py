@@ -8,6 +8,7 @@ import click
 
 from .options import (
     device_option,
+    display_path,
     index_option,
     k_option,
     make_search_options,
@@ -51,7 +52,8 @@ def grid_command(queries, output, k, n, seed, tile, index_dir, weights, device, 
     )
     for result in results:
         if result.error:
-            click.echo(f"{result.query}: cannot use this image: {result.error}", err=True)
+            query = display_path(result.query)
+            click.echo(f"{query}: cannot use this image: {result.error}", err=True)
     click.echo(f"wrote {path} ({sum(1 for r in results if r.neighbors)} queries x {k} neighbours)")
 
 

@@ -6,9 +6,17 @@ from pathlib import Path
 
 import click
 
+from retrieval.devices import usable_cores
 from retrieval.units import human_bytes, parse_bytes
 
-from .options import device_option, emit_json, index_option, json_option, weights_option
+from .options import (
+    device_option,
+    display_path,
+    emit_json,
+    index_option,
+    json_option,
+    weights_option,
+)
 from .progress import progress_bar
 
 
@@ -48,10 +56,10 @@ from .progress import progress_bar
 @click.option(
     "--precision",
     type=click.Choice(["fp32", "bf16"]),
-    default="fp32",
-    show_default=True,
+    default=None,
     help="bf16: faster on GPUs and on CPUs with AVX-512 BF16 or AMX; fc7 changes slightly "
-    "(the top-6 neighbours stay the same, see bench/README.md).",
+    "(the top-6 neighbours stay the same, see bench/README.md). Recorded in the index "
+    "[default: the index's own; fp32 for a new index].",
 )
 @click.option(
     "--compile",
@@ -99,17 +107,11 @@ def index_command(
     from retrieval import api
     from retrieval.images.decode import DEFAULT_MAX_MEGAPIXELS
 
-    if max_megapixels:
-        # Pillow refuses images over twice MAX_IMAGE_PIXELS on its own; the user's limit rules.
-        from PIL import Image
-
-        Image.MAX_IMAGE_PIXELS = max(Image.MAX_IMAGE_PIXELS or 0, int(max_megapixels * 1e6))
-
     extract = api.ExtractOptions(
         device=device,
         batch_size=batch_size,
         workers=workers,
-        threads=threads,
+        threads=threads or usable_cores(),
         precision=precision,
         max_megapixels=max_megapixels or DEFAULT_MAX_MEGAPIXELS,
         compile=compile_model,
@@ -169,6 +171,7 @@ def info_command(index_dir, as_json):
     if as_json:
         emit_json(info)
         return
+    assumed = f" ({', '.join(info['assumed'])} assumed: not recorded by format 1)"
     kind = info["index_type"]
     extras = "".join(
         [
@@ -178,13 +181,14 @@ def info_command(index_dir, as_json):
     )
     prep = info["preprocessing"]
     lines = [
-        ("index", info["index"]),
+        ("index", display_path(info["index"])),
         ("images", f"{info['count']} indexed, {info['skipped']} skipped"),
         (
             "model",
             f"{info['model']} (AlexNet {info['arch']}, sha256 {info['weights_sha256'][:12]})",
         ),
         ("layer", f"{info['layer']}, {info['dim']}-d, {info['metric']} distance"),
+        ("precision", info["precision"] + (assumed if info["assumed"] else "")),
         (
             "preprocess",
             f"resize {prep['resize']}, crop {prep['crop']}, {prep['channels']} channels",
@@ -209,6 +213,7 @@ def remove_command(paths, index_dir, as_json):
     if as_json:
         emit_json(result)
         return
+    result = {key: [display_path(p) for p in values] for key, values in result.items()}
     click.echo(f"removed {len(result['removed'])} images")
     for path in result["not_in_index"]:
         click.echo(f"not in the index: {path}", err=True)

@@ -8,11 +8,14 @@ other choices than ``train --precision``).
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import click
+
+from retrieval.devices import usable_cores
 
 DEFAULT_K = 6
 
@@ -87,7 +90,7 @@ def make_search_options(
         weights=weights,
         nprobe=nprobe,
         ef_search=ef_search,
-        extract=api.ExtractOptions(device=device),
+        extract=api.ExtractOptions(device=device, threads=usable_cores()),
     )
 
 
@@ -100,6 +103,13 @@ def with_options(options: list) -> Callable:
         return function
 
     return wrap
+
+
+def display_path(path: str) -> str:
+    """Relative to the current directory when below it, so it opens from here as printed.
+    (The library and ``--json`` give absolute paths.)"""
+    relative = os.path.relpath(path)
+    return path if relative.startswith(os.pardir) else relative
 
 
 def emit_json(data: object) -> None:

@@ -8,6 +8,7 @@ import click
 
 from .options import (
     device_option,
+    display_path,
     emit_json,
     index_option,
     json_option,
@@ -37,11 +38,14 @@ def query_command(images, k, index_dir, weights, device, nprobe, ef_search, as_j
         if as_json:
             emit_json(result.to_dict())
         elif result.error:
-            click.echo(f"{result.query}: cannot use this image: {result.error}", err=True)
+            click.echo(
+                f"{display_path(result.query)}: cannot use this image: {result.error}", err=True
+            )
         else:
-            click.echo(result.query)
+            click.echo(display_path(result.query))
             for n in result.neighbors:
-                click.echo(f"  {n.rank:>3}  {n.distance:10.4f}  {n.path}  [{n.label}]")
+                path = display_path(n.path)
+                click.echo(f"  {n.rank:>3}  {n.distance:10.4f}  {path}  [{n.label}]")
     failed = [r for r in results if r.error]
     if failed and len(failed) == len(results):
         raise click.ClickException(f"no query image could be used ({failed[0].error})")

@@ -16,6 +16,7 @@ import io
 import os
 import struct
 from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import BinaryIO
 
 import numpy as np
@@ -99,9 +100,18 @@ def flat_shape(handle: BinaryIO) -> tuple[int, int] | None:
     return (inner[1], inner[2]) if _is_flat(outer, inner) else None
 
 
-def read_flat_blocks(handle: BinaryIO, rows: int = 2048) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-    """``(vectors, ids)`` blocks of an ``IDMap2,Flat`` file, read with ``pread``: the handle's
-    position is left alone, so a snapshot's open file can be shared."""
+@dataclass(frozen=True)
+class FlatLayout:
+    """Where an ``IDMap2,Flat`` file keeps its vectors and ids (byte offsets), and its shape."""
+
+    dim: int
+    ntotal: int
+    vectors_at: int
+    ids_at: int
+
+
+def flat_layout(handle: BinaryIO) -> FlatLayout:
+    """The checked layout of an ``IDMap2,Flat`` file; FlatLayoutError if it is not one."""
     fd = handle.fileno()
     outer, inner = _headers(fd)
     if not _is_flat(outer, inner):
@@ -110,15 +120,27 @@ def read_flat_blocks(handle: BinaryIO, rows: int = 2048) -> Iterator[tuple[np.nd
     (n_values,) = _COUNT.unpack(_pread(fd, _COUNT.size, _CODES_SIZE_AT))
     if outer[1:3] != (dim, ntotal) or n_values != ntotal * dim:
         raise FlatLayoutError(f"inconsistent {FLAT_FACTORY} header")
-    ids_at = _VECTORS_AT + 4 * n_values
-    (n_ids,) = _COUNT.unpack(_pread(fd, _COUNT.size, ids_at))
+    ids_count_at = _VECTORS_AT + 4 * n_values
+    (n_ids,) = _COUNT.unpack(_pread(fd, _COUNT.size, ids_count_at))
     if n_ids != ntotal:
         raise FlatLayoutError(f"{n_ids} ids for {ntotal} vectors")
-    ids = np.frombuffer(_pread(fd, 8 * ntotal, ids_at + _COUNT.size), dtype="<i8")
+    ids_at = ids_count_at + _COUNT.size
+    if os.fstat(fd).st_size < ids_at + 8 * ntotal:
+        raise FlatLayoutError("file ends before its ids")
+    return FlatLayout(dim, ntotal, _VECTORS_AT, ids_at)
+
+
+def read_flat_blocks(handle: BinaryIO, rows: int = 2048) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """``(vectors, ids)`` blocks of an ``IDMap2,Flat`` file, read with ``pread``: the handle's
+    position is left alone, so a snapshot's open file can be shared."""
+    fd = handle.fileno()
+    layout = flat_layout(handle)
+    dim, ntotal = layout.dim, layout.ntotal
+    ids = np.frombuffer(_pread(fd, 8 * ntotal, layout.ids_at), dtype="<i8")
     row_bytes = 4 * dim
     for start in range(0, ntotal, rows):
         stop = min(start + rows, ntotal)
-        data = _pread(fd, (stop - start) * row_bytes, _VECTORS_AT + start * row_bytes)
+        data = _pread(fd, (stop - start) * row_bytes, layout.vectors_at + start * row_bytes)
         yield np.frombuffer(data, dtype="<f4").reshape(stop - start, dim), ids[start:stop]
 
 

@@ -9,6 +9,7 @@ where to run.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from typing import Any
 
@@ -20,7 +21,13 @@ from . import gpu
 from .gpu import unwrap
 from .kinds import _as_matrix, _first
 
-__all__ = ["index_memory_bytes", "index_ram_bytes", "search", "set_search_params"]
+__all__ = [
+    "index_memory_bytes",
+    "index_ram_bytes",
+    "search",
+    "search_params",
+    "set_search_params",
+]
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +52,19 @@ def set_search_params(
             space.set_index_parameter(index, name if name != "k_factor" else "k_factor_rf", value)
         except RuntimeError:
             log.warning("%s does not apply to this kind of index; ignored", name)
+
+
+def search_params(index: Any) -> dict[str, int | None]:
+    """The query-time knobs an index has now (None where a knob does not apply)."""
+    import faiss
+
+    found: dict[str, int | None] = {"nprobe": None, "ef_search": None}
+    with contextlib.suppress(RuntimeError, AttributeError):  # not an IVF kind
+        found["nprobe"] = int(faiss.extract_index_ivf(index).nprobe)
+    hnsw = _first(index, faiss.IndexHNSW)
+    if hnsw is not None:
+        found["ef_search"] = int(hnsw.hnsw.efSearch)
+    return found
 
 
 def search(

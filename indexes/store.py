@@ -13,8 +13,10 @@ import json
 import logging
 import os
 import sqlite3
+import threading
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -23,13 +25,16 @@ import numpy as np
 
 from retrieval.errors import IndexCorruptError, IndexNotFoundError
 
-from . import flat_file
+from . import exact, flat_file
 from .rows import ROW_COLUMNS, Row, name_to_db, row_from_db
 
 log = logging.getLogger(__name__)
 
 FORMAT = "retrieve-index"
-FORMAT_VERSION = 1
+# 2: the manifest records the model identity (weights, architecture, preprocessing, layer,
+# precision, reduction, normalisation) and the weights' absolute path. Version 1 is still read.
+FORMAT_VERSION = 2
+OLDEST_READ = 1
 MANIFEST = "manifest.json"
 # How often a reader retries when a writer retired the generation it was about to open.
 OPEN_ATTEMPTS = 5
@@ -49,6 +54,16 @@ def _connect_read_only(path: Path) -> sqlite3.Connection:
     return connection
 
 
+@dataclass(frozen=True)
+class RowFilter:
+    """Which rows: one status, paths below a folder, one label, a path substring."""
+
+    status: str | None = None
+    under: str | None = None
+    label: str | None = None
+    contains: str | None = None
+
+
 class Snapshot:
     """A consistent, read-only view of one committed generation."""
 
@@ -62,16 +77,21 @@ class Snapshot:
         # outlives its name, so this snapshot stays whole however long it is used.
         self._vectors_file = open(self.vectors_path, "rb")  # noqa: SIM115 - closed in close()
         try:
-            if not self.rows_path.exists():
-                raise FileNotFoundError(self.rows_path)
             self.rows = _connect_read_only(self.rows_path)
         except sqlite3.DatabaseError as exc:
             self._vectors_file.close()
+            if not self.rows_path.exists():  # retired by a writer between the two opens: retry
+                raise FileNotFoundError(self.rows_path) from exc
             raise IndexCorruptError(f"{self.rows_path} is damaged ({exc}); {REBUILD}") from exc
         except BaseException:
             self._vectors_file.close()
             raise
         self._index: faiss.Index | None = None
+        self._mapped: faiss.Index | None = None
+        self._exact: exact.MappedFlat | bool | None = False  # False: not looked at yet
+        # One SQLite connection serves every thread; its calls are serialised here.
+        self._db_lock = threading.Lock()
+        self._open_lock = threading.Lock()
 
     @property
     def count(self) -> int:
@@ -93,6 +113,41 @@ class Snapshot:
             self._check_holds(index.d, index.ntotal)
             self._index = index
         return self._index
+
+    def search_index(self) -> faiss.Index:
+        """The FAISS index for searching: memory-mapped read-only where the OS allows it
+        (``IO_FLAG_MMAP_IFC`` through this snapshot's own open file, which outlives a writer's
+        retiring it), so opening costs no read of the vectors. Never modify it."""
+        with self._open_lock:
+            if self._mapped is None:
+                self._mapped = self._read_mapped()
+            return self._mapped
+
+    def _read_mapped(self) -> faiss.Index:
+        own = f"/proc/self/fd/{self._vectors_file.fileno()}"
+        if not os.path.exists(own):
+            return self.index
+        flags = faiss.IO_FLAG_MMAP_IFC | faiss.IO_FLAG_READ_ONLY
+        try:
+            index = faiss.read_index(own, flags)
+        except RuntimeError as exc:
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else "unreadable"
+            raise self._damaged(first) from exc
+        self._check_holds(index.d, index.ntotal)
+        return index
+
+    def mapped_flat(self) -> exact.MappedFlat | None:
+        """The mapped exact searcher when the file is the default ``IDMap2,Flat``, else None."""
+        with self._open_lock:
+            if self._exact is False:
+                try:
+                    found = exact.MappedFlat(self._vectors_file)
+                except flat_file.FlatLayoutError:
+                    found = None
+                if found is not None:
+                    self._check_holds(found.d, found.ntotal)
+                self._exact = found
+            return self._exact
 
     def flat_vector_blocks(self) -> Iterator[tuple[np.ndarray, np.ndarray]] | None:
         """``(vectors, ids)`` blocks when the file is an ``IDMap2,Flat`` index, else None:
@@ -122,6 +177,10 @@ class Snapshot:
                 f"manifest says {self.count} of {self.dim}-d; {REBUILD}"
             )
 
+    def _fetch(self, query: str, params: Sequence[Any] = ()) -> list[tuple]:
+        with self._db_lock:
+            return self.rows.execute(query, params).fetchall()
+
     def rows_by_id(self, ids: Iterable[int]) -> dict[int, Row]:
         wanted = sorted({int(i) for i in ids if i >= 0})
         found: dict[int, Row] = {}
@@ -129,34 +188,69 @@ class Snapshot:
             part = wanted[start : start + 900]
             marks = ",".join("?" * len(part))
             query = f"SELECT {ROW_COLUMNS} FROM images WHERE id IN ({marks})"
-            for values in self.rows.execute(query, part):
+            for values in self._fetch(query, part):
                 found[values[0]] = row_from_db(values)
         return found
 
     def iter_rows(self, status: str | None = None, under: str | None = None) -> Iterator[Row]:
         """Rows in id order, optionally only one status or only paths below a folder."""
-        query, params = f"SELECT {ROW_COLUMNS} FROM images WHERE 1=1", []
-        if status:
-            query += " AND status = ?"
-            params.append(status)
-        if under:
-            prefix = name_to_db(under.rstrip(os.sep) + os.sep)
-            query += " AND substr(path, 1, ?) = ?"
+        query, params = self._where(RowFilter(status=status, under=under))
+        last = -1
+        while True:  # in pages, so other threads get the connection in between
+            page = self._fetch(
+                f"SELECT {ROW_COLUMNS} FROM images {query} AND id > ? ORDER BY id LIMIT 1000",
+                [*params, last],
+            )
+            yield from map(row_from_db, page)
+            if len(page) < 1000:
+                return
+            last = page[-1][0]
+
+    def find_rows(self, where: RowFilter, offset: int = 0, limit: int = 100) -> list[Row]:
+        """One page of rows in id order that pass ``where``."""
+        query, params = self._where(where)
+        sql = f"SELECT {ROW_COLUMNS} FROM images {query} ORDER BY id LIMIT ? OFFSET ?"
+        return [row_from_db(v) for v in self._fetch(sql, [*params, int(limit), int(offset)])]
+
+    def count_rows(self, where: RowFilter) -> int:
+        query, params = self._where(where)
+        return int(self._fetch(f"SELECT count(*) FROM images {query}", params)[0][0])
+
+    def label_counts(self, status: str | None = "indexed") -> dict[str, int]:
+        """Rows per label (parent folder name), most common first."""
+        query, params = self._where(RowFilter(status=status))
+        sql = f"SELECT label, count(*) AS n FROM images {query} GROUP BY label ORDER BY n DESC"
+        return {os.fsdecode(label): int(n) for label, n in self._fetch(sql, params)}
+
+    @staticmethod
+    def _where(where: RowFilter) -> tuple[str, list[Any]]:
+        clauses, params = ["1=1"], []
+        if where.status:
+            clauses.append("status = ?")
+            params.append(where.status)
+        if where.under:
+            prefix = name_to_db(where.under.rstrip(os.sep) + os.sep)
+            clauses.append("substr(path, 1, ?) = ?")
             params += [len(prefix), prefix]
-        for values in self.rows.execute(query + " ORDER BY id", params):
-            yield row_from_db(values)
+        if where.label is not None:
+            clauses.append("label = ?")
+            params.append(name_to_db(where.label))
+        if where.contains:
+            clauses.append("instr(path, ?) > 0")
+            params.append(name_to_db(where.contains))
+        return "WHERE " + " AND ".join(clauses), params
 
     def row_for_path(self, path: str) -> Row | None:
-        values = self.rows.execute(
-            f"SELECT {ROW_COLUMNS} FROM images WHERE path = ?", (name_to_db(path),)
-        ).fetchone()
-        return row_from_db(values) if values else None
+        found = self._fetch(f"SELECT {ROW_COLUMNS} FROM images WHERE path = ?", (name_to_db(path),))
+        return row_from_db(found[0]) if found else None
 
     def size_on_disk(self) -> int:
         return sum(p.stat().st_size for p in (self.vectors_path, self.rows_path))
 
     def close(self) -> None:
-        self.rows.close()
+        """Close the files; mapped vectors already handed out stay readable until dropped."""
+        with self._db_lock:
+            self.rows.close()
         self._vectors_file.close()
 
 
@@ -183,12 +277,31 @@ def read_manifest(directory: Path) -> dict[str, Any]:
         raise IndexCorruptError(
             f"{directory} was written by a newer retrieve (format {version}); upgrade retrieve"
         )
-    if version < FORMAT_VERSION:
+    if version < OLDEST_READ:
         raise IndexCorruptError(
             f"{directory} uses the old index format {version} (this retrieve reads "
-            f"{FORMAT_VERSION}); {REBUILD}"
+            f"{OLDEST_READ} to {FORMAT_VERSION}); {REBUILD}"
         )
+    if "identity" not in manifest:
+        manifest["identity"] = _identity_of_version_1(manifest)
     return manifest
+
+
+def _identity_of_version_1(manifest: dict[str, Any]) -> dict[str, Any]:
+    """Format 1 recorded the model but not the precision: it is taken as fp32, the default of
+    every version that wrote format 1 (bf16 had to be asked for), and said to be assumed."""
+    model, kind = manifest["model"], manifest.get("index", {})
+    return {
+        "weights_sha256": model["sha256"],
+        "arch": model["arch"],
+        "preprocessing": model["preprocessing"],
+        "dim": int(manifest["dim"]),
+        "layer": model.get("layer", "fc7"),
+        "precision": "fp32",
+        "reduce": kind.get("reduce"),
+        "normalize": bool(kind.get("normalize", False)),
+        "assumed": ["precision"],
+    }
 
 
 def open_snapshot(directory: Path) -> Snapshot:

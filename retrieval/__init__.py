@@ -1,3 +1,30 @@
-"""retrieve: find similar images by AlexNet fc7 features (Krizhevsky et al. 2012) and FAISS."""
+"""retrieve: image retrieval by AlexNet fc7 features and FAISS, after Krizhevsky et al. (2012).
 
-__version__ = "0.1.0"
+The public API: :class:`Index` (an index kept open: search, neighbours, rows, update, remove)
+and the option and result types it takes and gives. Importing it loads neither torch nor a
+model; the first image to embed does.
+"""
+
+from __future__ import annotations
+
+from retrieval.errors import RetrieveError
+from retrieval.extraction.types import ExtractOptions
+from retrieval.index import Index
+from retrieval.indexes.kinds import IndexSpec
+from retrieval.indexing.options import IndexOptions, IndexReport
+from retrieval.model.identity import Identity
+from retrieval.search.query import Neighbor, QueryResult
+from retrieval.version import __version__
+
+__all__ = [
+    "ExtractOptions",
+    "Identity",
+    "Index",
+    "IndexOptions",
+    "IndexReport",
+    "IndexSpec",
+    "Neighbor",
+    "QueryResult",
+    "RetrieveError",
+    "__version__",
+]

@@ -18,6 +18,21 @@ def fsync_dir(directory: Path) -> None:
         os.close(fd)
 
 
+def current_umask() -> int:
+    """The process's umask, read without changing it (``os.umask`` can only set it: setting 0
+    and back would let another thread create a world-writable file in between)."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as status:
+            for line in status:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    umask = os.umask(0o022)  # no /proc (macOS): the old way, briefly a safe mask
+    os.umask(umask)
+    return umask
+
+
 @contextlib.contextmanager
 def atomic_path(target: Path) -> Iterator[Path]:
     """Yield a temporary path beside ``target``; on success it is fsynced and renamed over it."""
@@ -27,9 +42,7 @@ def atomic_path(target: Path) -> Iterator[Path]:
     os.close(fd)
     tmp = Path(tmp_name)
     # mkstemp makes the file private (0600); give it the permissions a plain open() would.
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)
+    os.chmod(tmp, 0o666 & ~current_umask())
     try:
         yield tmp
         with open(tmp, "rb+") as handle:

@@ -561,7 +561,11 @@ def test_pillow_warning_threshold_does_not_override_a_higher_limit(
         warnings.simplefilter("error")
         assert load_image(path).size == (48, 40)
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 900)  # now over Pillow's hard 2x limit
-    assert reason_of(path) == SkipReason.TOO_LARGE.value
+    assert load_image(path).size == (48, 40)  # the caller's limit rules, not Pillow's global
+    assert Image.MAX_IMAGE_PIXELS == 900  # and the global is left as found
+    with pytest.raises(ImageReadError) as caught:
+        load_image(path, max_megapixels=0.001)
+    assert caught.value.reason == SkipReason.TOO_LARGE.value
 
 
 def test_pillow_globals_and_warning_filters_are_left_alone(tmp_path: Path) -> None:

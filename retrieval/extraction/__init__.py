@@ -29,10 +29,13 @@ from retrieval.extraction.types import (
     FileRecord,
     StageTimes,
 )
+from retrieval.images.decode import DEFAULT_MAX_MEGAPIXELS
 
 if TYPE_CHECKING:
     import numpy as np
+    from PIL import Image
 
+    from retrieval.extraction.mapper import Fc7Mapper
     from retrieval.model.weights import LoadedModel
 
 __all__ = [
@@ -40,26 +43,39 @@ __all__ = [
     "ExtractedBatch",
     "FileRecord",
     "StageTimes",
+    "embed_decoded",
     "extract_fc7",
     "extract_images",
+    "make_mapper",
 ]
 
 
-def extract_fc7(
-    paths: Sequence[Path], loaded: LoadedModel, options: ExtractOptions = ExtractOptions()
-) -> Iterator[ExtractedBatch]:
-    """fc7 features of ``paths`` in order, one batch at a time (memory stays flat).
-
-    torch and the runners are imported here, not at the top: naming the options and records
-    (``info``, a re-index with nothing to do) must not pay for them.
-    """
+def make_mapper(loaded: LoadedModel, options: ExtractOptions = ExtractOptions()) -> Fc7Mapper:
+    """The model stage for these options, to build once and pass to every call that runs it."""
     from retrieval.devices import resolve_device
     from retrieval.extraction.mapper import Fc7Mapper
 
     device = resolve_device(options.device)
+    precision = options.precision or "fp32"
+    return Fc7Mapper(loaded, device, precision, options.channels_last, options.compile)
+
+
+def extract_fc7(
+    paths: Sequence[Path],
+    loaded: LoadedModel,
+    options: ExtractOptions = ExtractOptions(),
+    mapper: Fc7Mapper | None = None,
+) -> Iterator[ExtractedBatch]:
+    """fc7 features of ``paths`` in order, one batch at a time (memory stays flat).
+
+    torch and the runners are imported here, not at the top: naming the options and records
+    (``info``, a re-index with nothing to do) must not pay for them. ``mapper``: a model stage
+    kept by the caller (``Index`` keeps one), else one is made for this call.
+    """
+    mapper = mapper or make_mapper(loaded, options)
+    device = mapper.device
     if options.batch_size is None:
         options = replace(options, batch_size=GPU_BATCH if device.type == "cuda" else CPU_BATCH)
-    mapper = Fc7Mapper(loaded, device, options.precision, options.channels_last, options.compile)
     if device.type == "cuda":
         from retrieval.extraction.cuda import extract_on_device
 
@@ -71,12 +87,15 @@ def extract_fc7(
 
 
 def extract_images(
-    paths: Sequence[Path], loaded: LoadedModel, options: ExtractOptions = ExtractOptions()
+    paths: Sequence[Path],
+    loaded: LoadedModel,
+    options: ExtractOptions = ExtractOptions(),
+    mapper: Fc7Mapper | None = None,
 ) -> tuple[np.ndarray, list[FileRecord]]:
     """All at once, for a handful of query images: features of the good ones and every record."""
     records: list[FileRecord] = []
     chunks = []
-    for batch in extract_fc7(paths, loaded, options):
+    for batch in extract_fc7(paths, loaded, options, mapper):
         records.extend(batch.records)
         chunks.append(batch.features)
     import numpy as np
@@ -84,3 +103,26 @@ def extract_images(
     if chunks:
         return np.concatenate(chunks), records
     return np.zeros((0, loaded.fc7_dim), np.float32), records
+
+
+def embed_decoded(
+    images: Sequence[bytes | Image.Image],
+    mapper: Fc7Mapper,
+    max_megapixels: float = DEFAULT_MAX_MEGAPIXELS,
+) -> tuple[np.ndarray, list[FileRecord]]:
+    """fc7 of images already in memory (uploads, PIL images), decoded as files are: a bad one
+    gets a record with the reason a file would get, and no row of features."""
+    import numpy as np
+    import torch
+
+    from retrieval.extraction.reader import crop_in_memory
+
+    records, crops = [], []
+    for position, image in enumerate(images):
+        record, pixels = crop_in_memory(position, image, mapper.preprocessing, max_megapixels)
+        records.append(record)
+        if pixels is not None:
+            crops.append(pixels)
+    if not crops:
+        return np.zeros((0, mapper.out_features), np.float32), records
+    return mapper(torch.stack(crops).to(mapper.device)).cpu().numpy(), records

@@ -76,7 +76,8 @@ def default_threads() -> int:
     Measured on an idle 2-core EPYC (AVX2; 400 Imagenette JPEGs, two rounds): 1 decoder + 2
     threads 62-72 images/s, 0 + 2: 57-63, 1 + 1: 40-44. On a machine that other jobs keep busy
     the order turns (an earlier measurement at load average 4-5: 1 + 1 52, 1 + 2 44): there
-    pass ``threads`` (``--threads``) explicitly.
+    pass ``threads`` (``--threads``) explicitly. The CLI asks for this; the library leaves
+    torch's process-wide setting alone unless ``ExtractOptions.threads`` says otherwise.
     """
     return usable_cores()
 
@@ -106,8 +107,11 @@ def extract_on_cpu(
         num_workers=workers,
         collate_fn=_collate,
         prefetch_factor=4 if workers else None,
+        # Its own generator: a DataLoader otherwise draws its workers' seed from torch's global
+        # RNG, and extraction must leave the caller's random state as it found it.
+        generator=torch.Generator().manual_seed(0),
     )
-    threads = options.threads if options.threads is not None else default_threads()
+    threads = options.threads  # None: torch's setting, as the caller left it
     with _torch_threads(threads):
         resumed = time.perf_counter()
         for records, pixels, times in loader:

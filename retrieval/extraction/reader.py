@@ -9,11 +9,12 @@ from typing import TYPE_CHECKING
 
 from retrieval.errors import ImageReadError, SkipReason
 from retrieval.extraction.types import FileRecord, StageTimes
-from retrieval.images.decode import load_image
+from retrieval.images.decode import convert_mode, load_image
 from retrieval.model.preprocess import Preprocessing
 
 if TYPE_CHECKING:
     import torch
+    from PIL import Image
 
 
 def read_file(position: int, path: str) -> tuple[FileRecord, bytearray | None, StageTimes]:
@@ -61,3 +62,30 @@ def decode_on_cpu(
     pixels = preprocessing.resize_and_crop(image)
     times.preprocess += time.perf_counter() - decoded
     return pixels
+
+
+def crop_in_memory(
+    position: int,
+    image: bytes | bytearray | Image.Image,
+    preprocessing: Preprocessing,
+    max_megapixels: float,
+) -> tuple[FileRecord, torch.Tensor | None]:
+    """An image given as bytes (an upload) or as a PIL image, through the same safe decoding
+    and cropping as a file; a bad one gets the record a bad file gets."""
+    from PIL import Image
+
+    if isinstance(image, Image.Image):
+        record = FileRecord(position, f"<image {position}>")
+        if image.width * image.height > max_megapixels * 1e6:
+            record.reason = SkipReason.TOO_LARGE.value
+            record.detail = f"{image.width}x{image.height}, over {max_megapixels:g} MP"
+            return record, None
+        return record, preprocessing.resize_and_crop(convert_mode(image, preprocessing.mode))
+    data = bytes(image)
+    record = FileRecord(position, f"<upload {position}>", size=len(data))
+    record.sha256 = hashlib.sha256(data).hexdigest()
+    if not data:
+        record.reason = SkipReason.EMPTY.value
+        return record, None
+    pixels = decode_on_cpu(record, data, StageTimes(), preprocessing, max_megapixels)
+    return record, pixels

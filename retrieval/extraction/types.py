@@ -26,7 +26,7 @@ class ExtractOptions:
     device: str = "auto"
     batch_size: int | None = None  # None: CPU_BATCH or GPU_BATCH
     workers: int | None = None  # CPU: decoder processes; CUDA: reader threads
-    precision: str = "fp32"  # "bf16" or "int8" (CPU): faster, slightly different numbers
+    precision: str | None = None  # fp32 or bf16; None: the index's own (fp32 for a new one)
     max_megapixels: float = DEFAULT_MAX_MEGAPIXELS
     channels_last: bool = True
     threads: int | None = None  # torch threads for the CPU model; None: every core

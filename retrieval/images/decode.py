@@ -14,13 +14,16 @@ Pillow's plain formula (no ICC colour management, but stable). Output is exactly
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import io
 import logging
 import os
 import stat
 import struct
+import threading
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import BinaryIO
 
@@ -161,7 +164,8 @@ def _decode(
         warnings.simplefilter("always")
         warnings.simplefilter(bomb_action, Image.DecompressionBombWarning)
         try:
-            image = Image.open(stream, formats=_decode_formats())
+            with _pillow_allows(max_pixels):
+                image = Image.open(stream, formats=_decode_formats())
         except (OSError, *_BROKEN_DATA_ERRORS) as error:
             # A plugin took the file on weak evidence ("BM" starts a BMP, and some text) and
             # then failed on the header: unless it really looks like an image, it is not one.
@@ -185,6 +189,31 @@ def _decode(
     for warning in caught:
         logger.debug("%s: Pillow warned: %s", name, warning.message)
     return result
+
+
+_PILLOW_LIMIT_LOCK = threading.Lock()
+
+
+@contextlib.contextmanager
+def _pillow_allows(max_pixels: float) -> Iterator[None]:
+    """Let ``Image.open`` take images up to the caller's own limit.
+
+    Pillow refuses images over twice its global ``MAX_IMAGE_PIXELS`` (~179 MP) in ``Image.open``
+    itself, before our check can speak; a caller who asked for a higher ``max_megapixels`` must
+    get it without changing a process-wide setting for good (the CLI used to set the global, so
+    the library refused what the CLI accepted). Only then, and only for the header parse, the
+    limit is raised under a lock and put back.
+    """
+    limit = Image.MAX_IMAGE_PIXELS
+    if limit is None or max_pixels < 2 * limit:
+        yield
+        return
+    with _PILLOW_LIMIT_LOCK:
+        Image.MAX_IMAGE_PIXELS = int(max_pixels)
+        try:
+            yield
+        finally:
+            Image.MAX_IMAGE_PIXELS = limit
 
 
 @functools.cache

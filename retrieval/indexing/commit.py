@@ -8,23 +8,44 @@ to its FAISS index chunk by chunk, and the manifest swapped last. Also ``retriev
 from __future__ import annotations
 
 from collections import Counter
+from dataclasses import dataclass, field, fields
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 
-from retrieval import __version__
 from retrieval.indexes import auto, flat_file, generation, kinds, store
 from retrieval.indexes.rows import Row, RowUpdate
 from retrieval.indexes.staging import Staging, iter_chunk_features
 from retrieval.indexes.sync import SyncPlan
-from retrieval.model.weights import LoadedModel
-
-if TYPE_CHECKING:
-    from retrieval.indexing.options import IndexOptions, IndexReport
+from retrieval.indexing.options import IndexOptions, IndexReport
+from retrieval.model.identity import Identity
+from retrieval.version import __version__
 
 TRAINING_SEED = 1234
+
+
+@dataclass
+class CommitResult:
+    """What one commit changed, in the terms of :class:`IndexReport`."""
+
+    added: int = 0
+    updated: int = 0
+    removed: int = 0
+    unchanged: int = 0
+    touched: int = 0
+    skipped: int = 0
+    skip_reasons: dict[str, int] = field(default_factory=dict)
+    skipped_files: list[dict[str, str]] = field(default_factory=list)
+    count: int = 0
+    total_skipped: int = 0
+    index_kind: str = ""
+    index_kind_reason: str = ""
+
+    def fill(self, report: IndexReport) -> None:
+        for item in fields(self):
+            setattr(report, item.name, getattr(self, item.name))
 
 
 def _label(path: str) -> str:
@@ -34,17 +55,22 @@ def _label(path: str) -> str:
 def commit_changes(
     index_dir: Path,
     base: store.Snapshot | None,
-    loaded: LoadedModel,
+    model: dict[str, Any],
+    identity: Identity,
     options: IndexOptions,
     plan: SyncPlan,
     staging: Staging,
-    report: IndexReport,
-) -> None:
-    """Apply the plan and the staged features as one new generation."""
+) -> CommitResult:
+    """Apply the plan and the staged features as one new generation; on success ``base`` is
+    closed (the writer retires it), on an error the caller still owns it.
+
+    ``model`` is the manifest's record of where the weights are, ``identity`` what the vectors
+    are (both written to the new manifest)."""
+    report = CommitResult()
     wanted = {(f.path, f.size, f.mtime_ns) for f in plan.extract}
     chunks = staging.chunk_paths()
     fresh = base is None or options.rebuild
-    dim = loaded.fc7_dim
+    dim = identity.dim
     index = None  # a fresh Flat index is streamed; an update starts from the base (below)
     if fresh:
         n_new = sum(
@@ -135,7 +161,8 @@ def commit_changes(
             "retrieve_version": __version__,
             "created": base.manifest.get("created", now) if base and not fresh else now,
             "updated": now,
-            "model": loaded.describe(),
+            "model": model,
+            "identity": identity.to_dict(),
             "metric": "l2",
             "index": spec.to_dict(),
             "index_reason": why,
@@ -147,6 +174,7 @@ def commit_changes(
     report.count = snapshot.count
     report.total_skipped = int(snapshot.manifest["skipped"])
     snapshot.close()
+    return report
 
 
 def _streams(spec: kinds.IndexSpec, dim: int) -> bool:
@@ -199,23 +227,28 @@ def _training_sample(
 
 
 def remove_from_index(paths: list[Path], index_dir: Path) -> dict[str, list[str]]:
-    """``retrieve remove``: drop rows by path (a folder drops everything under it)."""
+    """``retrieve remove``: drop rows by path (a folder drops everything under it).
+
+    Nothing on disk but the index changes: the files themselves are never touched."""
     with generation.write_lock(index_dir):
         base = store.open_snapshot(index_dir)
-        doomed: dict[int, Row] = {}
-        missing = []
-        for path in paths:
-            row = base.row_for_path(str(path))
-            found = ([row] if row else []) + list(base.iter_rows(under=str(path)))
-            if not found:
-                missing.append(str(path))
-            doomed.update((row.id, row) for row in found)
-        if not doomed:
+        try:
+            doomed: dict[int, Row] = {}
+            missing = []
+            for path in paths:
+                row = base.row_for_path(str(path))
+                found = ([row] if row else []) + list(base.iter_rows(under=str(path)))
+                if not found:
+                    missing.append(str(path))
+                doomed.update((row.id, row) for row in found)
+            if not doomed:
+                return {"removed": [], "not_in_index": missing}
+            vector_ids = [i for i, row in doomed.items() if row.status == "indexed"]
+            spec = kinds.IndexSpec.from_dict(base.manifest["index"])
+            writer = generation.GenerationWriter(index_dir, base)
+        except BaseException:
             base.close()
-            return {"removed": [], "not_in_index": missing}
-        vector_ids = [i for i, row in doomed.items() if row.status == "indexed"]
-        spec = kinds.IndexSpec.from_dict(base.manifest["index"])
-        writer = generation.GenerationWriter(index_dir, base)
+            raise
         try:
             index = _carry_over(base, writer, spec, vector_ids)
             writer.delete_rows(list(doomed))
@@ -224,6 +257,7 @@ def remove_from_index(paths: list[Path], index_dir: Path) -> dict[str, list[str]
             writer.commit(index, {**keep, "updated": now}).close()
         except BaseException:
             writer.abort()
+            base.close()
             raise
         return {"removed": sorted(row.path for row in doomed.values()), "not_in_index": missing}
 

@@ -2,17 +2,23 @@
 
 The run is: walk the folder, plan what changed (``indexes.sync``), extract fc7 for new and edited
 files into staged chunks (``indexes.staging``, so a killed run resumes), then commit one new
-generation (``indexes.generation``). Bad files become skipped rows with a reason; the run goes on.
+generation (``commit``). Bad files become skipped rows with a reason; the run goes on.
+
+The model is loaded only when there is an image to embed (or ``--weights`` names one to check):
+a re-index where nothing changed, or where files were only removed or touched, never imports
+torch. An update embeds with the index's own identity: the weights must be the same (refused with
+the part that differs otherwise), the preprocessing and precision are the manifest's.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -26,7 +32,11 @@ from retrieval.indexes.staging import StagedFile, Staging
 from retrieval.indexes.sync import DiskFile, plan_sync, stat_files
 from retrieval.indexing.commit import commit_changes
 from retrieval.indexing.options import IndexOptions, IndexReport
-from retrieval.model.weights import LoadedModel, load_model
+from retrieval.model.identity import Identity
+
+if TYPE_CHECKING:
+    from retrieval.extraction.mapper import Fc7Mapper
+    from retrieval.model.weights import LoadedModel
 
 log = logging.getLogger(__name__)
 
@@ -36,8 +46,12 @@ def index_folder(
     index_dir: Path | None = None,
     options: IndexOptions = IndexOptions(),
     progress: Callable[[int, int], None] | None = None,
+    model: LoadedModel | None = None,
+    mapper: Fc7Mapper | None = None,
 ) -> IndexReport:
-    """Index every image under ``images_dir``; on an existing index, apply only the changes."""
+    """Index every image under ``images_dir`` (or that one file); on an existing index, apply
+    only the changes. ``model`` / ``mapper``: already loaded and checked by the caller
+    (``Index.update``), so they are not loaded again."""
     started = time.perf_counter()
     index_dir = Path(index_dir or store.default_index_dir())
     root = Path(os.path.abspath(images_dir))
@@ -51,28 +65,36 @@ def index_folder(
         log.warning("%s: %s", problem.path, problem.reason)
     with generation.write_lock(index_dir):
         base = _open_base(index_dir)
-        generation.remove_unreferenced(index_dir, base.manifest if base else None)
-        loaded = _choose_model(base, options)
-        if base and options.rebuild:
-            base_rows: list[Row] = []
-        else:
-            base_rows = list(base.iter_rows(under=str(root))) if base else []
-        _check_compatible(base, loaded, options)
-        disk, stat_problems = stat_files(paths)
-        for path, why in stat_problems:
-            report.walk_problems.append({"path": path, "reason": why})
-        plan = plan_sync(disk, base_rows)
-        if base and not options.rebuild and plan.is_empty:
-            report.unchanged, report.count = plan.unchanged, base.count
-            report.total_skipped = int(base.manifest.get("skipped", 0))
-            report.index_kind = base.manifest["index"]["kind"]
-            report.seconds = time.perf_counter() - started
-            base.close()
-            return report
-        staging = Staging(index_dir, _staging_identity(loaded, options))
-        times = _extract_to_staging(plan.extract, loaded, options, staging, report, progress)
-        commit_changes(index_dir, base, loaded, options, plan, staging, report)
-        staging.clear()
+        try:
+            generation.remove_unreferenced(index_dir, base.manifest if base else None)
+            fresh = base is None or options.rebuild
+            _check_request(base, fresh, options)
+            disk, stat_problems = stat_files(paths)
+            report.walk_problems += [{"path": p, "reason": why} for p, why in stat_problems]
+            plan = plan_sync(disk, [] if fresh else _rows_under(base, root))
+            if plan.extract or fresh or options.weights:
+                model = model or _load(base, fresh, options)
+                identity, model = _identity_for_run(base, fresh, model, options)
+            if not fresh and not plan.extract:
+                identity = Identity.from_dict(base.manifest["identity"])
+                source = _moved_source(base, model)
+                if plan.is_empty and source is None:
+                    return _nothing_to_do(report, base, plan, started)
+            times = StageTimes()
+            staging = Staging(index_dir, _staging_identity(identity, options))
+            if plan.extract:
+                extract = dataclasses.replace(options.extract, precision=identity.precision)
+                times = _extract_to_staging(
+                    plan.extract, model, extract, mapper, options, staging, report, progress
+                )
+            record = model.describe() if model is not None else base.manifest["model"]
+            result = commit_changes(index_dir, base, record, identity, options, plan, staging)
+            base = None  # the commit took it over (and closed it)
+            staging.clear()
+        finally:
+            if base is not None:
+                base.close()
+    result.fill(report)
     report.seconds = time.perf_counter() - started
     times.wall = report.seconds
     report.times = {k: round(v, 3) for k, v in vars(times).items()}
@@ -85,50 +107,127 @@ def _open_base(index_dir: Path) -> store.Snapshot | None:
     return store.open_snapshot(index_dir)
 
 
-def _choose_model(base: store.Snapshot | None, options: IndexOptions) -> LoadedModel:
-    device = options.extract.device
-    if options.weights:
-        return load_model(options.weights, device="cpu" if device == "auto" else device)
-    if base and not options.rebuild:
-        return load_model(base.manifest["model"]["source"], device="cpu")
-    return load_model("imagenet", device="cpu")
+def _rows_under(base: store.Snapshot, root: Path) -> list[Row]:
+    """The rows a run over ``root`` answers for: those below the folder, or that one file."""
+    if root.is_dir():
+        return list(base.iter_rows(under=str(root)))
+    row = base.row_for_path(str(root))
+    return [row] if row else []
 
 
-def _check_compatible(
-    base: store.Snapshot | None, loaded: LoadedModel, options: IndexOptions
-) -> None:
-    if base is None or options.rebuild:
+def _check_request(base: store.Snapshot | None, fresh: bool, options: IndexOptions) -> None:
+    """An update cannot change the index's kind or precision (that takes ``--rebuild``)."""
+    if fresh:
         return
-    recorded = base.manifest["model"]
-    if recorded["sha256"] != loaded.sha256:
+    asked, recorded = options.extract.precision, base.manifest["identity"]["precision"]
+    if asked and asked != recorded:
         raise IndexMismatchError(
-            f"the index at {base.directory} was built with other weights ({recorded['source']}, "
-            f"sha256 {recorded['sha256'][:12]}); add --rebuild to rebuild it with "
-            f"{loaded.source}"
+            f"the index at {base.directory} does not take --precision {asked}: precision: the "
+            f"index has {recorded}; leave out --precision, or add --rebuild to rebuild it"
         )
     wanted = options.spec
-    if (
-        wanted
-        and wanted.kind != "auto"
-        and wanted != kinds.IndexSpec.from_dict(base.manifest["index"])
-    ):
+    if not wanted or wanted.kind == "auto":
+        return
+    if wanted != kinds.IndexSpec.from_dict(base.manifest["index"]):
         raise IndexMismatchError(
             f"the index at {base.directory} is {base.manifest['index']['kind']}; add --rebuild "
             "to change its kind, reduction or normalisation"
         )
 
 
-def _staging_identity(loaded: LoadedModel, options: IndexOptions) -> dict[str, Any]:
+def _load(base: store.Snapshot | None, fresh: bool, options: IndexOptions) -> LoadedModel:
+    from retrieval.model.weights import load_model
+
+    if options.weights:
+        return load_model(options.weights)
+    if base is not None:  # an update, or --rebuild (to change the kind): the index's own model
+        return load_recorded_model(base.manifest)
+    return load_model("imagenet")
+
+
+def load_recorded_model(manifest: dict[str, Any]) -> LoadedModel:
+    """The model a manifest names, with a clear line when its file has moved."""
+    from retrieval.errors import WeightsError
+    from retrieval.model.weights import load_model
+
+    source = manifest["model"]["source"]
+    known = ("imagenet", "random")
+    if not str(source).startswith(known) and not Path(source).exists():
+        sha = manifest["identity"]["weights_sha256"][:12]
+        raise WeightsError(
+            f"the weights this index was built with are no longer at {source} (moved or "
+            f"deleted?); pass --weights PATH of a file with the same weights (sha256 {sha}...)"
+        )
+    try:
+        return load_model(source)
+    except WeightsError as exc:
+        raise WeightsError(
+            f"cannot load the model this index was built with ({exc}); pass it with --weights"
+        ) from exc
+
+
+def _identity_for_run(
+    base: store.Snapshot | None, fresh: bool, model: LoadedModel, options: IndexOptions
+) -> tuple[Identity, LoadedModel]:
+    """The identity the new vectors get, and the model set up to give it."""
+    spec = options.spec or kinds.IndexSpec()
+    asked = options.extract.precision
+    if fresh:
+        return model.identity(asked or "fp32", reduce=spec.reduce, normalize=spec.normalize), model
+    recorded = Identity.from_dict(base.manifest["identity"])
+    return recorded, checked_model(recorded, model, asked, what=f"the index at {base.directory}")
+
+
+def checked_model(
+    recorded: Identity, model: LoadedModel, precision: str | None, *, what: str
+) -> LoadedModel:
+    """``model`` set up to embed as ``recorded`` says (its preprocessing), or refused with the
+    one part that differs (weights, architecture, layer, width, precision)."""
+    from retrieval.model.preprocess import Preprocessing
+
+    candidate = model.identity(
+        precision or recorded.precision, reduce=recorded.reduce, normalize=recorded.normalize
+    )
+    candidate = dataclasses.replace(candidate, preprocessing=recorded.preprocessing)
+    why = recorded.difference(candidate)
+    if why:
+        hint = "add --rebuild to rebuild it" if precision is None else "leave out --precision"
+        raise IndexMismatchError(f"{model.source} does not fit {what}: {why}; {hint}")
+    model.preprocessing = Preprocessing.from_dict(recorded.preprocessing)
+    return model
+
+
+def _moved_source(base: store.Snapshot, model: LoadedModel | None) -> str | None:
+    """The new place of the index's weights, when ``--weights`` named the same weights there."""
+    if model is None or model.source == base.manifest["model"]["source"]:
+        return None
+    return model.source
+
+
+def _nothing_to_do(
+    report: IndexReport, base: store.Snapshot, plan: Any, started: float
+) -> IndexReport:
+    report.unchanged, report.count = plan.unchanged, base.count
+    report.total_skipped = int(base.manifest.get("skipped", 0))
+    report.index_kind = base.manifest["index"]["kind"]
+    report.seconds = time.perf_counter() - started
+    return report
+
+
+def _staging_identity(identity: Identity, options: IndexOptions) -> dict[str, Any]:
     return {
-        "model": loaded.sha256,
-        "preprocessing": loaded.preprocessing.to_dict(),
+        "model": identity.weights_sha256,
+        "preprocessing": identity.preprocessing,
+        "precision": identity.precision,
         "max_megapixels": options.extract.max_megapixels,
     }
 
 
 def _extract_to_staging(
     files: list[DiskFile],
-    loaded: LoadedModel,
+    model: LoadedModel,
+    extract: Any,
+    mapper: Fc7Mapper | None,
     options: IndexOptions,
     staging: Staging,
     report: IndexReport,
@@ -146,7 +245,7 @@ def _extract_to_staging(
     done = report.resumed
     if progress:
         progress(done, len(files))
-    for batch in extract_fc7([Path(f.path) for f in todo], loaded, options.extract):
+    for batch in extract_fc7([Path(f.path) for f in todo], model, extract, mapper):
         times.add(batch.times)
         row = sum(len(x) for x in pending_features)
         for record in batch.records:
@@ -163,12 +262,7 @@ def _extract_to_staging(
                 detail = f" ({record.detail})" if record.detail else ""
                 log.warning("skipped %s: %s%s", record.path, record.reason, detail)
                 item = StagedFile(
-                    disk.path,
-                    disk.size,
-                    disk.mtime_ns,
-                    record.sha256,
-                    record.reason,
-                    record.detail,
+                    disk.path, disk.size, disk.mtime_ns, record.sha256, record.reason, record.detail
                 )
             pending.append(item)
         pending_features.append(batch.features)

@@ -1,20 +1,22 @@
 """Preprocessing as data: what turns a decoded image into the model's input tensor.
 
 A :class:`Preprocessing` is stored in checkpoints and index manifests, so a query is always
-prepared exactly as the indexed images were. The split into a per-image part (resize and crop,
-on uint8, in decoder workers) and a per-batch part (scale and normalise, where the model runs)
-is exactly torchvision's ``ImageClassification`` preset, done in two steps: it keeps the tensors
-that cross process boundaries four times smaller, and lets the GPU do the float work.
+prepared exactly as the indexed images were; torch and torchvision are imported by the two steps,
+not by this module, so a manifest's preprocessing is read and compared without them. The split
+into a per-image part (resize and crop, on uint8, in decoder workers) and a per-batch part (scale
+and normalise, where the model runs) is exactly torchvision's ``ImageClassification`` preset,
+done in two steps: it keeps the tensors that cross process boundaries four times smaller, and
+lets the GPU do the float work.
 """
 
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
+from typing import TYPE_CHECKING
 
-import torch
-from PIL import Image
-from torchvision.transforms import InterpolationMode
-from torchvision.transforms import functional as F
+if TYPE_CHECKING:
+    import torch
+    from PIL import Image
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -57,6 +59,9 @@ class Preprocessing:
 
     def resize_and_crop(self, image: Image.Image) -> torch.Tensor:
         """The per-image step: a uint8 ``C x crop x crop`` tensor."""
+        from torchvision.transforms import InterpolationMode
+        from torchvision.transforms import functional as F
+
         if image.mode != self.mode:
             image = image.convert(self.mode)
         interpolation = InterpolationMode(self.interpolation)
@@ -66,6 +71,8 @@ class Preprocessing:
 
     def normalize(self, batch: torch.Tensor) -> torch.Tensor:
         """The per-batch step: uint8 ``N x C x H x W`` to normalised float32 on its device."""
+        import torch
+
         batch = batch.to(torch.float32).div_(255.0)
         mean = torch.tensor(self.mean, dtype=torch.float32, device=batch.device).view(1, -1, 1, 1)
         std = torch.tensor(self.std, dtype=torch.float32, device=batch.device).view(1, -1, 1, 1)

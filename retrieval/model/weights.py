@@ -12,6 +12,7 @@ import contextlib
 import hashlib
 import io
 import logging
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -21,6 +22,7 @@ import torch
 from retrieval.atomic import atomic_write
 from retrieval.errors import WeightsError
 from retrieval.model.alexnet import AlexNet, ModelArgs, build_alexnet
+from retrieval.model.identity import Identity
 from retrieval.model.preprocess import IMAGENET, Preprocessing
 
 log = logging.getLogger(__name__)
@@ -52,7 +54,8 @@ class LoadedModel:
         return self.model.fc7_dim
 
     def describe(self) -> dict[str, Any]:
-        """What a manifest stores to refuse a query with another model."""
+        """Where the model came from, as a manifest records it (``source`` is absolute, so an
+        index built with ``--weights model.pt`` finds the file from any directory)."""
         return {
             "source": self.source,
             "sha256": self.sha256,
@@ -60,6 +63,20 @@ class LoadedModel:
             "layer": "fc7",
             "preprocessing": self.preprocessing.to_dict(),
         }
+
+    def identity(
+        self, precision: str = "fp32", *, reduce: str | None = None, normalize: bool = False
+    ) -> Identity:
+        """What fc7 of this model means, as an index records and checks it."""
+        return Identity(
+            weights_sha256=self.sha256,
+            arch=self.args.to_dict(),
+            preprocessing=self.preprocessing.to_dict(),
+            dim=self.fc7_dim,
+            precision=precision,
+            reduce=reduce,
+            normalize=normalize,
+        )
 
 
 def state_dict_sha256(state_dict: dict[str, torch.Tensor]) -> str:
@@ -106,7 +123,7 @@ def _load_imagenet() -> LoadedModel:
     finally:
         if said.getvalue().strip():
             log.info(said.getvalue().strip())
-    model = AlexNet(ModelArgs())
+    model = _empty_alexnet(ModelArgs())
     model.load_state_dict(state)
     return LoadedModel(
         model=model,
@@ -165,7 +182,7 @@ def _load_file(path: Path) -> LoadedModel:
         preprocessing = IMAGENET if args.in_channels == 3 else _grey(IMAGENET)
         classes, metadata = None, {}
     try:
-        model = AlexNet(args)
+        model = _empty_alexnet(args)
         model.load_state_dict(state)
     except (RuntimeError, ValueError, KeyError) as exc:
         first_line = str(exc).strip().splitlines()[0]
@@ -174,23 +191,46 @@ def _load_file(path: Path) -> LoadedModel:
         model=model,
         preprocessing=preprocessing,
         sha256=state_dict_sha256(state),
-        source=str(path),
+        source=os.path.abspath(path),
         classes=list(classes) if classes else None,
         metadata=metadata,
     )
 
 
+def _empty_alexnet(args: ModelArgs) -> AlexNet:
+    """An AlexNet to load weights into; its throwaway initialisation draws from a forked RNG,
+    so loading a model leaves the caller's random state as it was."""
+    return build_alexnet(args, seed=0)
+
+
 def _infer_args(state: dict[str, Any], path: Path) -> ModelArgs:
-    """Architecture, channels and classes of a plain state dict, read from its shapes."""
+    """Architecture, channels, classes, batch norm and groups of a plain state dict, read from
+    its shapes: conv1's kernel (4: cifar) and width (96: paper), running statistics (batch
+    norm), conv2's inputs per group (the paper's two-GPU split)."""
     try:
-        conv1 = state["features.0.weight"]
-        head = state["classifier.6.weight"]
-    except (KeyError, TypeError):
+        convs = sorted(
+            (int(k.split(".")[1]), v)
+            for k, v in state.items()
+            if k.startswith("features.") and k.endswith(".weight") and v.ndim == 4
+        )
+        fcs = sorted(
+            (int(k.split(".")[1]), v)
+            for k, v in state.items()
+            if k.startswith("classifier.") and k.endswith(".weight") and v.ndim == 2
+        )
+        conv1, conv2, head = convs[0][1], convs[1][1], fcs[-1][1]
+    except (AttributeError, IndexError, TypeError, ValueError):
         raise WeightsError(
             f"{path} is not an AlexNet state dict (no features.0.weight / classifier.6.weight)"
         ) from None
-    arch = "paper" if conv1.shape[0] == 96 else "torchvision"
-    return ModelArgs(arch=arch, in_channels=int(conv1.shape[1]), num_classes=int(head.shape[0]))
+    arch = "cifar" if conv1.shape[-1] == 4 else "paper" if conv1.shape[0] == 96 else "torchvision"
+    return ModelArgs(
+        arch=arch,
+        in_channels=int(conv1.shape[1]),
+        num_classes=int(head.shape[0]),
+        batch_norm=any(k.endswith("running_mean") for k in state),
+        groups=max(1, int(conv1.shape[0]) // int(conv2.shape[1])),
+    )
 
 
 def _grey(preprocessing: Preprocessing) -> Preprocessing:

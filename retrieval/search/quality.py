@@ -7,20 +7,18 @@ batches and are searched in batches, so memory stays flat for any number of quer
 
 from __future__ import annotations
 
-import os
 import time
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any, Protocol
 
 import numpy as np
 
 from retrieval.errors import RetrieveError
-from retrieval.extraction import extract_fc7
-from retrieval.extraction.types import ExtractOptions
-from retrieval.indexes import querying, store
-from retrieval.indexes.store import default_index_dir
+from retrieval.indexes.rows import Row
 from retrieval.metrics import mean_average_precision, precision_at_k, recall_at_k
-from retrieval.search.query import expand_queries, model_for_index
+from retrieval.search.query import expand_queries
 
 SEARCH_BATCH = 256
 
@@ -42,60 +40,70 @@ class RetrievalQuality:
         }
 
 
+class Searchable(Protocol):
+    """What the measures need of an open index (``retrieval.Index`` is one)."""
+
+    count: int
+    identity: Any
+    vectors_bytes: int
+
+    def embed_files(self, paths: Sequence[Path]) -> Iterator[Any]: ...
+    def search_vectors(self, vectors: np.ndarray, k: int, **knobs: Any) -> tuple: ...
+    def vectors(self, ids: Sequence[int]) -> np.ndarray: ...
+    def rows(self, ids: Sequence[int] | None = None, **where: Any) -> list[Row]: ...
+    def id_of(self, path: str | Path) -> int | None: ...
+
+
 def evaluate_retrieval(
-    index_dir: Path | None,
+    index: Searchable,
     queries: Path | list[Path],
     *,
     k: int = 6,
     map_depth: int | None = None,
-    weights: str | None = None,
-    extract: ExtractOptions = ExtractOptions(),
 ) -> RetrievalQuality:
     """precision@k and mAP of labelled query images (label = parent folder) against an index.
 
-    A query that is itself in the index is left out of its own ranking.
+    A query that is itself in the index is left out of its own ranking. mAP ranks the
+    ``map_depth`` nearest rows (default: all of them, the full ranking); precision@k always
+    looks at ``k``, whichever is smaller.
     """
     started = time.perf_counter()
     paths = expand_queries(queries if isinstance(queries, list) else [queries])
-    snapshot = store.open_snapshot(Path(index_dir or default_index_dir()))
-    try:
-        if k > snapshot.count:
-            raise RetrieveError(f"k={k} is larger than the index ({snapshot.count} images)")
-        loaded = model_for_index(snapshot, weights, extract.device)
-        codes, database_labels = _label_codes(snapshot)
-        per_label = np.bincount(database_labels[database_labels >= 0], minlength=len(codes))
-        depth = min(map_depth or snapshot.count, snapshot.count)
-        precisions, aps, skipped = [], [], 0
-        for batch in extract_fc7(paths, loaded, extract):
-            skipped += len(batch.records) - len(batch.features)
-            good = [r for r in batch.records if r.ok]
-            if not good:
-                continue
-            query_labels = np.array([codes.get(Path(r.path).parent.name, -2) for r in good])
-            self_ids = [_row_id(snapshot, r.path) for r in good]
-            for start in range(0, len(good), SEARCH_BATCH):
-                part = slice(start, start + SEARCH_BATCH)
-                ranked = _ranked_labels(
-                    snapshot, batch.features[part], self_ids[part], depth, database_labels
-                )
-                labels = query_labels[part]
-                relevant = np.where(labels >= 0, per_label[np.maximum(labels, 0)], 0)
-                relevant -= np.array([1 if i >= 0 else 0 for i in self_ids[part]])
-                precisions.append(precision_at_k(ranked[:, :k], labels, k) * len(labels))
-                aps.append(mean_average_precision(ranked, labels, relevant) * len(labels))
-        n = len(paths) - skipped
-        if n == 0:
-            raise RetrieveError("no query image could be used")
-        return RetrievalQuality(
-            n, k, sum(precisions) / n, sum(aps) / n, depth, skipped, time.perf_counter() - started
-        )
-    finally:
-        snapshot.close()
+    count = index.count
+    if k > count:
+        raise RetrieveError(f"k={k} is larger than the index ({count} images)")
+    codes, database_labels = _label_codes(index.rows(limit=None))
+    per_label = np.bincount(database_labels[database_labels >= 0], minlength=len(codes))
+    depth = min(map_depth or count, count)
+    ranked_depth = max(depth, k)
+    precisions, aps, skipped = [], [], 0
+    for batch in index.embed_files(paths):
+        skipped += len(batch.records) - len(batch.features)
+        good = [r for r in batch.records if r.ok]
+        if not good:
+            continue
+        query_labels = np.array([codes.get(Path(r.path).parent.name, -2) for r in good])
+        self_ids = [_own_id(index, r.path) for r in good]
+        for start in range(0, len(good), SEARCH_BATCH):
+            part = slice(start, start + SEARCH_BATCH)
+            ranked = _ranked_labels(
+                index, batch.features[part], self_ids[part], ranked_depth, database_labels
+            )
+            labels = query_labels[part]
+            relevant = np.where(labels >= 0, per_label[np.maximum(labels, 0)], 0)
+            relevant -= np.array([1 if i >= 0 else 0 for i in self_ids[part]])
+            precisions.append(precision_at_k(ranked[:, :k], labels, k) * len(labels))
+            aps.append(mean_average_precision(ranked[:, :depth], labels, relevant) * len(labels))
+    n = len(paths) - skipped
+    if n == 0:
+        raise RetrieveError("no query image could be used")
+    return RetrievalQuality(
+        n, k, sum(precisions) / n, sum(aps) / n, depth, skipped, time.perf_counter() - started
+    )
 
 
-def _label_codes(snapshot: store.Snapshot) -> tuple[dict[str, int], np.ndarray]:
+def _label_codes(rows: list[Row]) -> tuple[dict[str, int], np.ndarray]:
     """Label name -> code, and an array mapping row id -> label code (-1 where no row)."""
-    rows = list(snapshot.iter_rows(status="indexed"))
     codes: dict[str, int] = {}
     by_id = np.full(max((r.id for r in rows), default=0) + 1, -1, dtype=np.int64)
     for row in rows:
@@ -103,13 +111,13 @@ def _label_codes(snapshot: store.Snapshot) -> tuple[dict[str, int], np.ndarray]:
     return codes, by_id
 
 
-def _row_id(snapshot: store.Snapshot, path: str) -> int:
-    row = snapshot.row_for_path(os.path.abspath(path))
-    return row.id if row and row.status == "indexed" else -1
+def _own_id(index: Searchable, path: str) -> int:
+    found = index.id_of(path)
+    return -1 if found is None else found
 
 
 def _ranked_labels(
-    snapshot: store.Snapshot,
+    index: Searchable,
     features: np.ndarray,
     self_ids: list[int],
     depth: int,
@@ -117,7 +125,7 @@ def _ranked_labels(
 ) -> np.ndarray:
     """Label codes of each query's ``depth`` nearest rows, its own row left out (-1 pads)."""
     extra = 1 if any(i >= 0 for i in self_ids) else 0
-    _, ids = querying.search(snapshot.index, features, min(depth + extra, snapshot.count))
+    _, ids = index.search_vectors(features, min(depth + extra, index.count))
     ranked = np.full((len(ids), depth), -1, dtype=np.int64)
     for row, (found, own) in enumerate(zip(ids, self_ids)):
         found = found[(found >= 0) & (found != own)][:depth]
@@ -137,8 +145,8 @@ class RecallReport:
 
 
 def evaluate_recall(
-    approximate_dir: Path,
-    exact_dir: Path,
+    approximate: Searchable,
+    exact: Searchable,
     *,
     k: int = 10,
     queries: int = 1000,
@@ -151,33 +159,28 @@ def evaluate_recall(
     The queries are stored vectors of the exact index (a seeded sample), matched across the two
     indexes by path, since each index numbers its rows itself.
     """
-    approx, exact = store.open_snapshot(approximate_dir), store.open_snapshot(exact_dir)
-    try:
-        if approx.manifest["model"]["sha256"] != exact.manifest["model"]["sha256"]:
-            raise RetrieveError("the two indexes were built with different models")
-        exact_rows = {r.id: r.path for r in exact.iter_rows(status="indexed")}
-        approx_ids = {r.path: r.id for r in approx.iter_rows(status="indexed")}
-        rng = np.random.default_rng(seed)
-        sample = rng.choice(sorted(exact_rows), min(queries, len(exact_rows)), replace=False)
-        vectors = np.stack([exact.index.reconstruct(int(i)) for i in sample])
-        k = min(k, exact.count, approx.count)
-        start = time.perf_counter()
-        _, true_ids = querying.search(exact.index, vectors, k)
-        exact_seconds = time.perf_counter() - start
-        start = time.perf_counter()
-        _, found = querying.search(approx.index, vectors, k, nprobe=nprobe, ef_search=ef_search)
-        approx_seconds = time.perf_counter() - start
-        translate = np.vectorize(lambda i: approx_ids.get(exact_rows.get(int(i), ""), -2))
-        recall = recall_at_k(found, translate(true_ids), k)
-        return RecallReport(
-            len(vectors),
-            k,
-            recall,
-            len(vectors) / exact_seconds,
-            len(vectors) / approx_seconds,
-            querying.index_memory_bytes(exact.index),
-            querying.index_memory_bytes(approx.index),
-        )
-    finally:
-        approx.close()
-        exact.close()
+    if approximate.identity.weights_sha256 != exact.identity.weights_sha256:
+        raise RetrieveError("the two indexes were built with different models")
+    exact_rows = {r.id: r.path for r in exact.rows(limit=None)}
+    approx_ids = {r.path: r.id for r in approximate.rows(limit=None)}
+    rng = np.random.default_rng(seed)
+    sample = rng.choice(sorted(exact_rows), min(queries, len(exact_rows)), replace=False)
+    vectors = exact.vectors([int(i) for i in sample])
+    k = min(k, exact.count, approximate.count)
+    start = time.perf_counter()
+    _, true_ids = exact.search_vectors(vectors, k)
+    exact_seconds = time.perf_counter() - start
+    start = time.perf_counter()
+    _, found = approximate.search_vectors(vectors, k, nprobe=nprobe, ef_search=ef_search)
+    approx_seconds = time.perf_counter() - start
+    translate = np.vectorize(lambda i: approx_ids.get(exact_rows.get(int(i), ""), -2))
+    recall = recall_at_k(found, translate(true_ids), k)
+    return RecallReport(
+        len(vectors),
+        k,
+        recall,
+        len(vectors) / exact_seconds,
+        len(vectors) / approx_seconds,
+        exact.vectors_bytes,
+        approximate.vectors_bytes,
+    )

@@ -1,0 +1,148 @@
+"""A resident searcher for one snapshot: where its searches run, chosen once and kept.
+
+``querying.search`` decides per call and, on a GPU, uploads the index each time; a long-lived
+:class:`retrieval.Index` (a server, a notebook, a duplicate finder) instead keeps one
+:class:`Searcher` per generation. It picks, once:
+
+- the default exact ``IDMap2,Flat`` kind: the memory-mapped exact search of ``exact.py`` on the
+  CPU, or a resident copy on a CUDA device (``gpu.TorchExactSearcher``);
+- any other kind: the faiss index memory-mapped read-only, or a resident faiss GPU copy.
+
+``backend`` says which one runs. Searches are safe from several threads: the mapped search shares
+nothing mutable, and a faiss index's query-time knobs (nprobe, efSearch) are set and used under a
+lock, then put back, so one request's knobs never leak into another's.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import threading
+from typing import Any
+
+import numpy as np
+
+from retrieval.errors import RetrieveError
+
+from . import gpu, querying
+from .exact import MappedFlat
+from .kinds import _as_matrix
+from .store import Snapshot
+
+log = logging.getLogger(__name__)
+
+
+class Searcher:
+    """k-NN over one snapshot; distances are Euclidean (not squared), -1 / inf past the end."""
+
+    def __init__(self, snapshot: Snapshot, device: str = "auto") -> None:
+        self.snapshot = snapshot
+        self.dim = snapshot.dim
+        self._lock = threading.Lock()
+        self._flat: MappedFlat | None = snapshot.mapped_flat()
+        self._faiss: Any = None
+        self._torch: gpu.TorchExactSearcher | None = None
+        self.backend = self._place(device)
+
+    def _place(self, device: str) -> str:
+        ordinal = _cuda_ordinal(device)
+        flat = self._flat
+        if ordinal is not None and flat is not None and flat.ntotal and gpu.torch_cuda_available():
+            try:
+                self._torch = gpu.TorchExactSearcher(flat.vectors, device=f"cuda:{ordinal}")
+                return f"torch-cuda:{ordinal}-{self._torch.precision}"
+            except RetrieveError as exc:
+                log.warning("exact GPU search unavailable (%s); searching on the CPU", exc)
+        if self._flat is not None:
+            return "exact-mapped-cpu"
+        index = self.snapshot.search_index()
+        if ordinal is not None and gpu.faiss_gpu_count() > ordinal:
+            try:
+                self._faiss = gpu.faiss_index_to_gpu(index, ordinal)
+                return f"faiss-gpu:{ordinal}"
+            except RuntimeError as exc:
+                log.warning("faiss cannot hold this index on the GPU (%s)", gpu.faiss_message(exc))
+        if device.startswith("cuda") and ordinal is not None:
+            log.warning("no GPU search for this index kind here; searching on the CPU")
+        self._faiss = index
+        return "faiss-cpu"
+
+    @property
+    def ntotal(self) -> int:
+        return self.snapshot.count
+
+    def search(
+        self,
+        queries: np.ndarray,
+        k: int,
+        *,
+        nprobe: int | None = None,
+        ef_search: int | None = None,
+    ) -> tuple[np.ndarray, np.ndarray]:
+        q = _as_matrix(queries, self.dim, "queries")
+        if int(k) < 1:
+            raise RetrieveError(f"k must be at least 1, not {k}")
+        k = int(k)
+        if self._torch is not None:
+            d2, rows = self._torch.search(q, k)
+            ids = np.where(rows >= 0, self._flat.ids[np.maximum(rows, 0)], -1)
+        elif self._flat is not None:
+            d2, ids = self._flat.search(q, k)
+        else:
+            d2, ids = self._faiss_search(q, k, nprobe, ef_search)
+        dist = np.sqrt(np.maximum(d2, 0.0)).astype(np.float32)
+        dist[ids < 0] = np.inf
+        return dist, ids
+
+    def _faiss_search(
+        self, q: np.ndarray, k: int, nprobe: int | None, ef_search: int | None
+    ) -> tuple[np.ndarray, np.ndarray]:
+        if len(q) == 0 or self.ntotal == 0:
+            return np.full((len(q), k), np.inf, np.float32), np.full((len(q), k), -1, np.int64)
+        with self._lock:
+            before = querying.search_params(self._faiss)
+            querying.set_search_params(self._faiss, nprobe=nprobe, ef_search=ef_search)
+            try:
+                return self._faiss.search(q, k)
+            finally:
+                querying.set_search_params(self._faiss, **before)
+
+    def reconstruct(self, ids: np.ndarray) -> np.ndarray:
+        """The stored vectors of ``ids``, in the space queries are given in (for a reduced or
+        compressed kind, decoded back from what the index keeps, so approximate).
+        KeyError for an id the index does not hold."""
+        ids = np.asarray(ids, dtype=np.int64).ravel()
+        if self._flat is not None:
+            return self._flat.reconstruct(ids)
+        index = self.snapshot.search_index()
+        with self._lock:
+            try:
+                return np.stack([_reconstruct(index, int(i)) for i in ids])
+            except RuntimeError as exc:
+                raise KeyError(gpu.faiss_message(exc)) from exc
+
+
+def _reconstruct(index: Any, row_id: int) -> np.ndarray:
+    try:
+        return index.reconstruct(row_id)
+    except RuntimeError as exc:
+        if "direct map" not in str(exc):
+            raise
+    import faiss  # an IVF kind answers by id only once it has its id -> list map
+
+    faiss.extract_index_ivf(index).make_direct_map()
+    return index.reconstruct(row_id)
+
+
+def _cuda_ordinal(device: str) -> int | None:
+    """The CUDA device a search should use, or None for the CPU."""
+    match = re.fullmatch(r"(auto|cuda|cpu)(?::(\d+))?", device)
+    if match is None:
+        raise RetrieveError(f"device must be auto, cpu, cuda or cuda:N, not {device!r}")
+    if match.group(1) == "cpu":
+        return None
+    if match.group(1) == "auto" and not (gpu.torch_cuda_available() or gpu.faiss_gpu_count()):
+        return None
+    if match.group(1) == "cuda" and not (gpu.torch_cuda_available() or gpu.faiss_gpu_count()):
+        raise RetrieveError(f"device {device!r} requested but no CUDA device is visible")
+    return int(match.group(2) or 0)

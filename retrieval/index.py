@@ -1,0 +1,484 @@
+"""``retrieval.Index``: one collection's index, opened once, answering many calls.
+
+The CLI, the server, the collection tools and a notebook are thin skins over this object (as
+clip-retrieval's back keeps one KnnService per index, and rclip grew a server when loading the
+model was most of a query's time). It holds the manifest, the open snapshot, a resident searcher
+(memory-mapped, so opening reads no vectors) and, from the first image it must embed, the model
+checked against the index's identity. ``reload`` picks up a generation a writer committed, never a
+mix; searches from several threads are safe, also while another thread reloads.
+
+    from retrieval import Index
+    with Index.open("index") as ix:
+        for result in ix.search(["cat.jpg"], k=6):
+            print(result.to_dict())
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import os
+import threading
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from retrieval.errors import RetrieveError
+from retrieval.extraction.types import ExtractOptions
+from retrieval.indexes import store
+from retrieval.indexes.rows import Row
+from retrieval.indexes.searcher import Searcher
+from retrieval.indexing.options import IndexOptions, IndexReport
+from retrieval.model.identity import Identity
+from retrieval.search.query import QueryResult, check_k, expand_queries, neighbors_of
+
+if TYPE_CHECKING:
+    from PIL import Image
+
+    from retrieval.extraction.mapper import Fc7Mapper
+    from retrieval.model.weights import LoadedModel
+
+    # A query image: a file (or a folder of them), encoded bytes (an upload), or a PIL image.
+    Query = str | os.PathLike | bytes | bytearray | Image.Image
+
+
+class _View:
+    """One generation: its snapshot and searcher, closed when retired and no call uses it."""
+
+    def __init__(self, snapshot: store.Snapshot, device: str) -> None:
+        self.snapshot = snapshot
+        self.device = device
+        self.users = 0
+        self.retired = False
+        self._searcher: Searcher | None = None
+        self._lock = threading.Lock()
+
+    @property
+    def searcher(self) -> Searcher:
+        with self._lock:
+            if self._searcher is None:
+                self._searcher = Searcher(self.snapshot, self.device)
+            return self._searcher
+
+    def close(self) -> None:
+        self.snapshot.close()
+
+
+class Index:
+    """An index directory, open: :meth:`open` (or :meth:`create`), then ``close`` or ``with``."""
+
+    def __init__(
+        self,
+        directory: Path,
+        snapshot: store.Snapshot,
+        *,
+        weights: str | None = None,
+        device: str = "auto",
+        extract: ExtractOptions = ExtractOptions(),
+    ) -> None:
+        self.directory = directory
+        self.device = device
+        self._weights = weights
+        self._extract = extract
+        self._lock = threading.Lock()
+        self._model_lock = threading.Lock()
+        self._model: LoadedModel | None = None
+        self._mapper: Fc7Mapper | None = None
+        self._view = _View(snapshot, device)
+        self._closed = False
+
+    # -- opening -------------------------------------------------------------------------------
+
+    @classmethod
+    def open(
+        cls,
+        directory: str | os.PathLike | None = None,
+        *,
+        weights: str | None = None,
+        device: str = "auto",
+        extract: ExtractOptions = ExtractOptions(),
+    ) -> Index:
+        """Open an index (default ``$RETRIEVE_INDEX`` or ``./.retrieve``). No model is loaded
+        until an image must be embedded; ``weights`` replaces the recorded model file (it must
+        have the same identity), ``device`` is where the model and the searches run."""
+        directory = Path(directory or store.default_index_dir())
+        snapshot = store.open_snapshot(directory)
+        return cls(directory, snapshot, weights=weights, device=device, extract=extract)
+
+    @classmethod
+    def create(
+        cls,
+        directory: str | os.PathLike,
+        images: str | os.PathLike,
+        options: IndexOptions = IndexOptions(),
+        *,
+        progress: Callable[[int, int], None] | None = None,
+    ) -> Index:
+        """Index the images under ``images`` into ``directory`` (new, or updated) and open it."""
+        from retrieval.indexing.run import index_folder
+
+        index_folder(Path(images), Path(directory), options, progress)
+        return cls.open(directory, weights=options.weights, extract=options.extract)
+
+    # -- what it holds -------------------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def _use(self) -> Iterator[_View]:
+        with self._lock:
+            if self._closed:
+                raise RetrieveError(f"the index at {self.directory} is closed")
+            view = self._view
+            view.users += 1
+        try:
+            yield view
+        finally:
+            with self._lock:
+                view.users -= 1
+                if view.retired and view.users == 0:
+                    view.close()
+
+    @property
+    def manifest(self) -> dict[str, Any]:
+        return self._view.snapshot.manifest
+
+    @property
+    def identity(self) -> Identity:
+        return Identity.from_dict(self.manifest["identity"])
+
+    @property
+    def count(self) -> int:
+        return self._view.snapshot.count
+
+    @property
+    def dim(self) -> int:
+        return self._view.snapshot.dim
+
+    @property
+    def generation(self) -> int:
+        return int(self.manifest["generation"])
+
+    def info(self) -> dict[str, Any]:
+        """What ``retrieve info --json`` prints: counts, model, identity, kind, size on disk."""
+        with self._use() as view:
+            manifest, snapshot = view.snapshot.manifest, view.snapshot
+            model, identity = manifest["model"], manifest["identity"]
+            return {
+                "index": os.path.abspath(self.directory),
+                "count": snapshot.count,
+                "skipped": int(manifest.get("skipped", 0)),
+                "model": model["source"],
+                "weights_sha256": identity["weights_sha256"],
+                "arch": identity["arch"]["arch"],
+                "layer": identity["layer"],
+                "preprocessing": identity["preprocessing"],
+                "precision": identity["precision"],
+                "identity": {k: v for k, v in identity.items() if k != "assumed"},
+                "assumed": list(identity.get("assumed", [])),
+                "dim": snapshot.dim,
+                "metric": manifest["metric"],
+                "index_type": manifest["index"],
+                "format_version": manifest["version"],
+                "generation": manifest["generation"],
+                "created": manifest.get("created"),
+                "updated": manifest.get("updated"),
+                "size_bytes": snapshot.size_on_disk(),
+                "labels": len(snapshot.label_counts()),
+            }
+
+    # -- the model -----------------------------------------------------------------------------
+
+    @property
+    def model(self) -> LoadedModel:
+        """The index's model, loaded once, checked against its identity, set to its
+        preprocessing (so every embedding matches the indexed vectors)."""
+        with self._model_lock:
+            if self._model is None:
+                self._model, self._mapper = self._load_model()
+            return self._model
+
+    def _load_model(self) -> tuple[LoadedModel, Fc7Mapper]:
+        from retrieval.extraction import make_mapper
+        from retrieval.indexing.run import checked_model, load_recorded_model
+        from retrieval.model.weights import load_model
+
+        manifest = self.manifest
+        loaded = load_model(self._weights) if self._weights else load_recorded_model(manifest)
+        asked = self._extract.precision
+        loaded = checked_model(self.identity, loaded, asked, what=f"the index at {self.directory}")
+        options = dataclasses.replace(
+            self._extract, device=self.device, precision=self.identity.precision
+        )
+        self._extract = options
+        return loaded, make_mapper(loaded, options)
+
+    @property
+    def classes(self) -> list[str] | None:
+        """Class names of the model's head (a checkpoint trained with classes, or ImageNet's)."""
+        return self.model.classes
+
+    def embed(self, queries: Sequence[Query]) -> tuple[np.ndarray, list[Any]]:
+        """fc7 of query images (files, bytes or PIL images), as the indexed images were
+        embedded; returns (features of the good ones, one record per query: ok or why not)."""
+        from retrieval.extraction import embed_decoded, extract_images
+
+        model = self.model
+        files = [q for q in queries if isinstance(q, str | os.PathLike)]
+        if files and len(files) == len(queries):
+            return extract_images([Path(q) for q in files], model, self._extract, self._mapper)
+        if files:
+            raise RetrieveError("give files, or images in memory, not both in one call")
+        return embed_decoded(list(queries), self._mapper, self._extract.max_megapixels)
+
+    def embed_files(self, paths: Sequence[Path]) -> Iterator[Any]:
+        """fc7 of many image files, a batch at a time (``ExtractedBatch``: records + features),
+        so memory stays flat however many there are."""
+        from retrieval.extraction import extract_fc7
+
+        model = self.model
+        yield from extract_fc7([Path(p) for p in paths], model, self._extract, self._mapper)
+
+    def predict(self, features: np.ndarray, top: int = 5) -> list[list[tuple[str, float]]]:
+        """The model's ``top`` classes for each fc7 row (its own head, softmaxed); [] per row
+        when the model has no class names."""
+        import torch
+
+        model = self.model
+        if not model.classes:
+            return [[] for _ in features]
+        with torch.inference_mode():
+            logits = model.model.forward_head(
+                torch.from_numpy(np.asarray(features)).to(next(model.model.parameters()).device)
+            )
+            probs, picks = logits.float().softmax(1).topk(min(top, logits.shape[1]), dim=1)
+        return [
+            [(model.classes[int(c)], float(p)) for p, c in zip(row_p, row_c)]
+            for row_p, row_c in zip(probs.cpu(), picks.cpu())
+        ]
+
+    # -- searching -----------------------------------------------------------------------------
+
+    def search(
+        self,
+        queries: Sequence[Query],
+        k: int = 6,
+        *,
+        nprobe: int | None = None,
+        ef_search: int | None = None,
+        exclude_self: bool = False,
+    ) -> list[QueryResult]:
+        """The ``k`` nearest indexed images of each query (files, folders, bytes, PIL images), by
+        Euclidean distance of fc7, nearest first. A query that cannot be used gets ``error``."""
+        queries = list(queries)
+        if all(isinstance(q, str | os.PathLike) for q in queries):
+            queries = [Path(os.path.abspath(p)) for p in expand_queries(queries)]
+        with self._use() as view:
+            check_k(k, view.snapshot.count)
+            features, records = self.embed(queries)
+            results = [QueryResult(query=str(r.path)) for r in records]
+            for result, record in zip(results, records):
+                if not record.ok:
+                    result.error = record.reason + (f" ({record.detail})" if record.detail else "")
+            good = [i for i, r in enumerate(records) if r.ok]
+            if not good:
+                return results
+            skip = [-1] * len(good)
+            if exclude_self:
+                skip = [_own_id(view.snapshot, str(records[i].path)) for i in good]
+            self._fill(view, results, good, features, skip, k, nprobe, ef_search)
+            return results
+
+    def neighbors(
+        self,
+        ids: Sequence[int],
+        k: int = 6,
+        *,
+        nprobe: int | None = None,
+        ef_search: int | None = None,
+    ) -> list[QueryResult]:
+        """The ``k`` nearest other images of indexed rows, from their stored vectors (nothing is
+        decoded). KeyError for an id the index does not hold."""
+        ids = [int(i) for i in ids]
+        with self._use() as view:
+            check_k(k, max(1, view.snapshot.count - 1))
+            rows = view.snapshot.rows_by_id(ids)
+            missing = [i for i in ids if i not in rows or rows[i].status != "indexed"]
+            if missing:
+                raise KeyError(f"no indexed image has id {missing[0]}")
+            vectors = view.searcher.reconstruct(np.asarray(ids, np.int64))
+            results = [QueryResult(query=rows[i].path, query_id=i) for i in ids]
+            self._fill(view, results, list(range(len(ids))), vectors, ids, k, nprobe, ef_search)
+            return results
+
+    def _fill(
+        self,
+        view: _View,
+        results: list[QueryResult],
+        slots: list[int],
+        features: np.ndarray,
+        skip: list[int],
+        k: int,
+        nprobe: int | None,
+        ef_search: int | None,
+    ) -> None:
+        extra = 1 if any(i >= 0 for i in skip) else 0
+        found_k = min(k + extra, view.snapshot.count)
+        distances, ids = view.searcher.search(features, found_k, nprobe=nprobe, ef_search=ef_search)
+        rows = view.snapshot.rows_by_id(ids.ravel())
+        for n, slot in enumerate(slots):
+            results[slot].neighbors = neighbors_of(distances[n], ids[n], rows, skip[n], k)
+
+    def search_vectors(
+        self,
+        vectors: np.ndarray,
+        k: int = 6,
+        *,
+        nprobe: int | None = None,
+        ef_search: int | None = None,
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Raw k-NN of fc7 vectors: (Euclidean distances, row ids), each n x k, nearest first;
+        inf / -1 where the index holds fewer than k rows."""
+        with self._use() as view:
+            return view.searcher.search(vectors, k, nprobe=nprobe, ef_search=ef_search)
+
+    def vectors(self, ids: Sequence[int]) -> np.ndarray:
+        """The stored vectors of these row ids (exact for Flat kinds, decoded for compressed)."""
+        with self._use() as view:
+            return view.searcher.reconstruct(np.asarray(list(ids), np.int64))
+
+    def id_of(self, path: str | os.PathLike) -> int | None:
+        """The row id of an indexed file, or None."""
+        with self._use() as view:
+            found = _own_id(view.snapshot, str(path))
+            return None if found < 0 else found
+
+    @property
+    def vectors_bytes(self) -> int:
+        """Size of the vectors file on disk (what faiss's writer produced)."""
+        return self._view.snapshot.vectors_path.stat().st_size
+
+    @property
+    def backend(self) -> str:
+        """Where searches run: exact-mapped-cpu, torch-cuda:N-..., faiss-cpu or faiss-gpu:N."""
+        with self._use() as view:
+            return view.searcher.backend
+
+    # -- rows ----------------------------------------------------------------------------------
+
+    def rows(
+        self,
+        ids: Sequence[int] | None = None,
+        *,
+        status: str | None = "indexed",
+        under: str | None = None,
+        label: str | None = None,
+        contains: str | None = None,
+        offset: int = 0,
+        limit: int | None = 100,
+    ) -> list[Row]:
+        """Rows by id (in the order asked, unknown ids left out), or a page of rows in id order
+        that pass the filters (``limit=None``: all of them)."""
+        with self._use() as view:
+            if ids is not None:
+                found = view.snapshot.rows_by_id(ids)
+                return [found[int(i)] for i in ids if int(i) in found]
+            where = store.RowFilter(status=status, under=under, label=label, contains=contains)
+            if limit is None:
+                return [r for r in view.snapshot.iter_rows(status, under) if _passes(r, where)]
+            return view.snapshot.find_rows(where, offset, limit)
+
+    def count_rows(
+        self,
+        *,
+        status: str | None = "indexed",
+        label: str | None = None,
+        contains: str | None = None,
+    ) -> int:
+        with self._use() as view:
+            where = store.RowFilter(status=status, label=label, contains=contains)
+            return view.snapshot.count_rows(where)
+
+    def labels(self) -> dict[str, int]:
+        """Indexed rows per label (the parent folder's name), most common first."""
+        with self._use() as view:
+            return view.snapshot.label_counts()
+
+    # -- changing it ---------------------------------------------------------------------------
+
+    def update(
+        self,
+        folder: str | os.PathLike,
+        options: IndexOptions = IndexOptions(),
+        *,
+        progress: Callable[[int, int], None] | None = None,
+    ) -> IndexReport:
+        """Make the index follow ``folder`` (only what changed is embedded), then reload."""
+        from retrieval.indexing.run import index_folder
+
+        reuse = self._model is not None and not options.weights and not options.rebuild
+        model, mapper = (self._model, self._mapper) if reuse else (None, None)
+        report = index_folder(Path(folder), self.directory, options, progress, model, mapper)
+        self.reload()
+        return report
+
+    def remove(self, paths: Sequence[str | os.PathLike]) -> dict[str, list[str]]:
+        """Drop these files (or everything under these folders) from the index (the files
+        themselves are never touched), then reload. Returns removed and not-indexed paths."""
+        from retrieval.indexing.commit import remove_from_index
+
+        result = remove_from_index([Path(os.path.abspath(p)) for p in paths], self.directory)
+        self.reload()
+        return result
+
+    def reload(self) -> bool:
+        """Switch to the generation a writer committed since, if any; True when it did. Calls
+        in flight finish on the generation they started on."""
+        current = self.generation
+        try:
+            manifest = store.read_manifest(self.directory)
+        except RetrieveError:
+            return False
+        if int(manifest["generation"]) == current:
+            return False
+        snapshot = store.open_snapshot(self.directory)
+        with self._lock:
+            old, self._view = self._view, _View(snapshot, self.device)
+            old.retired = True
+            if old.users == 0:
+                old.close()
+        if Identity.from_dict(snapshot.manifest["identity"]) != Identity.from_dict(
+            old.snapshot.manifest["identity"]
+        ):
+            with self._model_lock:  # rebuilt with another model: load that one when needed
+                self._model = self._mapper = None
+        return True
+
+    def close(self) -> None:
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            self._view.retired = True
+            if self._view.users == 0:
+                self._view.close()
+
+    def __enter__(self) -> Index:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"Index({str(self.directory)!r}, {self.count} images, generation {self.generation})"
+
+
+def _own_id(snapshot: store.Snapshot, path: str) -> int:
+    row = snapshot.row_for_path(os.path.abspath(path))
+    return row.id if row and row.status == "indexed" else -1
+
+
+def _passes(row: Row, where: store.RowFilter) -> bool:
+    if where.label is not None and row.label != where.label:
+        return False
+    return not where.contains or where.contains in row.path

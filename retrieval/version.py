@@ -1,0 +1,3 @@
+"""The version of retrieve, recorded in every manifest it writes."""
+
+__version__ = "0.2.0"
