@@ -202,7 +202,7 @@ class TorchExactSearcher:
 
     def __init__(
         self,
-        database: np.ndarray,
+        database: Any,  # N x D: a NumPy array, or a torch tensor on any device
         *,
         device: str = "cuda",
         precision: str = "auto",
@@ -236,8 +236,11 @@ class TorchExactSearcher:
         import torch
 
         for s in range(0, self.ntotal, step):
-            rows = np.ascontiguousarray(database[s : s + step], dtype=np.float32)
-            yield s, torch.from_numpy(rows).to(self.device)
+            if isinstance(database, np.ndarray):
+                rows = np.ascontiguousarray(database[s : s + step], dtype=np.float32)
+                yield s, torch.from_numpy(rows).to(self.device)
+            else:  # a torch tensor (e.g. features already on the GPU): no trip through the host
+                yield s, database[s : s + step].to(self.device, torch.float32)
 
     def search(
         self, queries: np.ndarray, k: int, *, batch_size: int = 4096
