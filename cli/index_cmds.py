@@ -21,7 +21,16 @@ from .progress import progress_bar
 
 
 @click.command("index")
-@click.argument("images_dir", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.argument(
+    "images_dir", required=False, type=click.Path(exists=True, file_okay=False, path_type=Path)
+)
+@click.option(
+    "--from-embeddings",
+    "embeddings_dir",
+    type=click.Path(exists=True, file_okay=False, path_type=Path),
+    default=None,
+    help="Build the index from fc7 shards (retrieve export / retrieve extract) instead of images.",
+)
 @index_option
 @weights_option
 @device_option
@@ -85,6 +94,7 @@ from .progress import progress_bar
 @json_option
 def index_command(
     images_dir,
+    embeddings_dir,
     index_dir,
     weights,
     device,
@@ -103,7 +113,10 @@ def index_command(
     strict,
     as_json,
 ):
-    """Index the images under IMAGES_DIR (again: only what changed)."""
+    """Index the images under IMAGES_DIR (again: only what changed), or build an index from
+    --from-embeddings shards."""
+    if (images_dir is None) == (embeddings_dir is None):
+        raise click.UsageError("give IMAGES_DIR or --from-embeddings DIR (one of them)")
     from retrieval import api
     from retrieval.images.decode import DEFAULT_MAX_MEGAPIXELS
 
@@ -125,8 +138,11 @@ def index_command(
         extract=extract,
         chunk_size=chunk_size,
     )
-    with progress_bar("indexing", unit="img") as update:
-        report = api.index_folder(images_dir, index_dir, options, progress=update)
+    if embeddings_dir is not None:
+        report = api.index_embeddings(embeddings_dir, index_dir, options)
+    else:
+        with progress_bar("indexing", unit="img") as update:
+            report = api.index_folder(images_dir, index_dir, options, progress=update)
     if as_json:
         emit_json(report.__dict__)
         return

@@ -16,12 +16,12 @@ lock, then put back, so one request's knobs never leak into another's.
 from __future__ import annotations
 
 import logging
-import re
 import threading
 from typing import Any
 
 import numpy as np
 
+from retrieval.devices import parse_device
 from retrieval.errors import RetrieveError
 
 from . import gpu, querying
@@ -62,7 +62,7 @@ class Searcher:
                 return f"faiss-gpu:{ordinal}"
             except RuntimeError as exc:
                 log.warning("faiss cannot hold this index on the GPU (%s)", gpu.faiss_message(exc))
-        if device.startswith("cuda") and ordinal is not None:
+        if parse_device(device).kind == "cuda":
             log.warning("no GPU search for this index kind here; searching on the CPU")
         self._faiss = index
         return "faiss-cpu"
@@ -136,13 +136,11 @@ def _reconstruct(index: Any, row_id: int) -> np.ndarray:
 
 def _cuda_ordinal(device: str) -> int | None:
     """The CUDA device a search should use, or None for the CPU."""
-    match = re.fullmatch(r"(auto|cuda|cpu)(?::(\d+))?", device)
-    if match is None:
-        raise RetrieveError(f"device must be auto, cpu, cuda or cuda:N, not {device!r}")
-    if match.group(1) == "cpu":
+    request = parse_device(device)
+    if request.kind == "cpu":
         return None
-    if match.group(1) == "auto" and not (gpu.torch_cuda_available() or gpu.faiss_gpu_count()):
+    if not (gpu.torch_cuda_available() or gpu.faiss_gpu_count()):
+        if request.kind == "cuda":
+            raise RetrieveError(f"device {device!r} requested but no CUDA device is visible")
         return None
-    if match.group(1) == "cuda" and not (gpu.torch_cuda_available() or gpu.faiss_gpu_count()):
-        raise RetrieveError(f"device {device!r} requested but no CUDA device is visible")
-    return int(match.group(2) or 0)
+    return request.ordinal

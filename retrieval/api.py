@@ -38,6 +38,7 @@ __all__ = [
     "draw_grid",
     "evaluate_recall",
     "evaluate_retrieval",
+    "index_embeddings",
     "index_folder",
     "index_info",
     "pick_queries",
@@ -56,6 +57,15 @@ def index_folder(
     from retrieval.indexing.run import index_folder as run
 
     return run(Path(images_dir), index_dir, options, progress)
+
+
+def index_embeddings(
+    embeddings_dir: Path, index_dir: Path | None = None, options: IndexOptions = IndexOptions()
+) -> IndexReport:
+    """A new index from fc7 shards (``retrieve export`` / ``retrieve extract`` output)."""
+    from retrieval.indexing.embeddings import index_from_embeddings
+
+    return index_from_embeddings(Path(embeddings_dir), index_dir, options)
 
 
 def open_index(index_dir: Path | None, options: SearchOptions = SearchOptions()) -> Index:

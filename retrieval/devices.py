@@ -7,6 +7,8 @@ inside the functions that need it, so naming a device costs nothing until a mode
 from __future__ import annotations
 
 import os
+import re
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from retrieval.errors import RetrieveError
@@ -24,18 +26,35 @@ def usable_cores() -> int:
     return os.cpu_count() or 1
 
 
+@dataclass(frozen=True)
+class DeviceRequest:
+    """What ``--device`` asked for: ``auto``, ``cpu`` or ``cuda``, and a CUDA ordinal."""
+
+    kind: str
+    ordinal: int = 0
+
+
+def parse_device(device: str) -> DeviceRequest:
+    """``auto``, ``cpu``, ``cuda`` or ``cuda:N`` (also ``auto:N``); one line for anything else.
+    The one reading of a device string, for the model and the searcher alike."""
+    match = re.fullmatch(r"(auto|cpu|cuda)(?::(\d+))?", str(device))
+    if match is None or (match.group(1) == "cpu" and match.group(2)):
+        raise RetrieveError(f"unknown device {device!r}; use auto, cpu, cuda or cuda:N")
+    return DeviceRequest(match.group(1), int(match.group(2) or 0))
+
+
 def resolve_device(device: str = "auto") -> torch.device:
     """The torch device for ``device``; asking for CUDA where there is none is a user error."""
     import torch
 
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device.startswith("cuda") and not torch.cuda.is_available():
+    request = parse_device(device)
+    if request.kind == "cpu" or (request.kind == "auto" and not torch.cuda.is_available()):
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
         raise RetrieveError(f"--device {device}: no CUDA device is available here; use cpu or auto")
-    try:
-        return torch.device(device)
-    except RuntimeError:
-        raise RetrieveError(f"unknown device {device!r}; use auto, cpu or cuda") from None
+    if request.ordinal >= torch.cuda.device_count():
+        raise RetrieveError(f"--device {device}: there are {torch.cuda.device_count()} GPUs")
+    return torch.device("cuda", request.ordinal)
 
 
 def fast_bf16(device: torch.device) -> bool:
