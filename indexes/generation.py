@@ -170,6 +170,14 @@ class GenerationWriter:
         self._streamed_tmp.unlink(missing_ok=True)
 
 
+def annotate_manifest(directory: Path, extra: dict[str, Any]) -> None:
+    """Add facts about the current generation (not its contents) to its manifest, atomically,
+    under the write lock: readers see the manifest before or after, both valid."""
+    path = directory / MANIFEST
+    manifest = json.loads(path.read_text(encoding="utf-8"))
+    atomic_write_text(path, json.dumps({**manifest, **extra}, indent=2) + "\n")
+
+
 def remove_unreferenced(directory: Path, manifest: dict[str, Any] | None) -> None:
     """Delete generation files a crash or a commit left behind (only under the write lock)."""
     keep = set(manifest["files"].values()) if manifest else set()

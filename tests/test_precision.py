@@ -1,0 +1,64 @@
+"""--precision auto, recorded in the identity; a bf16 index answers fp32 queries only where it
+measured that they agree."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+from retrieval import Index
+from retrieval.cli.main import cli
+from retrieval.devices import fast_bf16
+from retrieval.errors import IndexMismatchError
+from retrieval.indexes import store
+
+
+def run(*args: object) -> str:
+    result = CliRunner().invoke(cli, [str(a) for a in args], catch_exceptions=False)
+    assert result.exit_code == 0, result.output + result.stderr
+    return result.stdout
+
+
+def test_auto_records_bf16_only_where_it_is_native(photos, tmp_path, small_model) -> None:
+    run("index", photos, "--index", tmp_path / "i", "--weights", small_model, "--device", "cpu")
+    manifest = json.loads((tmp_path / "i" / store.MANIFEST).read_text())
+    native = fast_bf16(torch.device("cpu"))
+    assert manifest["identity"]["precision"] == ("bf16" if native else "fp32")
+    assert ("fp32_agreement" in manifest) == native
+
+
+def test_a_bf16_index_measures_fp32_agreement_and_queries_follow_it(
+    photos, tmp_path, small_model
+) -> None:
+    index_dir = tmp_path / "i"
+    run("index", photos, "--index", index_dir, "--weights", small_model, "--precision", "bf16")
+    manifest = json.loads((index_dir / store.MANIFEST).read_text())
+    measured = manifest["fp32_agreement"]
+    assert measured["queries"] == 12 and 0.0 <= measured["top6_overlap"] <= 1.0
+    assert "fp32 queries: top-6 overlap" in run("info", "--index", index_dir)
+    native = fast_bf16(torch.device("cpu"))
+    with Index.open(index_dir, device="cpu") as ix:
+        expected = "bf16" if native or measured["top6_overlap"] < 0.99 else "fp32"
+        assert ix.precision == expected
+        query = sorted(photos.rglob("*.png"))[0]
+        assert ix.search([query], k=1)[0].neighbors[0].path == str(query)
+
+    manifest["fp32_agreement"]["top6_overlap"] = 0.5  # an index that disagrees keeps bf16
+    (index_dir / store.MANIFEST).write_text(json.dumps(manifest))
+    with Index.open(index_dir, device="cpu") as ix:
+        assert ix.precision == "bf16"
+    # Asking for fp32 outright is a mismatch, said in one line.
+    with (
+        Index.open(index_dir, device="cpu", extract=_fp32()) as ix,
+        pytest.raises(IndexMismatchError, match="precision: the index has bf16"),
+    ):
+        _ = ix.precision
+
+
+def _fp32():
+    from retrieval import ExtractOptions
+
+    return ExtractOptions(precision="fp32")
