@@ -125,8 +125,8 @@ class Snapshot:
 
     def _read_mapped(self) -> faiss.Index:
         own = f"/proc/self/fd/{self._vectors_file.fileno()}"
-        if not os.path.exists(own):
-            return self.index
+        if not os.path.exists(own) or not hasattr(faiss, "IO_FLAG_MMAP_IFC"):
+            return self.index  # no /proc (macOS) or a faiss before 1.10: read it whole
         flags = faiss.IO_FLAG_MMAP_IFC | faiss.IO_FLAG_READ_ONLY
         try:
             index = faiss.read_index(own, flags)

@@ -7,7 +7,6 @@ import os
 import shutil
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -162,10 +161,9 @@ def _retrieve() -> str:
     return found
 
 
-def test_installed_retrieve_answers_help_at_once() -> None:
-    start = time.perf_counter()
+def test_installed_retrieve_answers_help() -> None:
+    # That it answers without importing torch is pinned in test_startup.py (no timing here).
     result = subprocess.run([_retrieve(), "--help"], capture_output=True, text=True, check=True)
-    assert time.perf_counter() - start < 1.0
     for command in ("index", "query", "grid", "info", "train"):
         assert command in result.stdout
 

@@ -7,7 +7,6 @@ import errno
 import io
 import os
 import signal
-import time
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
@@ -525,12 +524,10 @@ def no_decoding(monkeypatch) -> None:
 def test_bomb_header_is_skipped_without_decoding(tmp_path: Path, no_decoding) -> None:
     path = tmp_path / "bomb.png"
     path.write_bytes(png_bytes(30000, 30000))
-    started = time.perf_counter()
-    with pytest.raises(ImageReadError) as caught:
+    with pytest.raises(ImageReadError) as caught:  # no_decoding: refused from the header
         load_image(path)
     assert caught.value.reason == SkipReason.TOO_LARGE.value
     assert "900 MP" in caught.value.detail
-    assert time.perf_counter() - started < 1.0
 
 
 def test_limit_is_checked_on_the_header_before_decoding(tmp_path: Path, no_decoding) -> None:
