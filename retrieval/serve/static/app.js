@@ -1,0 +1,208 @@
+// The page of `retrieve serve`: it only calls the JSON API (see the README for every endpoint).
+"use strict";
+
+const $ = (selector) => document.querySelector(selector);
+const PAGE = 60;
+let token = null;
+let browseOffset = 0;
+
+// A token given as #token=T stays in this tab; the cookie lets <img> requests carry it too.
+function setToken(value) {
+  token = value || null;
+  if (token) {
+    sessionStorage.setItem("retrieve-token", token);
+    document.cookie = "retrieve_token=" + encodeURIComponent(token) + "; path=/; SameSite=Strict";
+  }
+}
+
+async function api(path, init = {}) {
+  const headers = Object.assign({}, init.headers || {});
+  if (token) headers.Authorization = "Bearer " + token;
+  const response = await fetch(path, Object.assign({}, init, { headers }));
+  if (response.status === 401) {
+    const given = window.prompt("This server needs a token:");
+    if (given) {
+      setToken(given);
+      return api(path, init);
+    }
+  }
+  const body = await response.json().catch(() => ({ error: response.statusText }));
+  if (!response.ok) throw new Error(body.error || response.statusText);
+  return body;
+}
+
+function say(text, isError = false) {
+  const status = $("#status");
+  status.textContent = text;
+  status.classList.toggle("error", isError);
+}
+
+function k() {
+  return Math.min(1000, Math.max(1, parseInt($("#k").value, 10) || 6));
+}
+
+function tile(item, caption) {
+  const li = document.createElement("li");
+  const button = document.createElement("button");
+  button.type = "button";
+  button.className = "tile";
+  button.dataset.id = item.id;
+  button.title = item.path;
+  const img = document.createElement("img");
+  img.src = item.thumb_url + "?size=256";
+  img.alt = item.label + " (" + item.path.split("/").pop() + ")";
+  img.loading = "lazy";
+  const label = document.createElement("span");
+  label.className = "label";
+  label.textContent = item.label;
+  button.append(img, label);
+  if (caption) {
+    const distance = document.createElement("span");
+    distance.className = "distance";
+    distance.textContent = caption;
+    button.append(distance);
+  }
+  button.addEventListener("click", () => queryById(item.id));
+  li.append(button);
+  return li;
+}
+
+function show(answer, imageUrl) {
+  $("#answer").hidden = false;
+  $("#query-image").src = imageUrl;
+  $("#query-title").textContent = answer.query + (answer.id !== undefined ? " (#" + answer.id + ")" : "");
+  const classes = $("#classes");
+  classes.replaceChildren(...answer.classes.map((c) => {
+    const li = document.createElement("li");
+    li.textContent = c.label + " " + (100 * c.probability).toFixed(1) + "%";
+    return li;
+  }));
+  $("#results").replaceChildren(
+    ...answer.neighbors.map((n) => tile(n, "#" + n.rank + "  d = " + n.distance.toFixed(2)))
+  );
+  say(answer.neighbors.length + " nearest images in " + answer.took_ms.toFixed(0) + " ms");
+}
+
+async function queryFile(file) {
+  if (!file) return;
+  showView("search");
+  say("searching…");
+  const form = new FormData();
+  form.append("file", file, file.name || "pasted image");
+  form.append("k", String(k()));
+  try {
+    show(await api("/api/query", { method: "POST", body: form }), URL.createObjectURL(file));
+  } catch (error) {
+    say(error.message, true);
+  }
+}
+
+async function queryById(id) {
+  showView("search");
+  say("searching…");
+  try {
+    const answer = await api("/api/neighbors/" + id + "?k=" + k());
+    show(answer, "/thumb/" + id + "?size=384");
+    $("#results button")?.focus();
+  } catch (error) {
+    say(error.message, true);
+  }
+}
+
+async function random() {
+  try {
+    const info = await api("/api/images?limit=1");
+    if (!info.total) return say("the index is empty", true);
+    const offset = Math.floor(Math.random() * info.total);
+    const page = await api("/api/images?limit=1&offset=" + offset);
+    await queryById(page.images[0].id);
+  } catch (error) {
+    say(error.message, true);
+  }
+}
+
+async function browse(offset) {
+  browseOffset = Math.max(0, offset);
+  const params = new URLSearchParams({ offset: browseOffset, limit: PAGE });
+  if ($("#label").value) params.set("label", $("#label").value);
+  if ($("#contains").value) params.set("q", $("#contains").value);
+  try {
+    const page = await api("/api/images?" + params);
+    $("#grid").replaceChildren(...page.images.map((row) => tile(row, "#" + row.id)));
+    const last = Math.min(page.total, browseOffset + page.images.length);
+    $("#browse-status").textContent = page.total
+      ? "images " + (browseOffset + 1) + "–" + last + " of " + page.total
+      : "no image matches";
+    $("#prev").disabled = browseOffset === 0;
+    $("#next").disabled = last >= page.total;
+  } catch (error) {
+    $("#browse-status").textContent = error.message;
+  }
+}
+
+function table(element, entries) {
+  element.replaceChildren(...entries.map(([key, value]) => {
+    const tr = document.createElement("tr");
+    const th = document.createElement("th");
+    const td = document.createElement("td");
+    th.textContent = key;
+    td.textContent = typeof value === "object" ? JSON.stringify(value) : String(value);
+    tr.append(th, td);
+    return tr;
+  }));
+}
+
+async function loadInfo() {
+  try {
+    const [info, labels] = await Promise.all([api("/api/info"), api("/api/labels")]);
+    table($("#info-table"), Object.entries(info));
+    table($("#labels-table"), Object.entries(labels));
+    const select = $("#label");
+    const chosen = select.value;
+    select.replaceChildren(new Option("all", ""), ...Object.keys(labels).map((l) => new Option(l, l)));
+    select.value = chosen;
+  } catch (error) {
+    say(error.message, true);
+  }
+}
+
+function showView(name) {
+  for (const section of document.querySelectorAll(".view")) section.hidden = section.id !== name;
+  for (const button of document.querySelectorAll("nav button")) {
+    button.setAttribute("aria-pressed", String(button.dataset.view === name));
+  }
+}
+
+function start() {
+  const fromHash = new URLSearchParams(location.hash.slice(1)).get("token");
+  setToken(fromHash || sessionStorage.getItem("retrieve-token"));
+  if (fromHash) history.replaceState(null, "", location.pathname);
+  for (const button of document.querySelectorAll("nav button")) {
+    button.addEventListener("click", () => {
+      showView(button.dataset.view);
+      if (button.dataset.view === "browse") browse(browseOffset);
+      if (button.dataset.view === "info") loadInfo();
+    });
+  }
+  $("#file").addEventListener("change", (event) => queryFile(event.target.files[0]));
+  $("#random").addEventListener("click", random);
+  $("#query-form").addEventListener("submit", (event) => event.preventDefault());
+  const drop = $("#drop");
+  drop.addEventListener("dragover", (event) => { event.preventDefault(); drop.classList.add("over"); });
+  drop.addEventListener("dragleave", () => drop.classList.remove("over"));
+  drop.addEventListener("drop", (event) => {
+    event.preventDefault();
+    drop.classList.remove("over");
+    queryFile(event.dataTransfer.files[0]);
+  });
+  document.addEventListener("paste", (event) => {
+    const item = [...event.clipboardData.items].find((i) => i.type.startsWith("image/"));
+    if (item) queryFile(item.getAsFile());
+  });
+  $("#browse-form").addEventListener("submit", (event) => { event.preventDefault(); browse(0); });
+  $("#prev").addEventListener("click", () => browse(browseOffset - PAGE));
+  $("#next").addEventListener("click", () => browse(browseOffset + PAGE));
+  loadInfo();
+}
+
+start();
