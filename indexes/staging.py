@@ -98,11 +98,6 @@ def read_records(chunk: Path) -> list[StagedFile]:
         return [StagedFile(**r) for r in json.loads(data["records"].tobytes().decode("utf-8"))]
 
 
-def read_features(chunk: Path) -> np.ndarray:
-    with np.load(chunk, allow_pickle=False) as data:
-        return data["features"]
-
-
 def iter_chunk_features(chunks: Sequence[Path]) -> Iterator[tuple[list[StagedFile], np.ndarray]]:
     """(records, features) of each chunk, one chunk in memory at a time."""
     for chunk in chunks:

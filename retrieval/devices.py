@@ -16,9 +16,6 @@ from retrieval.errors import RetrieveError
 if TYPE_CHECKING:
     import torch
 
-DEVICE_CHOICES = ("auto", "cpu", "cuda")
-
-
 def usable_cores() -> int:
     """Cores this process may run on (its affinity mask, which containers and taskset narrow)."""
     if hasattr(os, "sched_getaffinity"):

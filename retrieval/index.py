@@ -245,18 +245,30 @@ class Index:
         """Class names of the model's head (a checkpoint trained with classes, or ImageNet's)."""
         return self.model.classes
 
-    def embed(self, queries: Sequence[Query]) -> tuple[np.ndarray, list[Any]]:
+    def embed(
+        self, queries: Sequence[Query], *, flip: bool = False
+    ) -> tuple[np.ndarray, list[Any]]:
         """fc7 of query images (files, bytes or PIL images), as the indexed images were
-        embedded; returns (features of the good ones, one record per query: ok or why not)."""
+        embedded; returns (features of the good ones, one record per query: ok or why not).
+        ``flip``: average each image's fc7 with its mirror image's."""
         from retrieval.extraction import embed_decoded, extract_images
 
         model = self.model
         files = [q for q in queries if isinstance(q, str | os.PathLike)]
-        if files and len(files) == len(queries):
-            return extract_images([Path(q) for q in files], model, self._extract, self._mapper)
-        if files:
+        if files and len(files) != len(queries):
             raise RetrieveError("give files, or images in memory, not both in one call")
-        return embed_decoded(list(queries), self._mapper, self._extract.max_megapixels)
+        if files and not flip:
+            return extract_images([Path(q) for q in files], model, self._extract, self._mapper)
+        read = [_read(q) for q in queries] if files else [(q, None) for q in queries]
+        features, records = embed_decoded(
+            [data for data, _ in read], self._mapper, self._extract.max_megapixels, flip=flip
+        )
+        for record, query, (_, why) in zip(records, queries, read):
+            if files:
+                record.path = str(query)
+            if why:
+                record.reason, record.detail = "unreadable", why
+        return features, records
 
     def embed_files(self, paths: Sequence[Path]) -> Iterator[Any]:
         """fc7 of many image files, a batch at a time (``ExtractedBatch``: records + features),
@@ -498,6 +510,14 @@ class Index:
 
     def __repr__(self) -> str:
         return f"Index({str(self.directory)!r}, {self.count} images, generation {self.generation})"
+
+
+def _read(path: str | os.PathLike) -> tuple[bytes, str | None]:
+    """A query file's bytes, or no bytes and why it could not be read."""
+    try:
+        return Path(path).read_bytes(), None
+    except OSError as exc:
+        return b"", exc.strerror or str(exc)
 
 
 def _own_id(snapshot: store.Snapshot, path: str) -> int:

@@ -109,9 +109,12 @@ def embed_decoded(
     images: Sequence[bytes | Image.Image],
     mapper: Fc7Mapper,
     max_megapixels: float = DEFAULT_MAX_MEGAPIXELS,
+    *,
+    flip: bool = False,
 ) -> tuple[np.ndarray, list[FileRecord]]:
     """fc7 of images already in memory (uploads, PIL images), decoded as files are: a bad one
-    gets a record with the reason a file would get, and no row of features."""
+    gets a record with the reason a file would get, and no row of features. ``flip``: the mean
+    of the image's fc7 and its mirror image's (the paper's test-time flips, section 4.1)."""
     import numpy as np
     import torch
 
@@ -125,4 +128,8 @@ def embed_decoded(
             crops.append(pixels)
     if not crops:
         return np.zeros((0, mapper.out_features), np.float32), records
-    return mapper(torch.stack(crops).to(mapper.device)).cpu().numpy(), records
+    batch = torch.stack(crops).to(mapper.device)
+    features = mapper(batch)
+    if flip:
+        features = (features + mapper(batch.flip(-1))) / 2
+    return features.cpu().numpy(), records

@@ -191,12 +191,10 @@ def checked_model(
     precision: str | None,
     *,
     what: str,
-    fp32_fallback: bool = False,
 ) -> tuple[LoadedModel, str]:
     """``model`` set up to embed as ``recorded`` says (its preprocessing), and the precision to
     embed at; or refused with the one part that differs (weights, architecture, layer, width,
-    precision). ``fp32_fallback``: the index measured that fp32 queries find its bf16
-    neighbours (``agreement.py``), so fp32 may stand in where bf16 is not native."""
+    precision)."""
     from retrieval.model.preprocess import Preprocessing
 
     if precision == "auto":
