@@ -1,0 +1,87 @@
+"""The page in a real headless Chromium (Debian's chromium + chromium-driver, via Selenium):
+load it, upload an image, see k results, click one, see the new query."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+from tests.test_serve import build_index
+from tests.test_serve_process import serving
+
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+DRIVER = shutil.which("chromedriver") or "/usr/bin/chromedriver"
+FLAGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+    "--window-size=1280,900",
+]
+
+pytestmark = pytest.mark.skipif(
+    not (os.path.exists(CHROMIUM) and os.path.exists(DRIVER)),
+    reason="needs Debian's chromium and chromium-driver (.ci/run installs them with apt)",
+)
+
+
+@pytest.fixture
+def browser(tmp_path: Path):
+    webdriver = pytest.importorskip("selenium.webdriver")
+    from selenium.webdriver.chrome.service import Service
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = CHROMIUM
+    for flag in [*FLAGS, f"--user-data-dir={tmp_path / 'chromium-profile'}"]:
+        options.add_argument(flag)
+    # A driver path given: Selenium Manager never runs, so nothing downloads a browser.
+    driver = webdriver.Chrome(service=Service(executable_path=DRIVER), options=options)
+    driver.set_page_load_timeout(60)
+    yield driver
+    driver.quit()
+
+
+def test_page_uploads_an_image_shows_k_results_and_queries_by_a_click(
+    browser, tmp_path: Path, small_model: Path
+) -> None:
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support import expected_conditions as seen
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    photos, index_dir = build_index(tmp_path, small_model)
+    wait = WebDriverWait(browser, 60)
+    with serving(index_dir) as base:
+        browser.get(base + "/")
+        wait.until(lambda d: d.find_element(By.CSS_SELECTOR, "#info-table tr"))
+        k = browser.find_element(By.ID, "k")
+        k.clear()
+        k.send_keys("4")
+        photo = sorted(photos.rglob("*.png"))[0]
+        browser.find_element(By.ID, "file").send_keys(str(photo))
+        wait.until(lambda d: len(d.find_elements(By.CSS_SELECTOR, "#results .tile")) == 4)
+        assert photo.name in browser.find_element(By.ID, "query-title").text
+        tiles = browser.find_elements(By.CSS_SELECTOR, "#results .tile")
+        assert "d = " in tiles[0].text and tiles[0].find_element(By.TAG_NAME, "img")
+        assert browser.find_elements(By.CSS_SELECTOR, "#classes li")  # the model has classes
+        clicked = tiles[1].get_attribute("data-id")
+        tiles[1].click()
+        wait.until(seen.text_to_be_present_in_element((By.ID, "query-title"), f"(#{clicked})"))
+        wait.until(lambda d: len(d.find_elements(By.CSS_SELECTOR, "#results .tile")) == 4)
+        ids = [
+            t.get_attribute("data-id")
+            for t in browser.find_elements(By.CSS_SELECTOR, "#results .tile")
+        ]
+        assert clicked not in ids  # by id: the query's own row is left out
+        thumbs_loaded = (
+            "return [...document.querySelectorAll('#results img')]"
+            ".every(i => i.complete && i.naturalWidth > 0)"
+        )
+        wait.until(lambda d: d.execute_script(thumbs_loaded))
+        browser.find_element(By.CSS_SELECTOR, "nav button[data-view=browse]").click()
+        wait.until(lambda d: len(d.find_elements(By.CSS_SELECTOR, "#grid .tile")) == 12)
