@@ -226,6 +226,40 @@ def _calibrated(ix, options, histogram, as_json):
     return result
 
 
+@click.command("export")
+@index_option
+@click.option(
+    "-o",
+    "--output",
+    type=click.Path(file_okay=False, path_type=Path),
+    required=True,
+    help="New folder for the shards.",
+)
+@click.option(
+    "--format",
+    "fmt",
+    type=click.Choice(["npy", "parquet"]),
+    default="npy",
+    show_default=True,
+    help="npy: fc7-NNNNN.npy + metadata-NNNNN.parquet; parquet: "
+    "embeddings-NNNNN.parquet with an embedding column.",
+)
+@click.option("--float16", is_flag=True, help="Half-size vectors (not for --from-embeddings).")
+@click.option("--rows-per-shard", type=click.IntRange(min=1), default=100_000, show_default=True)
+def export_command(index_dir, output, fmt, float16, rows_per_shard):
+    """Write every indexed image's fc7 and metadata as shards other tools read."""
+    from retrieval.collection.export import export
+
+    with _open(index_dir) as ix, progress_bar("exporting", "images") as bar:
+        report = export(
+            ix, output, fmt=fmt, float16=float16, rows_per_shard=rows_per_shard, progress=bar
+        )
+    click.echo(
+        f"wrote {report.rows} vectors ({report.dtype}) in {report.shards} shards to "
+        f"{display_path(str(report.folder))}"
+    )
+
+
 def register(group: click.Group) -> None:
-    for command in (duplicates_command,):
+    for command in (duplicates_command, export_command):
         group.add_command(command)
