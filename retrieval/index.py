@@ -350,6 +350,28 @@ class Index:
             self._fill(view, results, list(range(len(ids))), vectors, ids, k, nprobe, ef_search)
             return results
 
+    def search_features(
+        self,
+        features: np.ndarray,
+        k: int = 6,
+        *,
+        names: Sequence[str] | None = None,
+        nprobe: int | None = None,
+        ef_search: int | None = None,
+    ) -> list[QueryResult]:
+        """Results for fc7 rows already embedded (``embed``): searched and joined to their rows
+        in one generation, so a reload in between cannot mix two."""
+        features = np.asarray(features, dtype=np.float32)
+        names = (
+            list(names) if names is not None else [f"<vector {i}>" for i in range(len(features))]
+        )
+        with self._use() as view:
+            check_k(k, view.snapshot.count)
+            results = [QueryResult(query=name) for name in names]
+            slots = list(range(len(features)))
+            self._fill(view, results, slots, features, [-1] * len(slots), k, nprobe, ef_search)
+            return results
+
     def _fill(
         self,
         view: _View,

@@ -293,3 +293,24 @@ def test_create_indexes_a_folder_and_opens_it(tmp_path: Path, small_model: Path)
         make_image(folder / "x" / f"{i}.png", size=(40, 40), seed=i)
     with Index.create(tmp_path / "ix", folder, IndexOptions(weights=str(small_model))) as ix:
         assert ix.count == 3 and ix.backend == "exact-mapped-cpu"
+
+
+def test_search_features_answers_as_search_for_the_same_fc7(built) -> None:
+    photos, index_dir = built
+    query = sorted(photos.rglob("*.png"))[4]
+    with Index.open(index_dir) as ix:
+        features, _ = ix.embed([query])
+        (by_features,) = ix.search_features(features, k=3, names=["q"])
+        (by_file,) = ix.search([query], k=3)
+    assert by_features.query == "q" and by_features.neighbors == by_file.neighbors
+
+
+def test_flip_averaged_embedding_is_the_mean_of_the_image_and_its_mirror(built, tmp_path) -> None:
+    photos, index_dir = built
+    query = sorted(photos.rglob("*.png"))[4]
+    mirror = tmp_path / "mirror.png"
+    Image.open(query).transpose(Image.Transpose.FLIP_LEFT_RIGHT).save(mirror)
+    with Index.open(index_dir) as ix:
+        (flipped,), _ = ix.embed([query], flip=True)
+        (plain, mirrored), _ = ix.embed([query, mirror])
+    np.testing.assert_allclose(flipped, (plain + mirrored) / 2, atol=1e-4)
