@@ -17,7 +17,6 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from retrieval import Index, QueryResult, RetrieveError
-from retrieval.search.query import neighbors_of
 
 log = logging.getLogger(__name__)
 
@@ -42,7 +41,7 @@ class Answer:
 
 def answer_uploads(index: Index, uploads: list[Upload]) -> list[Answer]:
     """fc7 of every upload in one pass, the model's top-5 classes, and the k nearest indexed
-    images of each, all from one generation of the index."""
+    images of each (one search for the batch, at its largest k, in one generation)."""
     features, records = index.embed([u.data for u in uploads])
     answers = [Answer(QueryResult(query=u.name)) for u in uploads]
     good = [i for i, record in enumerate(records) if record.ok]
@@ -54,19 +53,11 @@ def answer_uploads(index: Index, uploads: list[Upload]) -> list[Answer]:
     for slot, classes in zip(good, index.predict(features)):
         answers[slot].classes = classes
     k = max(uploads[i].k for i in good)
-    for _ in range(5):  # a reload between the search and the row lookup would mix generations
-        generation = index.generation
-        distances, ids = index.search_vectors(features, min(k, index.count))
-        found = sorted({int(i) for i in ids.ravel() if i >= 0})
-        rows = {row.id: row for row in index.rows(found, status=None)}
-        if index.generation == generation and all(i in rows for i in found):
-            break
-    else:
-        raise RetrieveError("the index changed during every try of this search; ask again")
-    for n, slot in enumerate(good):
-        answers[slot].result.neighbors = neighbors_of(
-            distances[n], ids[n], rows, -1, uploads[slot].k
-        )
+    names = [uploads[i].name for i in good]
+    found = index.search_features(features, min(k, index.count), names=names)
+    for slot, result in zip(good, found):
+        result.neighbors = result.neighbors[: uploads[slot].k]  # nearest first: a prefix
+        answers[slot].result = result
     return answers
 
 
