@@ -102,6 +102,7 @@ def one_core_decode_rate(folder: Path, weights: str) -> float:
         "offset": np.full(len(paths), -1),
         "length": np.full(len(paths), -1),
         "mtime_ns": np.full(len(paths), -1),
+        "part": np.zeros(len(paths), dtype=np.int64),
     }
     preprocessing = load_model(weights).preprocessing.to_dict()
     start = time.perf_counter()

@@ -44,10 +44,10 @@ from .options import device_option, emit_json, json_option
 @device_option
 @click.option(
     "--precision",
-    type=click.Choice(["fp32", "bf16"]),
-    default="fp32",
+    type=click.Choice(["auto", "fp32", "bf16"]),
+    default="auto",
     show_default=True,
-    help="bf16: faster where native, slightly different numbers.",
+    help="auto: bf16 where it is native (a GPU, a CPU with AVX-512 BF16 / AMX), else fp32.",
 )
 @click.option("--batch-size", type=click.IntRange(min=1), default=None, help="Images per call.")
 @click.option(

@@ -235,3 +235,34 @@ def test_extract_command_writes_shards_and_resumes(
     )
     assert other.exit_code == 0, other.output
     assert "0 images" in other.output and "1 skipped" in other.output
+
+
+def test_an_index_from_ray_shards_answers_as_retrieve_index_of_the_folder(
+    cluster, collection: Path, small_model: Path, tmp_path: Path
+) -> None:
+    """`retrieve index DIR --engine ray` is extract then --from-embeddings: the same answers."""
+    import json
+
+    from click.testing import CliRunner
+
+    from retrieval import Index
+    from retrieval.cli.main import cli
+
+    def run(*args: object) -> str:
+        result = CliRunner().invoke(cli, [str(a) for a in args], catch_exceptions=False)
+        assert result.exit_code == 0, result.output
+        return result.stdout
+
+    run("index", collection, "--index", tmp_path / "local", "--weights", small_model)
+    extract_with_ray(Source.parse(collection), str(small_model), tmp_path / "shards", OPTIONS)
+    run("index", "--from-embeddings", tmp_path / "shards", "--index", tmp_path / "ray")
+    for query in sorted(collection.rglob("*.png"))[::5]:
+        args = ("query", query, "-k", "5", "--json")
+        a = json.loads(run(*args, "--index", tmp_path / "local"))["neighbors"]
+        b = json.loads(run(*args, "--index", tmp_path / "ray"))["neighbors"]
+        assert [(n["path"], n["label"]) for n in a] == [(n["path"], n["label"]) for n in b]
+        np.testing.assert_allclose(
+            [n["distance"] for n in a], [n["distance"] for n in b], rtol=1e-5
+        )
+    with Index.open(tmp_path / "local") as local, Index.open(tmp_path / "ray") as ray_index:
+        assert ray_index.identity == local.identity

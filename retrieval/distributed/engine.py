@@ -1,9 +1,10 @@
 """The driver: plan parts, run each on Ray Data (decode tasks -> model actors), write its shard.
 
-Each manifest part is one Ray Data pipeline whose output the driver collects by key: a retried
-task or a restarted actor may hand a row back twice or not finish a block, so rows are
-de-duplicated by key and the part is written only when every key came back exactly once
-(otherwise the part fails: nothing is lost and nothing doubled). A finished part is its shard on
+All unfinished parts go through one Ray Data pipeline (the actors keep their models for the
+whole run), and the driver collects the output by part and key: a retried task or a restarted
+actor may hand a row back twice or not finish a block, so rows are de-duplicated by key and a
+part is written only when every key came back exactly once (otherwise the run fails there:
+nothing is lost and nothing doubled). A finished part is its shard on
 disk, so a killed driver, run again with the same arguments, skips to the first unfinished part.
 Retries are finite (Ray's default retries forever, and a file that kills its decoder every time
 would loop): ``max_retries`` for tasks, ``max_restarts`` / ``max_task_retries`` for actors.
@@ -14,13 +15,14 @@ from __future__ import annotations
 import logging
 import time
 import warnings
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
 
-from retrieval.distributed.manifest import PART_FILES, Manifest, Source, plan, read_part
+from retrieval.devices import choose_precision
+from retrieval.distributed.manifest import PART_FILES, Manifest, Part, Source, plan, read_part
 from retrieval.errors import RetrieveError
 from retrieval.images.decode import DEFAULT_MAX_MEGAPIXELS
 from retrieval.indexes.shards import ShardRows, SkippedRows, write_identity, write_shard
@@ -36,7 +38,7 @@ class RayOptions:
     actors: int | None = None  # model actors; None: one per GPU, else max(1, CPUs // 4)
     actor_cpus: float = 1.0  # CPUs each CPU actor reserves (and torch threads it runs)
     device: str = "auto"  # "auto": cuda actors when the cluster has GPUs
-    precision: str = "fp32"
+    precision: str = "auto"  # auto: bf16 where native (GPU actors, or this CPU), else fp32
     batch_size: int = 64  # rows per decode task and per model call
     part_files: int = PART_FILES
     retries: int = 3
@@ -87,11 +89,15 @@ def extract_with_ray(
         raise RetrieveError("--engine ray needs Ray: pip install 'retrieve[ray]'") from None
     started = time.perf_counter()
     loaded = load_model(weights)
-    identity = loaded.describe()
     out = Path(out)
+    connect(options)
+    device, num_gpus, actors = _placement(options, ray.cluster_resources())
+    # CPU actors: the driver's CPU stands for the nodes' (alike on a local cluster; on a mixed
+    # cluster pass --precision explicitly).
+    options = replace(options, precision=choose_precision(options.precision, device))
+    identity = {**loaded.describe(), "precision": options.precision}
     write_identity(out, identity, loaded.fc7_dim)
     manifest = plan(out, source, identity, options.part_files)
-    connect(options)
     report = RunReport(out)
     todo = [p for p in manifest.parts if not (out / f"fc7-{p.number:05d}.npy").exists()]
     report.parts_done_before = len(manifest.parts) - len(todo)
@@ -101,18 +107,17 @@ def extract_with_ray(
             report.parts_done_before,
             len(manifest.parts),
         )
-    device, num_gpus, actors = _placement(options, ray.cluster_resources())
     job = _Job(
         weights, loaded.sha256, loaded.preprocessing.to_dict(), device, num_gpus, actors, options
     )
     report.actors = actors
-    for part in todo:
-        images, skipped = _run_part(out, manifest, part.number, job, on_batch)
-        report.parts_written.append(part.number)
-        report.images += images
-        report.skipped += skipped
-        if on_part is not None:
-            on_part(part.number, images + skipped)
+    if todo:
+        for number, (images, skipped) in _run_parts(out, manifest, todo, job, on_batch):
+            report.parts_written.append(number)
+            report.images += images
+            report.skipped += skipped
+            if on_part is not None:
+                on_part(number, images + skipped)
     report.seconds = time.perf_counter() - started
     return report
 
@@ -185,39 +190,53 @@ def _pipeline(dataset, job: _Job):
         )
 
 
-def _run_part(
+def _run_parts(
     out: Path,
     manifest: Manifest,
-    number: int,
+    todo: list[Part],
     job: _Job,
     on_batch: Callable[[int], None] | None,
-) -> tuple[int, int]:
-    """One part through the cluster; its shard is written only when every key came back."""
+) -> Iterator[tuple[int, tuple[int, int]]]:
+    """Every unfinished part through one pipeline, so the actors (and their models) live for
+    the whole run; a part's shard is written as soon as each of its keys came back once.
+
+    The part lists are read by Ray itself (``read_parquet``), so the driver never holds the
+    whole listing; it holds only the rows of the parts still being filled.
+    """
     import ray.data
 
-    files = read_part(out, manifest, number)
-    blocks = max(1, -(-len(files["key"]) // job.options.batch_size))
-    dataset = ray.data.from_items(
-        [dict(zip(files, values)) for values in zip(*files.values())],
-        override_num_blocks=blocks,
-    )
-    seen: dict[int, tuple] = {}
+    paths = [str(manifest.part_path(out, part.number)) for part in todo]
+    blocks = max(len(todo), -(-sum(part.count for part in todo) // job.options.batch_size))
+    dataset = ray.data.read_parquet(paths, override_num_blocks=blocks)
+    counts = {part.number: part.count for part in todo}
+    filling: dict[int, dict[int, tuple]] = {number: {} for number in counts}
+    seen = 0
     try:
         for batch in _pipeline(dataset, job).iter_batches(batch_size=None, batch_format="numpy"):
             for i, key in enumerate(batch["key"]):
-                seen.setdefault(int(key), tuple(batch[c][i] for c in _COLUMNS))
+                number = int(batch["part"][i])
+                rows = filling[number]
+                if int(key) not in rows:  # a retried block may bring a row twice
+                    rows[int(key)] = tuple(batch[c][i] for c in _COLUMNS)
+                    seen += 1
+                if len(rows) == counts[number]:
+                    files = read_part(out, manifest, number)
+                    yield number, _write_part(out, number, files, filling.pop(number))
+                    filling[number] = {}  # a late duplicate of a written part is ignored
+                    counts[number] = -1
             if on_batch is not None:
-                on_batch(len(seen))
+                on_batch(seen)
     except Exception as exc:  # Ray wraps worker failures in many classes; one line for the user
         first_line = str(exc).splitlines()[0] if str(exc) else ""
+        unfinished = sorted(n for n, c in counts.items() if c >= 0)
         raise RetrieveError(
-            f"part {number} (from {files['path'][0]}) failed, retries included "
-            f"({job.options.retries}): {type(exc).__name__}: {first_line}"
+            f"parts {unfinished[:5]}{' ...' if len(unfinished) > 5 else ''} failed, retries "
+            f"included ({job.options.retries}): {type(exc).__name__}: {first_line}; "
+            "run again to resume"
         ) from exc
-    missing = set(files["key"]) - set(seen)
+    missing = sorted(n for n, c in counts.items() if c >= 0)
     if missing:
-        raise RetrieveError(f"part {number}: {len(missing)} files never came back; run again")
-    return _write_part(out, number, files, seen)
+        raise RetrieveError(f"parts {missing[:5]}: some files never came back; run again")
 
 
 _COLUMNS = ("size", "mtime", "sha256", "reason", "detail", "fc7")

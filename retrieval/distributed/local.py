@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
+from retrieval.devices import choose_precision
 from retrieval.distributed.engine import RunReport
 from retrieval.distributed.manifest import PART_FILES, Source, plan, read_part
 from retrieval.errors import RetrieveError
@@ -35,7 +36,8 @@ def extract_locally(
         raise RetrieveError("tar shards are read by --engine ray only; unpack them for local")
     started = time.perf_counter()
     loaded = load_model(weights)
-    identity = loaded.describe()
+    options = replace(options, precision=choose_precision(options.precision, options.device))
+    identity = {**loaded.describe(), "precision": options.precision}
     out = Path(out)
     write_identity(out, identity, loaded.fc7_dim)
     manifest = plan(out, source, identity, part_files)
@@ -47,7 +49,7 @@ def extract_locally(
         files = read_part(out, manifest, part.number)
         rows, skipped, chunks = ShardRows(), SkippedRows(), []
         paths = [Path(p) for p in files["path"]]
-        for batch in extract_fc7(paths, loaded, replace(options)):
+        for batch in extract_fc7(paths, loaded, options):
             chunks.append(batch.features)
             for record in batch.records:
                 key = files["key"][record.position]

@@ -162,6 +162,7 @@ def plan(
     manifest = Manifest(source, model, part_files, parts, total)
     for part in parts:
         rows = table.slice(part.first_key, part.count)
+        rows = rows.append_column("part", pa.array([part.number] * part.count, pa.int64()))
         atomic_write(
             manifest.part_path(out, part.number), lambda tmp, r=rows: pq.write_table(r, tmp)
         )

@@ -71,6 +71,7 @@ def decode_batch(
         out["detail"].append(record.detail)
     return {
         "key": np.asarray(keys, dtype=np.int64),
+        "part": np.asarray(batch["part"], dtype=np.int64),
         "path": np.asarray(batch["path"], dtype=object),
         "size": np.asarray(out["size"], dtype=np.int64),
         "mtime": np.asarray(out["mtime"], dtype=np.int64),
