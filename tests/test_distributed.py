@@ -266,3 +266,34 @@ def test_an_index_from_ray_shards_answers_as_retrieve_index_of_the_folder(
         )
     with Index.open(tmp_path / "local") as local, Index.open(tmp_path / "ray") as ray_index:
         assert ray_index.identity == local.identity
+
+
+@pytest.mark.parametrize("use_ray", [False, True])
+def test_shards_merged_on_disk_answer_as_the_same_ivf_filled_in_memory(
+    cluster, tmp_path: Path, use_ray: bool
+) -> None:
+    import faiss
+
+    from retrieval.distributed.ivf_merge import TRAINED, build_ivf_on_disk, open_merged
+    from retrieval.indexes.shards import ShardRows, ShardWriter
+
+    rng = np.random.default_rng(0)
+    centres = rng.standard_normal((12, 32)).astype(np.float32) * 4
+    vectors = centres[rng.integers(0, 12, 900)] + rng.standard_normal((900, 32)).astype(np.float32)
+    ids = np.arange(900) * 5 + 3
+    with ShardWriter(tmp_path / "shards", {"source": "synthetic"}, 32, rows_per_shard=300) as w:
+        n = len(ids)
+        w.add(vectors, ShardRows(ids.tolist(), [f"{i}.jpg" for i in ids], ["x"] * n,
+                                 [""] * n, [1] * n, [1] * n))  # fmt: skip
+    report = build_ivf_on_disk(tmp_path / "shards", tmp_path / "ivf", "IVF16,Flat", use_ray=use_ray)
+    assert (report.rows, report.shards) == (900, 3)
+    merged = open_merged(report.index_path)
+    in_memory = faiss.read_index(str(tmp_path / "ivf" / TRAINED))
+    in_memory.add_with_ids(vectors, ids)
+    merged.nprobe = in_memory.nprobe = 4
+    queries = vectors[::37] + 0.05
+    got_d, got_i = merged.search(queries, 8)
+    want_d, want_i = in_memory.search(queries, 8)
+    np.testing.assert_array_equal(got_i, want_i)
+    np.testing.assert_allclose(got_d, want_d, rtol=1e-6)
+    assert merged.ntotal == 900 and not list((tmp_path / "ivf").glob("block-*"))

@@ -7,6 +7,8 @@ file, parts of about 100,000 files), write the same export layout
 (:mod:`retrieval.distributed.engine`) decodes in CPU tasks with the project's safe decoder and
 runs the model in long-lived actors (one GPU each on a GPU cluster); Ray is an optional extra
 (``pip install 'retrieve[ray]'``) imported only when that engine runs.
+:mod:`retrieval.distributed.ivf_merge` builds an IVF index from the shards block by block
+(Ray tasks when connected) and merges it on disk (faiss ``merge_ondisk``).
 """
 
 from __future__ import annotations
