@@ -297,3 +297,11 @@ def test_shards_merged_on_disk_answer_as_the_same_ivf_filled_in_memory(
     np.testing.assert_array_equal(got_i, want_i)
     np.testing.assert_allclose(got_d, want_d, rtol=1e-6)
     assert merged.ntotal == 900 and not list((tmp_path / "ivf").glob("block-*"))
+
+
+def test_a_model_actor_refuses_weights_other_than_the_run_planned_with(small_model: Path) -> None:
+    from retrieval.distributed.tasks import Fc7Actor
+    from retrieval.errors import WeightsError
+
+    with pytest.raises(WeightsError, match="every node must see the same weights file"):
+        Fc7Actor(str(small_model), "0" * 64, "cpu", "fp32", 1)
