@@ -260,6 +260,116 @@ def export_command(index_dir, output, fmt, float16, rows_per_shard):
     )
 
 
+@click.command("cluster")
+@click.option("-n", "k", type=click.IntRange(min=1), required=True, help="Number of clusters.")
+@index_option
+@json_option
+@click.option(
+    "-o",
+    "--output",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=None,
+    help="Folder for one contact sheet per cluster and outliers.png.",
+)
+@click.option(
+    "--pca",
+    "pca_dim",
+    type=click.IntRange(min=2),
+    default=None,
+    help="Cluster a PCA copy of this many components [default: 256 when large].",
+)
+@click.option("--seed", type=int, default=0, show_default=True)
+def cluster_command(k, index_dir, as_json, output, pca_dim, seed):
+    """k-means on fc7: every image in one cluster; purity and NMI when folders are labels."""
+    from retrieval.collection.clusters import cluster_index
+
+    with _open(index_dir) as ix:
+        report = cluster_index(ix, k, seed=seed, pca_dim=pca_dim)
+    clustering = report.clustering
+    if as_json:
+        for row, c, d in zip(report.rows, clustering.assignment, clustering.distance):
+            emit_json(
+                {"path": row.path, "id": row.id, "cluster": int(c), "distance": round(float(d), 4)}
+            )
+    else:
+        sizes = clustering.sizes()
+        space = f"PCA-{clustering.reduced_to}" if clustering.reduced_to else "fc7"
+        click.echo(
+            f"{len(report.rows)} images in {k} clusters ({space}, seed {seed}); "
+            f"sizes {' '.join(str(int(n)) for n in sizes)}"
+        )
+        for c in range(k):
+            members = [r for r, a in zip(report.rows, clustering.assignment) if a == c]
+            labels = {}
+            for r in members:
+                labels[r.label] = labels.get(r.label, 0) + 1
+            common = ", ".join(
+                f"{name} {n}" for name, n in sorted(labels.items(), key=lambda kv: -kv[1])[:3]
+            )
+            click.echo(f"  cluster {c}: {len(members)} images ({common})")
+    if report.scores:
+        click.echo(
+            f"against folder labels: purity {report.scores['purity']:.3f}, "
+            f"NMI {report.scores['nmi']:.3f}",
+            err=as_json,
+        )
+    if output is not None:
+        from retrieval.collection.views import cluster_sheets
+
+        written = cluster_sheets(report, output, seed=seed)
+        click.echo(f"wrote {len(written)} sheets to {display_path(str(output))}", err=True)
+
+
+@click.command("map")
+@index_option
+@click.option(
+    "-o",
+    "--output",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=Path("map.png"),
+    show_default=True,
+)
+@click.option(
+    "--color",
+    type=click.Choice(["label", "cluster"]),
+    default="label",
+    show_default=True,
+    help="Frame colour: folder label, or k-means cluster.",
+)
+@click.option(
+    "--max",
+    "max_images",
+    type=click.IntRange(min=2),
+    default=1500,
+    show_default=True,
+    help="Images sampled for a larger collection.",
+)
+@click.option("--tile", type=click.IntRange(min=8), default=40, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+def map_command(index_dir, output, color, max_images, tile, seed):
+    """A 2-D map of the collection: fc7 by PCA then t-SNE, thumbnails snapped to a grid."""
+    from retrieval.collection.layout import map_layout
+    from retrieval.figures.map import draw_map
+
+    with _open(index_dir) as ix:
+        total = ix.count
+        layout = map_layout(ix, max_images=max_images, color=color, seed=seed)
+    shown = len(layout.rows)
+    title = (f"{shown} of {total} images" if shown < total else f"{total} images") + (
+        f", fc7 -> PCA -> t-SNE, coloured by {color}"
+    )
+    path = draw_map(
+        [r.path for r in layout.rows],
+        layout.cells,
+        layout.groups,
+        layout.side,
+        output,
+        tile=tile,
+        title=title,
+    )
+    click.echo(f"wrote {display_path(str(path))} ({title})")
+
+
 def register(group: click.Group) -> None:
-    for command in (duplicates_command, export_command):
+    for command in (duplicates_command, export_command, cluster_command, map_command):
         group.add_command(command)
