@@ -31,20 +31,56 @@ pytestmark = pytest.mark.skipif(
 )
 
 
-@pytest.fixture
-def browser(tmp_path: Path):
-    webdriver = pytest.importorskip("selenium.webdriver")
+def chromium(profile: Path):
+    """Debian's headless Chromium under Selenium, with a fresh profile folder."""
+    from selenium import webdriver
     from selenium.webdriver.chrome.service import Service
 
     options = webdriver.ChromeOptions()
     options.binary_location = CHROMIUM
-    for flag in [*FLAGS, f"--user-data-dir={tmp_path / 'chromium-profile'}"]:
+    for flag in [*FLAGS, f"--user-data-dir={profile}"]:
         options.add_argument(flag)
     # A driver path given: Selenium Manager never runs, so nothing downloads a browser.
     driver = webdriver.Chrome(service=Service(executable_path=DRIVER), options=options)
     driver.set_page_load_timeout(60)
+    return driver
+
+
+@pytest.fixture
+def browser(tmp_path: Path):
+    pytest.importorskip("selenium.webdriver")
+    driver = chromium(tmp_path / "chromium-profile")
     yield driver
     driver.quit()
+
+
+def screenshot(index_dir: Path, query: Path, out: Path, profile: Path, k: int = 6) -> None:
+    """The page after one query, as docs/serve.png shows it (and a phone-sized copy)."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    driver = chromium(profile)
+    all_images_shown = (
+        "return [...document.querySelectorAll('img')].filter(i => i.src)"
+        ".every(i => i.complete && i.naturalWidth > 0)"
+    )
+    try:
+        with serving(index_dir, timeout=180) as base:
+            for _ in range(2):  # the first query loads the model; the second is the picture
+                driver.get(base + "/")
+                wait = WebDriverWait(driver, 180)
+                wait.until(lambda d: d.find_element(By.CSS_SELECTOR, "#info-table tr"))
+                driver.find_element(By.ID, "k").clear()
+                driver.find_element(By.ID, "k").send_keys(str(k))
+                driver.find_element(By.ID, "file").send_keys(str(query))
+                wait.until(lambda d: len(d.find_elements(By.CSS_SELECTOR, "#results .tile")) == k)
+            wait.until(lambda d: d.execute_script(all_images_shown))
+            driver.set_window_size(1280, 640)
+            driver.save_screenshot(str(out))
+            driver.set_window_size(390, 844)
+            driver.save_screenshot(str(out.with_name(out.stem + "-phone.png")))
+    finally:
+        driver.quit()
 
 
 def test_page_uploads_an_image_shows_k_results_and_queries_by_a_click(
@@ -85,3 +121,11 @@ def test_page_uploads_an_image_shows_k_results_and_queries_by_a_click(
         wait.until(lambda d: d.execute_script(thumbs_loaded))
         browser.find_element(By.CSS_SELECTOR, "nav button[data-view=browse]").click()
         wait.until(lambda d: len(d.find_elements(By.CSS_SELECTOR, "#grid .tile")) == 12)
+
+
+if __name__ == "__main__":  # python -m tests.test_serve_browser INDEX QUERY docs/serve.png
+    import sys
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as profile:
+        screenshot(Path(sys.argv[1]), Path(sys.argv[2]), Path(sys.argv[3]), Path(profile))
