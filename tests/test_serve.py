@@ -409,3 +409,27 @@ def test_binding_beyond_loopback_without_a_token_warns(built, monkeypatch) -> No
     assert is_loopback("::1") and is_loopback("localhost") and not is_loopback("10.1.2.3")
     bad = CliRunner().invoke(cli, ["serve", "--index", str(built[1]), "--max-upload", "lots"])
     assert bad.exit_code == 2
+
+
+def test_a_slow_query_does_not_block_other_requests(index, monkeypatch) -> None:
+    entered, release = threading.Event(), threading.Event()
+    real_embed = index.embed
+
+    def slow_embed(queries):
+        entered.set()
+        assert release.wait(60), "the other request never got through"
+        return real_embed(queries)
+
+    monkeypatch.setattr(index, "embed", slow_embed)
+    with client_for(index) as c:
+        answers = []
+        query = threading.Thread(target=lambda: answers.append(upload(c, jpeg_bytes())))
+        query.start()
+        assert entered.wait(60)
+        # The model thread is busy inside embed: the event loop still answers.
+        assert c.get("/api/info").status_code == 200
+        assert c.get("/api/neighbors/1", params={"k": 2}).status_code == 200
+        assert not answers
+        release.set()
+        query.join(60)
+        assert answers[0].status_code == 200
