@@ -20,32 +20,61 @@ from .options import device_option, emit_json, json_option, precision_option, wo
 )
 @click.option(
     "--recipe",
-    type=click.Choice(["paper", "onecycle"]),
-    default="paper",
+    type=click.Choice(["onecycle", "paper"]),
+    default="onecycle",
     show_default=True,
-    help="paper: SGD, lr /10 on plateau; onecycle: short budgets.",
+    help="onecycle: warm-up, then annealing to the end of the budget; paper: SGD with a "
+    "short warm-up, lr /10 on plateau.",
 )
 @click.option(
     "--arch",
-    type=click.Choice(["torchvision", "paper"]),
+    type=click.Choice(["torchvision", "paper", "cifar"]),
     default="torchvision",
     show_default=True,
-    help="paper: 96-256-384-384-256 filters with LRN.",
+    help="paper: 96-256-384-384-256 filters with LRN; cifar: a 32-px network with small "
+    "kernels and a 4608-d fc7.",
+)
+@click.option("--batch-norm", is_flag=True, help="Batch norm after every conv and hidden FC layer.")
+@click.option(
+    "--groups",
+    type=click.Choice(["1", "2"]),
+    default="1",
+    show_default=True,
+    help="2: the paper's two-GPU split (conv2, conv4, conv5 see only their own half).",
 )
 @click.option(
     "--image-size",
-    type=click.IntRange(min=63),
-    default=224,
-    show_default=True,
-    help="Network input side; crops are cut from round(size*256/224) squares.",
+    type=click.IntRange(min=10),
+    default=None,
+    help="Network input side; crops are cut from round(size*256/224) squares "
+    "[default: 224; 32 for --arch cifar; chosen by --time-budget].",
+)
+@click.option(
+    "--steps",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Optimizer steps in total [default: at least 1,000 and 30 epochs, at most 100 "
+    "epochs, rounded to whole epochs].",
 )
 @click.option(
     "--epochs",
     type=click.IntRange(min=1),
     default=None,
-    help="[default: 90 for paper, 16 for onecycle]",
+    help="Passes over the training set, instead of --steps.",
 )
-@click.option("--batch-size", type=click.IntRange(min=1), default=128, show_default=True)
+@click.option(
+    "--time-budget",
+    default=None,
+    metavar="DURATION",
+    help="Fit training into this time on this device (10m, 90s, 1h): times a few steps and "
+    "picks the image size and steps, and says what it chose.",
+)
+@click.option(
+    "--batch-size",
+    type=click.IntRange(min=1),
+    default=None,
+    help="[default: the power of two nearest (training images / 16), within 16..128]",
+)
 @click.option(
     "--lr",
     type=click.FloatRange(min=0, min_open=True),
@@ -68,11 +97,25 @@ from .options import device_option, emit_json, json_option, precision_option, wo
 @click.option(
     "--init",
     "init",
-    type=click.Choice(["kaiming", "paper", "default"]),
-    default="kaiming",
+    type=click.Choice(["lsuv", "kaiming", "paper", "default"]),
+    default="lsuv",
     show_default=True,
-    help="Initial weights: He et al.'s; the paper's N(0, 0.01) with unit biases (stalls at "
+    help="Initial weights: He et al.'s scaled so each layer's output has unit size on training "
+    "images (LSUV); He et al.'s alone; the paper's N(0, 0.01) with unit biases (stalls at "
     "ln(classes) without batch norm); torchvision's default (slow to start).",
+)
+@click.option(
+    "--select",
+    type=click.Choice(["map", "top1"]),
+    default="map",
+    show_default=True,
+    help="Keep the epoch with the best validation fc7 retrieval mAP, or top-1 accuracy.",
+)
+@click.option(
+    "--clip-norm",
+    type=click.FloatRange(min=0),
+    default=None,
+    help="Clip the gradient norm to this (0: off) [default: 10].",
 )
 @click.option("--no-pca-color", is_flag=True, help="Leave out the PCA colour augmentation.")
 @click.option("--no-random-crop", is_flag=True, help="Train on centre crops (flips stay).")
@@ -116,13 +159,19 @@ def train_command(
     output,
     recipe,
     arch,
+    batch_norm,
+    groups,
     image_size,
+    steps,
     epochs,
+    time_budget,
     batch_size,
     lr,
     finetune,
     freeze,
     init,
+    select,
+    clip_norm,
     no_pca_color,
     no_random_crop,
     seed,
@@ -139,22 +188,36 @@ def train_command(
     """Train AlexNet on DATA_DIR (train/ and val/ class folders, one folder of classes, or the
     four idx files of (Fashion-)MNIST) and write a checkpoint for `retrieve index --weights`."""
     from retrieval.training.augment import Augmentation
+    from retrieval.training.budget import parse_duration
     from retrieval.training.loop import describe_epoch, make_recipe, train
     from retrieval.training.setup import RunOptions
 
     if freeze and not finetune:
         raise click.UsageError("--freeze needs --finetune")
+    if steps and epochs:
+        raise click.UsageError("give --steps or --epochs, not both")
+    seconds = parse_duration(time_budget) if time_budget else None
+    if seconds and (steps or epochs):
+        raise click.UsageError("--time-budget chooses the steps: leave out --steps and --epochs")
+    size_given = image_size is not None
+    if image_size is None:
+        image_size = 32 if arch == "cifar" else 224
     augmentation = Augmentation(random_crop=not no_random_crop, pca_color=not no_pca_color)
     chosen = make_recipe(
         recipe,
         arch=arch,
+        batch_norm=batch_norm,
+        groups=int(groups),
         image_size=image_size,
+        steps=steps,
         epochs=epochs,
         batch_size=batch_size,
         lr=lr,
         finetune=finetune,
         freeze=freeze,
         init=init,
+        select=select,
+        clip_norm=clip_norm,
         augmentation=augmentation,
         seed=seed,
         val_fraction=val_fraction,
@@ -167,6 +230,8 @@ def train_command(
         checkpoint_every=checkpoint_every,
         max_steps=max_steps,
         resume=resume,
+        time_budget=seconds,
+        image_size_given=size_given,
     )
     result = train(
         data_dir,
@@ -174,6 +239,7 @@ def train_command(
         chosen,
         options,
         on_epoch=lambda row: click.echo(describe_epoch(row), err=True),
+        on_start=lambda line: click.echo(line, err=True),
     )
     summary = {
         "checkpoint": str(result.checkpoint),
@@ -181,6 +247,9 @@ def train_command(
         "epochs": result.epochs,
         "finished": result.finished,
         "seconds": result.seconds,
+        "recipe": result.recipe.to_dict() if result.recipe else None,
+        "best": result.best,
+        "plan": result.plan,
         **{k: v for k, v in result.last.items() if k != "epoch"},
     }
     if as_json:
@@ -195,7 +264,11 @@ def train_command(
         click.echo(
             f"val top-1 error {100 * last['top1_error']:.2f}%, "
             f"top-5 error {100 * last['top5_error']:.2f}%"
+            + (f", fc7 mAP {last['map']:.3f}" if "map" in last else "")
         )
+    if result.best:
+        best = result.best
+        click.echo(f"kept epoch {best['epoch']} (best {best['select']}: {best['score']:.3f})")
 
 
 def register(group: click.Group) -> None:

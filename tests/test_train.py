@@ -67,13 +67,20 @@ def test_tiny_training_run_writes_a_checkpoint_index_can_use(shapes: Path, tmp_p
     prep = loaded.preprocessing
     assert (prep.resize, prep.crop, prep.channels) == (73, SIZE, 3)
     assert prep.mean != (0.485, 0.456, 0.406)  # computed on the training images
-    assert loaded.metadata["recipe"]["name"] == "paper" and loaded.metadata["epoch"] == 2
-    assert "train_state" not in read_checkpoint(out)  # a finished run keeps no optimizer
+    assert loaded.metadata["recipe"]["name"] == "onecycle" and loaded.metadata["epoch"] == 2
+    checkpoint = read_checkpoint(out)
+    assert "train_state" not in checkpoint  # a finished run keeps no optimizer
 
     rows = [json.loads(line) for line in out.with_suffix(".metrics.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in rows] == [1, 2]
-    for key in ("train_loss", "top1_error", "top5_error", "seconds", "images_per_second"):
+    keys = ("train_loss", "top1_error", "top5_error", "precision@6", "map", "seconds")
+    for key in (*keys, "images_per_second"):
         assert all(np.isfinite(r[key]) for r in rows), key
+    assert all(0 < r["map"] <= 1 and 0 <= r["precision@6"] <= 1 for r in rows)
+    assert checkpoint["metrics"] == rows  # the checkpoint keeps the same rows
+    best = max(rows, key=lambda r: r["map"])
+    assert checkpoint["best"] == {"epoch": best["epoch"], "select": "map", "score": best["map"]}
+    assert summary["best"]["epoch"] == best["epoch"]
 
     index = tmp_path / "index"
     result = CliRunner().invoke(

@@ -26,7 +26,7 @@ from torch import nn
 
 from retrieval.devices import fast_bf16
 from retrieval.errors import RetrieveError
-from retrieval.model.alexnet import FC7_END, run_classifier
+from retrieval.model.alexnet import copies_per_channel, folded_fc6_weight, run_classifier
 from retrieval.model.weights import LoadedModel
 
 log = logging.getLogger(__name__)
@@ -35,14 +35,23 @@ PRECISIONS = ("fp32", "bf16", "int8")
 
 
 class _Fc7(nn.Module):
-    """The network up to fc7 as one module, so it can be compiled or quantised as a whole."""
+    """The network up to fc7 as one module, so it can be compiled or quantised as a whole.
 
-    def __init__(self, features: nn.Module, avgpool: nn.Module, head: nn.Module) -> None:
+    fc6's folded weight (``alexnet.run_classifier``) is summed once here, not on every batch:
+    the weights do not change during extraction."""
+
+    def __init__(self, features: nn.Module, avgpool: nn.Module, head: nn.Sequential) -> None:
         super().__init__()
         self.features, self.avgpool, self.head = features, avgpool, head
+        fc6, cells = head[1], copies_per_channel(avgpool)
+        folded = None
+        if type(fc6) is nn.Linear and cells and fc6.in_features % cells == 0:
+            with torch.no_grad():
+                folded = folded_fc6_weight(fc6, fc6.in_features // cells, cells).contiguous()
+        self.register_buffer("folded_fc6", folded, persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return run_classifier(self.features(x), self.avgpool, self.head)
+        return run_classifier(self.features(x), self.avgpool, self.head, self.folded_fc6)
 
 
 def _quantized_head(head: nn.Module) -> nn.Module:
@@ -56,7 +65,7 @@ def _quantized_head(head: nn.Module) -> nn.Module:
 
 
 class Fc7Mapper:
-    """Call it with ``N x C x H x W`` uint8 crops on ``device``; get ``N x 4096`` float32 fc7."""
+    """Call it with ``N x C x H x W`` uint8 crops on ``device``; get ``N x fc7_dim`` float32."""
 
     def __init__(
         self,
@@ -79,7 +88,7 @@ class Fc7Mapper:
             )
         self.preprocessing = loaded.preprocessing
         model = loaded.model.to(device).eval()
-        head = model.classifier[:FC7_END]
+        head = model.classifier[: model.fc7_end]
         if precision == "int8":
             head = _quantized_head(head)
         module: nn.Module = _Fc7(model.features, model.avgpool, head).eval()

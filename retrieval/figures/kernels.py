@@ -17,18 +17,10 @@ from retrieval.errors import RetrieveError
 from retrieval.images.decode import load_image
 from retrieval.model.weights import load_model
 
-# The paper's names for torchvision's module indices (outputs after the ReLU, or LRN in the
-# paper variant, where both sit in the same slot).
-LAYERS = {
-    "conv1": "features.1",
-    "pool1": "features.2",
-    "conv2": "features.4",
-    "pool2": "features.5",
-    "conv3": "features.7",
-    "conv4": "features.9",
-    "conv5": "features.11",
-    "pool5": "features.12",
-}
+# The paper's names for layer outputs (after the ReLU, or LRN in the paper variant, where both sit
+# in the same slot); each model's own ``layers`` gives their module names, batch norm or not.
+LAYERS = ("conv1", "pool1", "conv2", "pool2", "conv3", "conv4", "conv5", "pool5", "fc6", "fc7")
+GROUP_GAP = 4  # white pixels between the two groups' blocks (Figure 3's two GPUs)
 TARGET_WIDTH = 1000  # pixels the default scale aims for
 
 
@@ -61,18 +53,35 @@ def kernel_grid(weight: torch.Tensor, per_row: int | None = None) -> torch.Tenso
     )
 
 
+def grouped_kernel_grid(weight: torch.Tensor, groups: int = 1) -> torch.Tensor:
+    """conv1's kernels, one block per group stacked top to bottom, as the paper's Figure 3 shows
+    the 48 kernels of GPU 1 above the 48 of GPU 2 (conv2 sees only its own GPU's half)."""
+    if groups <= 1:
+        return kernel_grid(weight)
+    per_group = weight.shape[0] // groups
+    per_row = 16 if per_group >= 32 else 8  # 48 per group: three rows of 16, as in Figure 3
+    blocks = [kernel_grid(part, per_row) for part in weight.split(per_group)]
+    gap = torch.ones(blocks[0].shape[0], GROUP_GAP, blocks[0].shape[-1])
+    parts = [blocks[0]]
+    for block in blocks[1:]:
+        parts += [gap, block]
+    return torch.cat(parts, dim=1)
+
+
 def draw_kernels(
     weights: str | Path, output: str | Path, *, scale: int | None = None, device: str = "cpu"
 ) -> Path:
-    """The first layer's kernels as coloured patches (paper Figure 3) in a PNG."""
+    """The first layer's kernels as coloured patches (paper Figure 3) in a PNG; a two-group
+    network's two halves as two blocks."""
     loaded = load_model(weights, resolve_device(device))
-    grid = kernel_grid(loaded.model.features[0].weight)
+    conv1 = loaded.model.conv_layers()[0][1]
+    grid = grouped_kernel_grid(conv1.weight, loaded.args.groups)
     return _save_png(grid, Path(output), scale or _default_scale(grid.shape[-1]))
 
 
 def layer_output(model: torch.nn.Module, x: torch.Tensor, layer: str) -> torch.Tensor:
     """The output of ``layer`` (a paper name such as ``conv2``, or a module name) for ``x``."""
-    name = LAYERS.get(layer, layer)
+    name = getattr(model, "layers", {}).get(layer, layer)
     modules = dict(model.named_modules())
     if name not in modules or not name:
         choices = ", ".join(LAYERS)

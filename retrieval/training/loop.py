@@ -24,18 +24,29 @@ from tqdm import tqdm
 
 from retrieval.atomic import atomic_write_text
 from retrieval.devices import resolve_device
-from retrieval.errors import DataError
+from retrieval.errors import DataError, RetrieveError
 from retrieval.model.preprocess import Preprocessing
 from retrieval.model.weights import save_checkpoint
 from retrieval.training.augment import BatchTransform, PCAColor, resize_for
-from retrieval.training.evaluate import autocast_for, validate
-from retrieval.training.recipes import RECIPES, Recipe, build_model, make_recipe, make_scheduler
+from retrieval.training.budget import plan_for_time, resolve_budget
+from retrieval.training.evaluate import RETRIEVAL_K, autocast_for, validate
+from retrieval.training.recipes import (
+    RECIPES,
+    Recipe,
+    build_model,
+    make_recipe,
+    make_scheduler,
+    scale_to_unit,
+    warmup_factor,
+)
 from retrieval.training.setup import (
     RunOptions,
+    cache_run_data,
     make_optimizer,
     measure_preprocessing,
     open_run_data,
     read_resume_state,
+    retrieval_sample,
     run_workers,
 )
 
@@ -43,12 +54,22 @@ __all__ = [
     "RECIPES",
     "Recipe",
     "TrainResult",
+    "TrainingDiverged",
     "describe_epoch",
     "make_recipe",
     "train",
 ]
 
 log = logging.getLogger(__name__)
+
+# A mean loss over the last DIVERGED_WINDOW steps this many times ln(classes) (a guess's loss)
+# means the run has blown up; one noisy batch of a tiny set does not stop it.
+DIVERGED_LOSS_FACTOR = 5.0
+DIVERGED_WINDOW = 10
+
+
+class TrainingDiverged(RetrieveError):
+    """The loss became non-finite or exploded; the run stopped without writing bad weights."""
 
 
 @dataclass
@@ -59,6 +80,9 @@ class TrainResult:
     history: list[dict[str, Any]]
     finished: bool
     seconds: float
+    recipe: Recipe | None = None
+    best: dict[str, Any] | None = None
+    plan: str = ""
 
     @property
     def last(self) -> dict[str, Any]:
@@ -86,19 +110,39 @@ class _Run:
         state = read_resume_state(output) if options.resume else None
         if state is not None:
             recipe = Recipe.from_dict(state["recipe"])  # the checkpoint's recipe wins
-        self.recipe, self.options, self.output = recipe, options, output
+        self.options, self.output = options, output
         self.device = resolve_device(options.device)
-        self.side = resize_for(recipe.image_size)
-        self.data = open_run_data(data_dir, recipe, options)
+        self.data = open_run_data(data_dir, recipe)
+        n_classes, channels = len(self.data.classes), self.data.channels
         if state is not None and list(state["classes"]) != self.data.classes:
             raise DataError(f"--resume: {data_dir} has other classes than {output}")
-        self.model = build_model(
-            recipe, len(self.data.classes), self.data.channels, pretrained=state is None
-        )
+        self.plan = ""
+        if state is None and options.time_budget:
+            plan = plan_for_time(
+                recipe,
+                options.time_budget,
+                len(self.data.train),
+                n_classes,
+                channels,
+                self.device,
+                size_given=options.image_size_given,
+            )
+            recipe, self.plan = plan.recipe, plan.describe(self.device)
+            log.info("%s", self.plan)
+        self.recipe = recipe = resolve_budget(recipe, len(self.data.train))
+        self.side = resize_for(recipe.image_size)
+        cache_run_data(self.data, recipe.image_size, options)
+        self.database = retrieval_sample(self.data, recipe.seed)
+        self.model = build_model(recipe, n_classes, channels, pretrained=state is None)
+        self.best: dict[str, Any] | None = None
+        self.best_state: dict[str, torch.Tensor] | None = None
         if state is not None:
-            self.model.load_state_dict(state["model"])
+            train_state = state["train_state"]
+            self.model.load_state_dict(train_state.get("model", state["model"]))
+            if state.get("best"):
+                self.best, self.best_state = state["best"], state["model"]
             self.prep = Preprocessing.from_dict(state["preprocessing"])
-            self.pca = PCAColor.from_dict(state["train_state"]["pca"])
+            self.pca = PCAColor.from_dict(train_state["pca"])
         else:
             self.prep, self.pca = measure_preprocessing(
                 recipe, self.data, self.side, run_workers(options)
@@ -106,11 +150,14 @@ class _Run:
         self.transform = BatchTransform(
             recipe.image_size, self.prep.mean, self.prep.std, self.pca, recipe.augmentation
         )
+        if state is None and recipe.init == "lsuv" and not recipe.finetune:
+            scale_to_unit(self.model, self.init_batch())
         self.channels_last = self.device.type == "cuda"
         self.model.to(self.device)
         if self.channels_last:
             self.model.to(memory_format=torch.channels_last)
         self.optimizer = make_optimizer(self.model, recipe)
+        self.params = [p for p in self.model.parameters() if p.requires_grad]
         self.steps_per_epoch = math.ceil(len(self.data.train) / recipe.batch_size)
         self.scheduler = make_scheduler(recipe, self.optimizer, self.steps_per_epoch)
         self.epoch, self.step, self.history, self.seen, self.loss_sum = 0, 0, [], 0, 0.0
@@ -120,6 +167,8 @@ class _Run:
             self.scheduler.load_state_dict(state["train_state"]["scheduler"])
             self.epoch, self.step, self.history = state["epoch"], state["step"], state["metrics"]
         self.autocast = autocast_for(self.device, options.precision)
+        self.diverged_at = DIVERGED_LOSS_FACTOR * max(math.log(n_classes), 1.0)
+        self.recent: list[float] = []  # the last losses, for the divergence check
         self.metrics_path = metrics_log_path(output)
         # The log restarts from the checkpoint's history, so a resumed run never repeats a line.
         atomic_write_text(self.metrics_path, "".join(json.dumps(r) + "\n" for r in self.history))
@@ -128,9 +177,20 @@ class _Run:
     def global_step(self) -> int:
         return self.epoch * self.steps_per_epoch + self.step
 
+    def init_batch(self, size: int = 256) -> torch.Tensor:
+        """Centre crops of a seeded sample of training images, for ``scale_to_unit``."""
+        order = epoch_order(len(self.data.train), self.recipe.seed, -1)[:size]
+        pixels = torch.cat([p for p, _ in self.data.train.batches(order, size, self.side)])
+        return self.transform(pixels, train=False)
+
+    def current_state(self) -> dict[str, torch.Tensor]:
+        return {k: v.detach().to("cpu", copy=True) for k, v in self.model.state_dict().items()}
+
     def save(self, finished: bool = False) -> None:
-        """A checkpoint; until the run finishes it also holds what ``--resume`` needs."""
+        """A checkpoint of the best epoch so far (by ``recipe.select``); until the run finishes
+        it also holds what ``--resume`` needs, the latest weights among them."""
         extra: dict[str, Any] = {}
+        latest = self.current_state()
         if not finished:  # the optimizer's momentum doubles the file; a finished run needs none
             extra["train_state"] = {
                 "optimizer": self.optimizer.state_dict(),
@@ -138,15 +198,20 @@ class _Run:
                 "pca": self.pca.to_dict(),
                 "epoch_loss": [self.seen, self.loss_sum],  # so a resumed epoch reports the same
             }
+            at_best = self.best is not None and (self.best["epoch"], self.step) == (self.epoch, 0)
+            if self.best_state is not None and not at_best:
+                extra["train_state"]["model"] = latest
+        weights = self.best_state if self.best_state is not None else latest
         save_checkpoint(
             self.output,
-            self.model,
+            _Weights(self.model.args, weights),  # type: ignore[arg-type]
             self.prep,
             classes=self.data.classes,
             recipe=self.recipe.to_dict(),
             epoch=self.epoch,
             step=self.step,
             metrics=self.history,
+            best=self.best,
             finished=finished,
             data={
                 "source": self.data.source,
@@ -163,16 +228,38 @@ class _Run:
         x = self.transform(pixels.to(self.device), torch.Generator().manual_seed(seed))
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
+        if self.recipe.name == "paper" and self.global_step <= (self.recipe.warmup_steps or 0):
+            lr = self.recipe.lr * warmup_factor(self.recipe, self.global_step)
+            for group in self.optimizer.param_groups:
+                group["lr"] = lr
         with self.autocast:
-            loss = F.cross_entropy(self.model(x), labels.to(self.device))
+            loss = F.cross_entropy(self.model.forward_folded(x), labels.to(self.device))
+        value = float(loss.detach())
+        self.recent = [*self.recent[1 - DIVERGED_WINDOW :], value]
+        if not math.isfinite(value) or sum(self.recent) / len(self.recent) > self.diverged_at:
+            self.diverged(sum(self.recent) / len(self.recent))
         # Zeroing in place: re-allocating 230 MB of gradients every step costs ~60 ms on a CPU.
         self.optimizer.zero_grad(set_to_none=False)
         loss.backward()
+        if self.recipe.clip_norm:
+            torch.nn.utils.clip_grad_norm_(self.params, self.recipe.clip_norm, foreach=True)
         self.optimizer.step()
         if self.recipe.name == "onecycle":
             self.scheduler.step()
         self.step += 1
-        return float(loss.detach())
+        return value
+
+    def diverged(self, loss: float) -> None:
+        where = f"epoch {self.epoch + 1}, step {self.step + 1}"
+        kept = (
+            f"{self.output} keeps epoch {self.best['epoch']}'s weights"
+            if self.best
+            else "no checkpoint written"
+        )
+        raise TrainingDiverged(
+            f"training diverged at {where} (mean loss {loss:.3g}, a guess scores "
+            f"{self.diverged_at / DIVERGED_LOSS_FACTOR:.2f}); {kept}; try a smaller --lr"
+        )
 
     def run_epoch(self) -> bool:
         """Train to the end of the epoch (False: stopped early by ``max_steps``)."""
@@ -209,7 +296,7 @@ class _Run:
         return not (options.max_steps and self.global_step >= options.max_steps)
 
     def end_epoch(self, train_seconds: float, images: int) -> None:
-        """Validate, step the plateau schedule, log a metrics row and save."""
+        """Validate, step the plateau schedule, log a metrics row, keep the best and save."""
         val = validate(
             self.model,
             self.data.val,
@@ -219,8 +306,9 @@ class _Run:
             self.device,
             self.options.precision,
             run_workers(self.options),
+            database=self.database,
         )
-        if self.recipe.name != "onecycle":
+        if self.recipe.name != "onecycle" and self.global_step > (self.recipe.warmup_steps or 0):
             self.scheduler.step(val["top1_error"])
         row = {
             "epoch": self.epoch + 1,
@@ -233,6 +321,10 @@ class _Run:
         }
         self.history.append(row)
         self.epoch, self.step, self.seen, self.loss_sum = self.epoch + 1, 0, 0, 0.0
+        score = selection_score(row, self.recipe.select)
+        if self.best is None or score > self.best["score"]:
+            self.best = {"epoch": row["epoch"], "select": self.recipe.select, "score": score}
+            self.best_state = self.current_state()
         self.save(finished=self.epoch >= self.recipe.epochs)
         with self.metrics_path.open("a", encoding="utf-8") as handle:
             handle.write(json.dumps(row) + "\n")
@@ -241,13 +333,37 @@ class _Run:
             self.on_epoch(row)
 
 
+class _Weights:
+    """What ``save_checkpoint`` reads of a model (its args and a state dict), for weights that
+    are not the live model's: the best epoch's."""
+
+    def __init__(self, args: Any, state: dict[str, torch.Tensor]) -> None:
+        self.args, self._state = args, state
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return self._state
+
+
+def selection_score(row: dict[str, Any], select: str) -> float:
+    """Higher is better: fc7 retrieval mAP, or top-1 accuracy (also where no mAP was measured)."""
+    if select == "map" and "map" in row:
+        return float(row["map"])
+    return 1.0 - float(row["top1_error"])
+
+
 def describe_epoch(row: dict[str, Any], val_name: str = "val") -> str:
     """One metrics row as the line a user reads."""
     return (
         f"epoch {row['epoch']}/{row['epochs']}: train loss {row['train_loss']:.4f}, "
         f"{val_name} top-1 error {100 * row['top1_error']:.2f}%, "
         f"top-5 error {100 * row['top5_error']:.2f}%, "
-        f"{row['seconds']:.0f} s, {row['images_per_second']:.0f} images/s"
+        + (
+            f"fc7 precision@{RETRIEVAL_K} {row[f'precision@{RETRIEVAL_K}']:.3f}, "
+            f"mAP {row['map']:.3f}, "
+            if "map" in row
+            else ""
+        )
+        + f"{row['seconds']:.0f} s, {row['images_per_second']:.0f} images/s"
     )
 
 
@@ -257,31 +373,28 @@ def train(
     recipe: Recipe,
     options: RunOptions = RunOptions(),
     on_epoch: Callable[[dict[str, Any]], None] | None = None,
+    on_start: Callable[[str], None] | None = None,
 ) -> TrainResult:
     """Train AlexNet on ``data_dir`` and write a self-describing checkpoint to ``output``.
 
     With ``options.resume`` the run saved in ``output`` continues with its own recipe;
-    ``on_epoch`` receives each epoch's metrics row (what the JSON-lines log gets)."""
+    ``on_epoch`` receives each epoch's metrics row (what the JSON-lines log gets), ``on_start``
+    the line that says what the run chose (budget, batch size, steps)."""
     started = time.perf_counter()
-    run = _Run(data_dir, Path(output), recipe, options)
-    run.on_epoch = on_epoch
-    data = run.data
-    log.info(
-        "training %s on %d images (%d classes, %d channel(s)), validating on %d %s images; "
-        "%d steps per epoch on %s",
-        run.recipe.arch,
-        len(data.train),
-        len(data.classes),
-        data.channels,
-        len(data.val),
-        data.val_name,
-        run.steps_per_epoch,
-        run.device,
-    )
-    while run.epoch < run.recipe.epochs:
-        if not run.run_epoch():
-            log.info("stopped after %d steps (--max-steps); --resume continues", run.global_step)
-            break
+    device = resolve_device(options.device)
+    # Training seeds the global RNG every step (dropout); the caller's RNG is left as found.
+    with torch.random.fork_rng(devices=[device.index or 0] if device.type == "cuda" else []):
+        run = _Run(data_dir, Path(output), recipe, options)
+        run.on_epoch = on_epoch
+        started_line = _describe_start(run)
+        log.info("%s", started_line)
+        if on_start is not None:
+            on_start(started_line)
+        while run.epoch < run.recipe.epochs:
+            if not run.run_epoch():
+                steps = run.global_step
+                log.info("stopped after %d steps (--max-steps); --resume continues", steps)
+                break
     finished = run.epoch >= run.recipe.epochs
     return TrainResult(
         Path(output),
@@ -290,4 +403,21 @@ def train(
         list(run.history),
         finished,
         time.perf_counter() - started,
+        recipe=run.recipe,
+        best=run.best,
+        plan=run.plan,
+    )
+
+
+def _describe_start(run: _Run) -> str:
+    data, recipe = run.data, run.recipe
+    variant = recipe.arch + (" with batch norm" if recipe.batch_norm else "")
+    variant += f", {recipe.groups} groups" if recipe.groups > 1 else ""
+    plan = f"{run.plan}\n" if run.plan else ""
+    return (
+        f"{plan}training {variant} AlexNet at {recipe.image_size} px on {len(data.train)} "
+        f"images ({len(data.classes)} classes, {data.channels} channel(s)), validating on "
+        f"{len(data.val)} {data.val_name} images; {recipe.name} recipe, {recipe.epochs} epochs "
+        f"of {run.steps_per_epoch} steps in batches of {recipe.batch_size} ({recipe.steps} "
+        f"steps) on {run.device}"
     )

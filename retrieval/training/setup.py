@@ -28,6 +28,7 @@ from retrieval.training.recipes import Recipe
 log = logging.getLogger(__name__)
 
 STATS_SAMPLE = 2000  # images to compute mean, std and colour PCA from
+RETRIEVAL_SAMPLE = 2000  # training images the validation images retrieve from, each epoch
 
 
 @dataclass(frozen=True)
@@ -41,6 +42,8 @@ class RunOptions:
     max_steps: int | None = None  # stop (with a checkpoint) after this many steps in total
     resume: bool = False
     cache_bytes: int = 4 << 30  # decode a folder data set once if it fits in this much memory
+    time_budget: float | None = None  # seconds: choose image size and steps that fit (budget.py)
+    image_size_given: bool = False  # with time_budget: keep the recipe's image size
 
 
 def run_workers(options: RunOptions) -> int:
@@ -74,20 +77,32 @@ def make_optimizer(model: AlexNet, recipe: Recipe) -> torch.optim.SGD:
         return torch.optim.SGD(params, **kwargs)
 
 
-def open_run_data(data_dir: str | Path, recipe: Recipe, options: RunOptions) -> DataSplits:
-    """The splits, subset taken, and folder images decoded into memory when they fit."""
+def open_run_data(data_dir: str | Path, recipe: Recipe) -> DataSplits:
+    """The splits, subset taken (file lists only: nothing decoded yet)."""
     data = open_training_data(data_dir, val_fraction=recipe.val_fraction, seed=recipe.seed)
     if recipe.subset and recipe.subset < len(data.train):
         fraction = recipe.subset / len(data.train)
         _, keep = stratified_split(data.train.labels, fraction, recipe.seed)
         data.train = data.train.subset(keep)
-    side = resize_for(recipe.image_size)
+    return data
+
+
+def cache_run_data(data: DataSplits, image_size: int, options: RunOptions) -> None:
+    """Decode folder images once into memory, at the size the run needs, when they fit."""
+    side = resize_for(image_size)
     for name in ("train", "val"):
         part: ImageSet = getattr(data, name)
         if isinstance(part, FileImages) and part.nbytes(side) <= options.cache_bytes:
             log.info("decoding the %d %s images once into memory", len(part), name)
             setattr(data, name, part.in_memory(side, run_workers(options)))
-    return data
+
+
+def retrieval_sample(data: DataSplits, seed: int, size: int = RETRIEVAL_SAMPLE) -> ImageSet:
+    """The training images each epoch's fc7 retrieval check ranks (all of a small set)."""
+    if len(data.train) <= size:
+        return data.train
+    pick = torch.randperm(len(data.train), generator=torch.Generator().manual_seed(seed))
+    return data.train.subset(pick[:size].sort().values)
 
 
 def read_resume_state(output: Path) -> dict[str, Any]:
