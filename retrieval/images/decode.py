@@ -46,7 +46,10 @@ DEFAULT_MAX_MEGAPIXELS: float = 175.0
 
 # Decoders we let Pillow try, whatever the suffix says (a PNG named .jpg is common). Exotic
 # formats (EPS runs Ghostscript, PSD, TGA, ...) stay out: less attack surface, clearer reasons.
-_DECODE_FORMATS = ("JPEG", "PNG", "GIF", "BMP", "WEBP", "TIFF", "AVIF")
+# HEIF (iPhone HEIC) comes from pillow-heif, registered on first use; AVIF is Pillow's own
+# (11.3+). Both apply EXIF orientation as JPEG does: pillow-heif applies the container's
+# rotation and resets the tag, Pillow's AVIF keeps the tag and ``_upright`` applies it.
+_DECODE_FORMATS = ("JPEG", "PNG", "GIF", "BMP", "WEBP", "TIFF", "AVIF", "HEIF")
 
 # Pillow signals broken file contents with these, besides OSError (see Image._open_core).
 _BROKEN_DATA_ERRORS = (
@@ -219,7 +222,18 @@ def _pillow_allows(max_pixels: float) -> Iterator[None]:
 @functools.cache
 def _decode_formats() -> tuple[str, ...]:
     Image.init()
+    _register_heif()
     return tuple(fmt for fmt in _DECODE_FORMATS if fmt in Image.OPEN)
+
+
+def _register_heif() -> None:
+    """pillow-heif's opener, when installed (imported only when the first image is decoded)."""
+    try:
+        import pillow_heif
+    except ImportError:
+        logger.debug("pillow-heif is not installed: HEIC/HEIF files will be skipped")
+        return
+    pillow_heif.register_heif_opener()
 
 
 def _check_size(size: tuple[int, int], max_megapixels: float, name: str) -> None:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 import os
 import stat
-from collections import deque
+from collections import Counter, deque
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,9 +18,12 @@ from retrieval.images.diagnose import describe_os_error
 
 logger = logging.getLogger(__name__)
 
+# HEIC/HEIF (iPhone) and AVIF (newer phones) decode through Pillow plugins (images/decode.py).
 IMAGE_SUFFIXES: frozenset[str] = frozenset(
     {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
+    | {".heic", ".heif", ".hif", ".avif"}
 )
+NO_SUFFIX = "(no suffix)"
 
 
 @dataclass(frozen=True)
@@ -29,6 +32,27 @@ class WalkProblem:
 
     path: Path
     reason: str
+
+
+@dataclass
+class Walk:
+    """What a walk found: image files, problems, and files of other types by suffix (a RAW or
+    a video is never passed over in silence)."""
+
+    files: list[Path]
+    problems: list[WalkProblem]
+    other_types: Counter
+
+    def other_types_summary(self, most: int = 6) -> str:
+        """``12 files of other types: .cr2 (10), .mov (2)``, or "" when there are none."""
+        total = sum(self.other_types.values())
+        if not total:
+            return ""
+        common = sorted(self.other_types.items(), key=lambda item: (-item[1], item[0]))
+        shown = ", ".join(f"{suffix} ({n})" for suffix, n in common[:most])
+        rest = len(common) - most
+        shown += f", {rest} more types" if rest > 0 else ""
+        return f"{total} file{'s' if total != 1 else ''} of other types: {shown}"
 
 
 def is_image_path(path: Path | str) -> bool:
@@ -41,7 +65,8 @@ def find_images(
 ) -> tuple[list[Path], list[WalkProblem]]:
     """Every image file under root (recursive, sorted by path), plus the problems met on the walk.
 
-    A root that is an image file gives [root]; a root that is missing or neither a folder nor an
+    :func:`walk` also counts the files of other types. A root that is an image file gives
+    [root]; a root that is missing or neither a folder nor an
     image file raises RetrieveError (one line). Unreadable folders, broken symlinks and symlink
     loops become WalkProblems and the walk goes on.
 
@@ -52,6 +77,12 @@ def find_images(
     with "." (``.thumbnails``, macOS ``._x.jpg``) are skipped unless include_hidden. Only regular
     files are listed, so a named pipe called x.jpg cannot block a reader.
     """
+    found = walk(root, follow_symlinks=follow_symlinks, include_hidden=include_hidden)
+    return found.files, found.problems
+
+
+def walk(root: Path, *, follow_symlinks: bool = True, include_hidden: bool = False) -> Walk:
+    """:func:`find_images`, plus a count by suffix of the regular files it does not read."""
     root = Path(root)
     try:
         root_stat = root.stat()
@@ -59,14 +90,15 @@ def find_images(
         raise RetrieveError(f"{root}: cannot open ({describe_os_error(error)})") from error
     if stat.S_ISREG(root_stat.st_mode):
         if is_image_path(root):
-            return [root], []
+            return Walk([root], [], Counter())
         suffixes = " ".join(sorted(IMAGE_SUFFIXES))
         raise RetrieveError(f"{root}: not a folder or an image file ({suffixes})")
     if not stat.S_ISDIR(root_stat.st_mode):
         raise RetrieveError(f"{root}: not a folder or an image file")
     walker = _Walker(follow_symlinks, include_hidden)
     walker.walk(root, root_stat)
-    return sorted(walker.files), sorted(walker.problems, key=lambda problem: problem.path)
+    problems = sorted(walker.problems, key=lambda problem: problem.path)
+    return Walk(sorted(walker.files), problems, walker.other_types)
 
 
 class _Walker:
@@ -79,6 +111,7 @@ class _Walker:
         self.problems: list[WalkProblem] = []
         self.walked: dict[tuple[int, int], Path] = {}
         self.linked_dirs: deque[tuple[Path, os.stat_result]] = deque()
+        self.other_types: Counter = Counter()
 
     def walk(self, root: Path, root_stat: os.stat_result) -> None:
         self._walk_real_tree(root, root_stat)
@@ -116,8 +149,11 @@ class _Walker:
                         if key not in self.walked:  # a bind mount can show a folder twice
                             self.walked[key] = path
                             stack.append(path)
-                    elif entry.is_file(follow_symlinks=False) and is_image_path(entry.name):
-                        self.files.append(path)
+                    elif entry.is_file(follow_symlinks=False):
+                        if is_image_path(entry.name):
+                            self.files.append(path)
+                        else:
+                            self._other(entry.name)
                 except OSError as error:
                     self.problems.append(WalkProblem(path, describe_os_error(error)))
 
@@ -133,5 +169,11 @@ class _Walker:
             return
         if stat.S_ISDIR(target.st_mode):
             self.linked_dirs.append((path, target))
-        elif stat.S_ISREG(target.st_mode) and is_image_path(path):
-            self.files.append(path)
+        elif stat.S_ISREG(target.st_mode):
+            if is_image_path(path):
+                self.files.append(path)
+            else:
+                self._other(path.name)
+
+    def _other(self, name: str) -> None:
+        self.other_types[os.path.splitext(name)[1].lower() or NO_SUFFIX] += 1
