@@ -433,3 +433,9 @@ def test_a_slow_query_does_not_block_other_requests(index, monkeypatch) -> None:
         release.set()
         query.join(60)
         assert answers[0].status_code == 200
+
+
+def test_serving_a_folder_that_holds_no_index_is_one_line_error(tmp_path) -> None:
+    result = CliRunner().invoke(cli, ["serve", "--index", str(tmp_path / "nothing")])
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    assert len(result.stderr.strip().splitlines()) == 1
