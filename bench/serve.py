@@ -129,7 +129,9 @@ def body_for(query: Path) -> bytes:
     )
 
 
-def client(port: int, body: bytes, n: int, latencies: list[float], errors: list[str]) -> None:
+def client(
+    port: int, body: bytes, n: int, latencies: list[float], errors: list[str], took: list[float]
+) -> None:
     connection = http.client.HTTPConnection("127.0.0.1", port, timeout=120)
     headers = {"Content-Type": f"multipart/form-data; boundary={BOUNDARY}"}
     for _ in range(n):
@@ -138,8 +140,11 @@ def client(port: int, body: bytes, n: int, latencies: list[float], errors: list[
             connection.request("POST", "/api/query?k=6", body, headers)
             response = connection.getresponse()
             data = response.read()
-            if response.status != 200 or len(json.loads(data)["neighbors"]) != 6:
+            answer = json.loads(data)
+            if response.status != 200 or len(answer["neighbors"]) != 6:
                 errors.append(f"{response.status}: {data[:200]!r}")
+            else:
+                took.append(answer["took_ms"])
         except (OSError, http.client.HTTPException, ValueError) as error:
             errors.append(repr(error))
             connection.close()
@@ -151,8 +156,9 @@ def client(port: int, body: bytes, n: int, latencies: list[float], errors: list[
 def run_clients(port: int, body: bytes, clients: int, each: int) -> dict:
     latencies: list[float] = []
     errors: list[str] = []
+    took: list[float] = []
     threads = [
-        threading.Thread(target=client, args=(port, body, each, latencies, errors))
+        threading.Thread(target=client, args=(port, body, each, latencies, errors, took))
         for _ in range(clients)
     ]
     start = time.perf_counter()
@@ -169,6 +175,7 @@ def run_clients(port: int, body: bytes, clients: int, each: int) -> dict:
         "first_error": errors[0] if errors else None,
         "p50_ms": round(statistics.median(ms), 1),
         "p99_ms": round(ms[min(len(ms) - 1, int(0.99 * len(ms)))], 1),
+        "server_took_p50_ms": round(statistics.median(took), 1) if took else None,
         "throughput_qps": round(len(ms) / wall, 2),
         "loadavg": os.getloadavg()[0],
     }
