@@ -439,3 +439,24 @@ def test_serving_a_folder_that_holds_no_index_is_one_line_error(tmp_path) -> Non
     result = CliRunner().invoke(cli, ["serve", "--index", str(tmp_path / "nothing")])
     assert result.exit_code == 1 and "Traceback" not in result.output
     assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_a_file_name_that_is_not_utf8_is_served_exactly(tmp_path, small_model) -> None:
+    import os
+
+    name = os.fsdecode(b"caf\xe9.png")  # Latin-1: a surrogate escape in Python's str
+    try:
+        make_image(tmp_path / "photos" / "odd" / name, size=(48, 48), seed=5)
+    except (OSError, UnicodeEncodeError):
+        pytest.skip("this file system refuses names that are not UTF-8")
+    make_image(tmp_path / "photos" / "odd" / "plain.png", size=(48, 48), seed=6)
+    Index.create(
+        tmp_path / "ix", tmp_path / "photos", IndexOptions(weights=str(small_model))
+    ).close()
+    with Index.open(tmp_path / "ix") as ix, client_for(ix) as c:
+        page = c.get("/api/images")
+        assert page.status_code == 200 and "\\udce9" in page.text  # escaped, as --json prints
+        paths = {os.fsencode(r["path"]) for r in page.json()["images"]}
+        assert os.fsencode(str(tmp_path / "photos" / "odd" / name)) in paths
+        odd = next(r for r in page.json()["images"] if r["path"].endswith(name))
+        assert c.get(odd["image_url"]).content == (tmp_path / "photos" / "odd" / name).read_bytes()

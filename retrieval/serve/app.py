@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import mimetypes
 import os
@@ -51,6 +52,14 @@ class ServeOptions:
     warm_model: bool = True  # load the model at start, not on the first upload
 
 
+class JSON(JSONResponse):
+    """ASCII escapes, as ``retrieve query --json`` prints: a file name that is not valid UTF-8
+    (kept as surrogate escapes) stays exact instead of failing to encode."""
+
+    def render(self, content: Any) -> bytes:
+        return json.dumps(content, ensure_ascii=True, allow_nan=False).encode("ascii")
+
+
 class Refused(Exception):
     """A request the server will not answer: becomes ``{"error": message}`` with ``status``."""
 
@@ -90,10 +99,10 @@ def create_app(index: Index, options: ServeOptions = ServeOptions()) -> Any:
         return Response(static[name], media_type=STATIC[name])
 
     async def info(request: Request) -> Response:
-        return JSONResponse(await to_thread.run_sync(index.info))
+        return JSON(await to_thread.run_sync(index.info))
 
     async def labels(request: Request) -> Response:
-        return JSONResponse(await to_thread.run_sync(index.labels))
+        return JSON(await to_thread.run_sync(index.labels))
 
     async def query(request: Request) -> Response:
         started = time.perf_counter()
@@ -101,7 +110,7 @@ def create_app(index: Index, options: ServeOptions = ServeOptions()) -> Any:
         answer = await request.app.state.batcher.ask(upload)
         if answer.result.error:
             raise Refused(400, answer.result.error)
-        return JSONResponse(_shaped(answer.result, answer.classes, started))
+        return JSON(_shaped(answer.result, answer.classes, started))
 
     async def neighbors(request: Request) -> Response:
         started = time.perf_counter()
@@ -112,7 +121,7 @@ def create_app(index: Index, options: ServeOptions = ServeOptions()) -> Any:
         except KeyError:
             raise Refused(404, f"no indexed image has id {row_id}") from None
         classes = await to_thread.run_sync(top_classes, index, [row_id])
-        return JSONResponse(_shaped(result, classes, started))
+        return JSON(_shaped(result, classes, started))
 
     async def images(request: Request) -> Response:
         params = request.query_params
@@ -130,7 +139,7 @@ def create_app(index: Index, options: ServeOptions = ServeOptions()) -> Any:
                 "images": [_row_json(row) for row in rows],
             }
 
-        return JSONResponse(await to_thread.run_sync(page_of_rows))
+        return JSON(await to_thread.run_sync(page_of_rows))
 
     async def thumb(request: Request) -> Response:
         row = await _indexed_row(index, request.path_params["id"])
@@ -266,16 +275,16 @@ def _row_json(row) -> dict:
 
 
 async def _refused(request: Request, error: Refused) -> Response:
-    return JSONResponse({"error": error.message}, status_code=error.status)
+    return JSON({"error": error.message}, status_code=error.status)
 
 
 async def _http_error(request: Request, error: HTTPException) -> Response:
     message = {404: "not found", 405: "method not allowed"}.get(error.status_code, error.detail)
-    return JSONResponse({"error": message}, status_code=error.status_code, headers=error.headers)
+    return JSON({"error": message}, status_code=error.status_code, headers=error.headers)
 
 
 async def _retrieve_error(request: Request, error: RetrieveError) -> Response:
-    return JSONResponse({"error": str(error)}, status_code=400)
+    return JSON({"error": str(error)}, status_code=400)
 
 
 async def _follow_generations(index: Index, every: float) -> None:

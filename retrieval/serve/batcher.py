@@ -9,6 +9,7 @@ search, one row lookup, which is what keeps 16 clients at a bounded p99 on a 2-c
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import queue
 import threading
@@ -102,7 +103,9 @@ class QueryBatcher:
                 log.exception("a batch of %d queries failed", len(batch))
                 outcomes = [error] * len(batch)
             for (_, future, loop), outcome in zip(batch, outcomes):
-                loop.call_soon_threadsafe(_settle, future, outcome)
+                # RuntimeError: that request's event loop has shut down meanwhile.
+                with contextlib.suppress(RuntimeError):
+                    loop.call_soon_threadsafe(_settle, future, outcome)
 
 
 def _settle(future: asyncio.Future, outcome: Answer | BaseException) -> None:
