@@ -200,14 +200,21 @@ def _run_parts(
     """Every unfinished part through one pipeline, so the actors (and their models) live for
     the whole run; a part's shard is written as soon as each of its keys came back once.
 
-    The part lists are read by Ray itself (``read_parquet``), so the driver never holds the
+    The part lists are read in tasks, one part each (pyarrow, not ``read_parquet``, which
+    needs fsspec's HTTP filesystem when fsspec is installed), so the driver never holds the
     whole listing; it holds only the rows of the parts still being filled.
     """
     import ray.data
 
-    paths = [str(manifest.part_path(out, part.number)) for part in todo]
-    blocks = max(len(todo), -(-sum(part.count for part in todo) // job.options.batch_size))
-    dataset = ray.data.read_parquet(paths, override_num_blocks=blocks)
+    from retrieval.distributed.tasks import read_part_lists
+
+    # Output in input order: parts then finish one after another, so the driver holds about one
+    # part's rows at a time and a killed run keeps every part finished before it.
+    ray.data.DataContext.get_current().execution_options.preserve_order = True
+    paths = [{"part_list": str(manifest.part_path(out, part.number))} for part in todo]
+    dataset = ray.data.from_items(paths, override_num_blocks=len(paths)).map_batches(
+        read_part_lists, batch_size=1, batch_format="pyarrow", num_cpus=1
+    )
     counts = {part.number: part.count for part in todo}
     filling: dict[int, dict[int, tuple]] = {number: {} for number in counts}
     seen = 0

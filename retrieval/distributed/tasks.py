@@ -38,6 +38,14 @@ def _read_member(key: int, path: str, tar: str, offset: int, length: int, mtime_
     return record, data
 
 
+def read_part_lists(batch: Any) -> Any:
+    """Manifest part files (a ``part_list`` column of paths) -> their rows, as one Arrow table."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    return pa.concat_tables([pq.read_table(path) for path in batch.column("part_list").to_pylist()])
+
+
 def decode_batch(
     batch: dict[str, np.ndarray], preprocessing: dict[str, Any], max_megapixels: float
 ) -> dict[str, np.ndarray]:
