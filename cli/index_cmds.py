@@ -91,6 +91,18 @@ from .progress import progress_bar
     help="Files per saved chunk: a killed run resumes after the last whole chunk.",
 )
 @click.option("--strict", is_flag=True, help="Stop at the first file that cannot be indexed.")
+@click.option(
+    "--engine",
+    type=click.Choice(["local", "ray"]),
+    default="local",
+    show_default=True,
+    help="ray: the files to embed go to a Ray cluster (pip install 'retrieve[ray]').",
+)
+@click.option(
+    "--address",
+    default=None,
+    help="With --engine ray: auto or HOST:PORT [default: start a cluster on this machine].",
+)
 @json_option
 def index_command(
     images_dir,
@@ -111,6 +123,8 @@ def index_command(
     rebuild,
     chunk_size,
     strict,
+    engine,
+    address,
     as_json,
 ):
     """Index the images under IMAGES_DIR (again: only what changed), or build an index from
@@ -137,6 +151,8 @@ def index_command(
         strict=strict,
         extract=extract,
         chunk_size=chunk_size,
+        engine=engine,
+        ray_address=address,
     )
     if embeddings_dir is not None:
         report = api.index_embeddings(embeddings_dir, index_dir, options)

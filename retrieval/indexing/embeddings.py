@@ -20,7 +20,7 @@ import numpy as np
 from retrieval.errors import IndexMismatchError, RetrieveError
 from retrieval.indexes import generation, shards, store
 from retrieval.indexes.staging import StagedFile, Staging
-from retrieval.indexes.sync import DiskFile, SyncPlan
+from retrieval.indexes.sync import DiskFile, SyncPlan, file_sha256
 from retrieval.indexing.commit import commit_changes
 from retrieval.indexing.options import IndexOptions, IndexReport
 from retrieval.model.identity import Identity
@@ -80,7 +80,7 @@ def index_from_embeddings(
         staging = _empty_staging(index_dir, Path(folder), identity)
         plan = SyncPlan()
         for shard in shard_set:
-            plan.extract += _pour(shard, staging, options.chunk_size)
+            plan.extract += pour_shard(shard, staging, options.chunk_size)
         if not plan.extract:
             raise RetrieveError(f"{folder} holds no embeddings")
         _check_unique(plan.extract)
@@ -113,8 +113,17 @@ def _empty_staging(index_dir: Path, folder: Path, identity: Identity) -> Staging
     return Staging(index_dir, key)
 
 
-def _pour(shard: shards.Shard, staging: Staging, chunk_size: int) -> list[DiskFile]:
-    """One shard's rows (indexed and skipped) into staged chunks of ``chunk_size`` files."""
+def pour_shard(
+    shard: shards.Shard,
+    staging: Staging,
+    chunk_size: int,
+    planned: dict[str, DiskFile] | None = None,
+) -> list[DiskFile]:
+    """One shard's rows (indexed and skipped) into staged chunks of ``chunk_size`` files.
+
+    ``planned``: the files a run asked for, by path; a skipped file (whose shard row has no
+    size or time) is staged under the size and time the run planned it with."""
+    planned = planned or {}
     meta = shard.metadata.to_pydict()
     skipped = shard.skipped.to_pydict() if shard.skipped is not None else {"path": []}
     files: list[DiskFile] = []
@@ -134,13 +143,23 @@ def _pour(shard: shards.Shard, staging: Staging, chunk_size: int) -> list[DiskFi
         staging.write_chunk(entries, np.ascontiguousarray(shard.vectors[start:stop]))
         files += [DiskFile(e.path, e.size, e.mtime_ns) for e in entries]
     if skipped["path"]:
-        entries = [
-            StagedFile(path, -1, -1, "", reason or "unreadable", detail or "")
-            for path, reason, detail in zip(skipped["path"], skipped["reason"], skipped["detail"])
-        ]
+        entries = []
+        for path, reason, detail in zip(skipped["path"], skipped["reason"], skipped["detail"]):
+            known = planned.get(path)
+            size, mtime = (known.size, known.mtime_ns) if known else (-1, -1)
+            digest = _sha256(path) if known else ""  # as a local run records it
+            why = reason or "unreadable"
+            entries.append(StagedFile(path, size, mtime, digest, why, detail or ""))
         staging.write_chunk(entries, np.zeros((0, shard.vectors.shape[1]), np.float32))
         files += [DiskFile(e.path, e.size, e.mtime_ns) for e in entries]
     return files
+
+
+def _sha256(path: str) -> str:
+    try:
+        return file_sha256(path)
+    except OSError:
+        return ""
 
 
 def _check_unique(files: list[DiskFile]) -> None:

@@ -54,3 +54,5 @@ class IndexOptions:
     strict: bool = False
     chunk_size: int = DEFAULT_CHUNK_SIZE
     extract: ExtractOptions = field(default_factory=ExtractOptions)
+    engine: str = "local"  # "ray": extract on a Ray cluster (retrieve[ray]), then commit here
+    ray_address: str | None = None  # None: a local cluster; "auto" or HOST:PORT: join one

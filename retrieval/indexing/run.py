@@ -32,6 +32,7 @@ from retrieval.indexes.staging import StagedFile, Staging
 from retrieval.indexes.sync import DiskFile, plan_sync, stat_files
 from retrieval.indexing.agreement import measure_fp32_agreement
 from retrieval.indexing.commit import commit_changes
+from retrieval.indexing.on_ray import clear_run, extract_on_ray
 from retrieval.indexing.options import IndexOptions, IndexReport
 from retrieval.model.identity import Identity
 
@@ -83,7 +84,9 @@ def index_folder(
                     return _nothing_to_do(report, base, plan, started)
             times = StageTimes()
             staging = Staging(index_dir, _staging_identity(identity, options))
-            if plan.extract:
+            if plan.extract and options.engine == "ray":
+                extract_on_ray(plan.extract, model, identity, index_dir, options, staging, report)
+            elif plan.extract:
                 extract = dataclasses.replace(options.extract, precision=identity.precision)
                 times = _extract_to_staging(
                     plan.extract, model, extract, mapper, options, staging, report, progress
@@ -92,6 +95,7 @@ def index_folder(
             result = commit_changes(index_dir, base, record, identity, options, plan, staging)
             base = None  # the commit took it over (and closed it)
             staging.clear()
+            clear_run(index_dir)
             if identity.precision == "bf16" and plan.extract and (fresh or _unmeasured(index_dir)):
                 measure_fp32_agreement(index_dir, model, options.extract)
         finally:

@@ -1,0 +1,76 @@
+"""``retrieve index DIR --engine ray``: the files a run must embed go to a Ray cluster.
+
+The run plans as always (what is new or edited, on this machine: cheap), hands exactly those
+files to the Ray engine (``retrieval.distributed``: decode tasks, model actors) as a file list,
+and pours the shards it writes into the staged chunks the commit reads, so an update over Ray
+commits the same generation a local run would. The engine's folder lives in the index
+directory (``ray-run/``): a killed run resumes by manifest part, and it is removed after the
+commit.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import shutil
+import sys
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from retrieval.devices import usable_cores
+from retrieval.indexes.shards import open_shards
+from retrieval.indexes.staging import Staging
+from retrieval.indexes.sync import DiskFile
+from retrieval.indexing.embeddings import pour_shard
+from retrieval.indexing.options import IndexOptions, IndexReport
+from retrieval.model.identity import Identity
+
+if TYPE_CHECKING:
+    from retrieval.model.weights import LoadedModel
+
+RUN_FOLDER = "ray-run"
+# With 2 logical CPUs a resumed Ray Data job deadlocks: the checkpoint's worker and the model
+# actor leave no CPU for reading. A local cluster therefore gets at least 4.
+LOCAL_CLUSTER_CPUS = 4
+
+
+def extract_on_ray(
+    files: list[DiskFile],
+    model: LoadedModel,
+    identity: Identity,
+    index_dir: Path,
+    options: IndexOptions,
+    staging: Staging,
+    report: IndexReport,
+) -> None:
+    """Embed ``files`` on Ray and stage the result; skipped files come back as skipped rows."""
+    from retrieval.distributed.engine import RayOptions, extract_with_ray
+    from retrieval.distributed.manifest import Source
+
+    run = Path(index_dir) / RUN_FOLDER
+    listing = run / "files.txt"
+    wanted = "".join(f"{f.path}\n" for f in files)
+    if (
+        not listing.exists()
+        or listing.read_text(encoding="utf-8", errors="surrogateescape") != wanted
+    ):
+        shutil.rmtree(run, ignore_errors=True)  # another plan: the earlier run's parts do not fit
+        run.mkdir(parents=True)
+        listing.write_text(wanted, encoding="utf-8", errors="surrogateescape")
+    ray = RayOptions(
+        address=options.ray_address,
+        device=options.extract.device,
+        precision=identity.precision,
+        num_cpus=max(LOCAL_CLUSTER_CPUS, usable_cores()) if options.ray_address is None else None,
+        max_megapixels=options.extract.max_megapixels,
+    )
+    # Ray's own warnings go to stdout, which carries results: send them to stderr meanwhile.
+    with contextlib.redirect_stdout(sys.stderr):
+        done = extract_with_ray(Source("list", (str(listing),)), model.source, run / "shards", ray)
+    planned = {f.path: f for f in files}
+    for shard in open_shards(run / "shards"):
+        pour_shard(shard, staging, options.chunk_size, planned)
+    report.extracted = done.images + done.skipped
+
+
+def clear_run(index_dir: Path) -> None:
+    shutil.rmtree(Path(index_dir) / RUN_FOLDER, ignore_errors=True)
