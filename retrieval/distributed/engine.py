@@ -21,13 +21,15 @@ from pathlib import Path
 
 import numpy as np
 
-from retrieval.devices import choose_precision
+from retrieval.devices import choose_precision, usable_cores
 from retrieval.distributed.manifest import PART_FILES, Manifest, Part, Source, plan, read_part
 from retrieval.errors import RetrieveError
 from retrieval.images.decode import DEFAULT_MAX_MEGAPIXELS
 from retrieval.indexes.shards import ShardRows, SkippedRows, write_identity, write_shard
 
 log = logging.getLogger(__name__)
+
+LOCAL_CLUSTER_CPUS = 4
 
 
 @dataclass(frozen=True)
@@ -43,7 +45,7 @@ class RayOptions:
     part_files: int = PART_FILES
     retries: int = 3
     max_megapixels: float = DEFAULT_MAX_MEGAPIXELS
-    num_cpus: int | None = None  # for a local cluster only
+    num_cpus: int | None = None  # a local cluster's logical CPUs; None: max(4, cores)
 
 
 @dataclass
@@ -66,7 +68,10 @@ def connect(options: RayOptions) -> None:
     if ray.is_initialized():
         return
     if options.address is None:
-        ray.init(num_cpus=options.num_cpus, include_dashboard=False, log_to_driver=False)
+        # At least 4 logical CPUs: with 2, the model actor and the part reader leave no CPU for
+        # decoding and a resumed run deadlocks.
+        cpus = options.num_cpus or max(LOCAL_CLUSTER_CPUS, usable_cores())
+        ray.init(num_cpus=cpus, include_dashboard=False, log_to_driver=False)
     else:
         ray.init(address=options.address, log_to_driver=False)
 
