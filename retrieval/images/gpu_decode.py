@@ -22,6 +22,7 @@ import logging
 import warnings
 from collections import defaultdict
 from collections.abc import Sequence
+from typing import Protocol
 
 import torch
 from torchvision.io import ImageReadMode
@@ -29,9 +30,19 @@ from torchvision.transforms import InterpolationMode
 from torchvision.transforms import functional as F
 
 from retrieval.images.jpeg import JpegInfo
-from retrieval.model.preprocess import Preprocessing
 
 log = logging.getLogger(__name__)
+
+
+class CropSpec(Protocol):
+    """What resizing and cropping need of ``retrieval.model.preprocess.Preprocessing`` (named
+    by shape, not imported: images come before the model in the pipeline's layers)."""
+
+    resize: int
+    crop: int
+    channels: int
+    interpolation: str
+
 
 # Decoded pixels per decode_jpeg call (about 768 MB of RGB): a batch of large photos is decoded
 # in several calls rather than all at once.
@@ -188,7 +199,7 @@ def _resize_like_pillow(
     return batch
 
 
-def resize_and_crop(images: Sequence[torch.Tensor], preprocessing: Preprocessing) -> torch.Tensor:
+def resize_and_crop(images: Sequence[torch.Tensor], preprocessing: CropSpec) -> torch.Tensor:
     """Upright ``C x H x W`` uint8 images -> ``N x C x crop x crop`` uint8, on their device.
 
     Images of one size are resized together (one kernel per size, not per image): a folder of
