@@ -57,6 +57,11 @@ from .options import device_option, emit_json, json_option
     help="Ray: model actors [default: one per GPU, else one per 4 CPUs].",
 )
 @click.option(
+    "--gpu-decode",
+    is_flag=True,
+    help="Ray: send JPEG bytes to the model actors and decode them there (nvjpeg on GPUs).",
+)
+@click.option(
     "--part-files",
     type=click.IntRange(min=1),
     default=100_000,
@@ -75,6 +80,7 @@ def extract_command(
     precision: str,
     batch_size: int | None,
     actors: int | None,
+    gpu_decode: bool,
     part_files: int,
     as_json: bool,
 ) -> None:
@@ -91,6 +97,7 @@ def extract_command(
         precision=precision,
         batch_size=batch_size or RayOptions.batch_size,
         part_files=part_files,
+        gpu_decode=gpu_decode,
     )
     extract_options = ExtractOptions(device=device, batch_size=batch_size, precision=precision)
     report = extract_to_shards(

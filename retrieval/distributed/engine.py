@@ -45,6 +45,7 @@ class RayOptions:
     part_files: int = PART_FILES
     retries: int = 3
     max_megapixels: float = DEFAULT_MAX_MEGAPIXELS
+    gpu_decode: bool = False  # JPEG bytes to the actors, decoded there (nvjpeg on a GPU)
     num_cpus: int | None = None  # a local cluster's logical CPUs; None: max(4, cores)
 
 
@@ -171,6 +172,7 @@ def _pipeline(dataset, job: _Job):
             fn_kwargs={
                 "preprocessing": job.preprocessing,
                 "max_megapixels": options.max_megapixels,
+                "gpu_decode": options.gpu_decode,
             },
             num_cpus=1,
             max_retries=options.retries,
@@ -186,6 +188,7 @@ def _pipeline(dataset, job: _Job):
                 "device": job.device,
                 "precision": options.precision,
                 "threads": None if job.num_gpus else max(1, int(options.actor_cpus)),
+                "max_megapixels": options.max_megapixels,
             },
             compute=ray.data.ActorPoolStrategy(size=job.actors),
             num_cpus=0 if job.num_gpus else options.actor_cpus,

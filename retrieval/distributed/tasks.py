@@ -47,12 +47,24 @@ def read_part_lists(batch: Any) -> Any:
 
 
 def decode_batch(
-    batch: dict[str, np.ndarray], preprocessing: dict[str, Any], max_megapixels: float
+    batch: dict[str, np.ndarray],
+    preprocessing: dict[str, Any],
+    max_megapixels: float,
+    gpu_decode: bool = False,
 ) -> dict[str, np.ndarray]:
-    """Files of a manifest part -> uint8 crops and records; never raises for a bad file."""
+    """Files of a manifest part -> uint8 crops and records; never raises for a bad file.
+
+    With ``gpu_decode``, a JPEG nvjpeg takes (and that Pillow's draft would not do better,
+    :func:`retrieval.extraction.cuda.better_on_cpu`) travels on as its bytes in ``jpeg`` and
+    the model actor decodes it on its GPU; everything else is decoded here.
+    """
+    from retrieval.extraction.cuda import better_on_cpu
+    from retrieval.images.jpeg import inspect_jpeg
+
     prep = Preprocessing.from_dict(preprocessing)
     keys = batch["key"]
     pixels = np.zeros((len(keys), prep.channels, prep.crop, prep.crop), dtype=np.uint8)
+    jpegs: list[bytes] = [b""] * len(keys)
     out: dict[str, list] = {name: [] for name in ("size", "mtime", "sha256", "reason", "detail")}
     for i, key in enumerate(keys):
         path = str(batch["path"][i])
@@ -69,9 +81,17 @@ def decode_batch(
                 int(batch["mtime_ns"][i]),
             )
         if data is not None:
-            crop = decode_on_cpu(record, data, StageTimes(), prep, max_megapixels)
-            if crop is not None:
-                pixels[i] = crop.numpy()
+            info = inspect_jpeg(data) if gpu_decode else None
+            if (
+                info is not None
+                and info.gpu_decodable(max_megapixels)
+                and not better_on_cpu(info, prep)
+            ):
+                jpegs[i] = bytes(data)
+            else:
+                crop = decode_on_cpu(record, data, StageTimes(), prep, max_megapixels)
+                if crop is not None:
+                    pixels[i] = crop.numpy()
         out["size"].append(record.size)
         out["mtime"].append(record.mtime_ns)
         out["sha256"].append(record.sha256)
@@ -87,14 +107,21 @@ def decode_batch(
         "reason": np.asarray(out["reason"], dtype=object),
         "detail": np.asarray(out["detail"], dtype=object),
         "pixels": pixels,
+        "jpeg": np.asarray(jpegs, dtype=object),
     }
 
 
 class Fc7Actor:
-    """One model per actor process, kept across batches: uint8 crops in, fc7 rows out."""
+    """One model per actor process, kept across batches: crops (or JPEG bytes) in, fc7 out."""
 
     def __init__(
-        self, weights: str, sha256: str, device: str, precision: str, threads: int | None
+        self,
+        weights: str,
+        sha256: str,
+        device: str,
+        precision: str,
+        threads: int | None,
+        max_megapixels: float = 175.0,
     ) -> None:
         import torch
 
@@ -112,13 +139,50 @@ class Fc7Actor:
         self.torch = torch
         self.mapper = Fc7Mapper(loaded, torch.device(device), precision)
         self.dim = loaded.fc7_dim
+        self.max_megapixels = max_megapixels
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        ok = np.asarray([not reason for reason in batch["reason"]], dtype=bool)
+        reasons = [str(r) for r in batch["reason"]]
+        details = [str(d) for d in batch["detail"]]
+        jpegs = batch.get("jpeg")
+        on_device = jpegs is not None and any(len(j) for j in jpegs)
+        if on_device:
+            crops = self._decode_on_device(batch, reasons, details)
+        else:
+            ok = np.asarray([not reason for reason in reasons], dtype=bool)
+            picked = np.ascontiguousarray(batch["pixels"][ok])
+            crops = self.torch.from_numpy(picked).to(self.mapper.device) if ok.any() else None
+        ok = np.asarray([not reason for reason in reasons], dtype=bool)
         fc7 = np.zeros((len(ok), self.dim), dtype=np.float32)
-        if ok.any():
-            crops = self.torch.from_numpy(np.ascontiguousarray(batch["pixels"][ok]))
-            fc7[ok] = self.mapper(crops.to(self.mapper.device)).cpu().numpy()
-        out = {name: value for name, value in batch.items() if name != "pixels"}
+        if crops is not None:
+            fc7[ok] = self.mapper(crops).cpu().numpy()
+        out = {name: value for name, value in batch.items() if name not in ("pixels", "jpeg")}
+        out["reason"] = np.asarray(reasons, dtype=object)
+        out["detail"] = np.asarray(details, dtype=object)
         out["fc7"] = fc7
         return out
+
+    def _decode_on_device(self, batch, reasons: list[str], details: list[str]):
+        """nvjpeg for the JPEG bytes, the decode tasks' crops for the rest, in row order; a JPEG
+        nvjpeg and then Pillow refuse gets its reason here."""
+        from retrieval.extraction.cuda import _Jpeg, assemble, decode_items
+        from retrieval.images.jpeg import inspect_jpeg
+
+        torch, prep = self.torch, self.mapper.preprocessing
+        items = []
+        for i, reason in enumerate(reasons):
+            record = FileRecord(i, str(batch["path"][i]), reason=reason or None)
+            jpeg = batch["jpeg"][i]
+            if reason:
+                payload = None
+            elif len(jpeg):
+                data = torch.frombuffer(bytearray(jpeg), dtype=torch.uint8)
+                payload = _Jpeg(data, inspect_jpeg(jpeg))
+            else:
+                payload = torch.from_numpy(np.ascontiguousarray(batch["pixels"][i]))
+            items.append((record, payload, StageTimes()))
+        images, crops = decode_items(items, prep, self.mapper.device, self.max_megapixels)
+        for i, (record, _, _) in enumerate(items):
+            if record.reason and not reasons[i]:
+                reasons[i], details[i] = record.reason, record.detail
+        return assemble(images, crops, prep, self.mapper.device)
