@@ -99,6 +99,24 @@ def build(work: Path, rows: int, precision: str = "auto") -> tuple[Path, Path]:
     return index_dir, query
 
 
+def in_process_stages(ix: Index, data: bytes, repeats: int = 20) -> dict:
+    """Where a query's time goes, without HTTP: decode + fc7 (embed), then search + rows."""
+    ix.search_features(ix.embed([data])[0], 6)  # model loaded, vectors file paged in
+    embed, search = [], []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        features, _ = ix.embed([data])
+        middle = time.perf_counter()
+        ix.search_features(features, 6)
+        embed.append(middle - start)
+        search.append(time.perf_counter() - middle)
+    return {
+        "embed_p50": round(statistics.median(embed) * 1000, 1),
+        "search_and_rows_p50": round(statistics.median(search) * 1000, 1),
+        "loadavg": os.getloadavg()[0],
+    }
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -230,6 +248,7 @@ def main() -> None:
     )
     with Index.open(index_dir) as ix:
         facts = {"count": ix.count, "backend": ix.backend, "precision": ix.identity.precision}
+        stages = in_process_stages(ix, query.read_bytes())
     body = body_for(query)
     result: dict = {
         "machine": {
@@ -241,6 +260,7 @@ def main() -> None:
         "index": {**facts, "vectors_gb": round(args.rows * DIM * 4 / 1e9, 2)},
         "query_jpeg_bytes": query.stat().st_size,
         "loadavg_start": os.getloadavg(),
+        "in_process_ms": stages,
     }
     process_s = [one_query_process(index_dir, query) for _ in range(args.process_runs)]
     result["retrieve_query_process_s"] = {
