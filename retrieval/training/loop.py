@@ -132,7 +132,7 @@ class _Run:
         self.recipe = recipe = resolve_budget(recipe, len(self.data.train))
         self.side = resize_for(recipe.image_size)
         cache_run_data(self.data, recipe.image_size, options)
-        self.database = retrieval_sample(self.data, recipe.seed)
+        self.database = retrieval_sample(self.data, recipe.seed, options.retrieval_images)
         self.model = build_model(recipe, n_classes, channels, pretrained=state is None)
         self.best: dict[str, Any] | None = None
         self.best_state: dict[str, torch.Tensor] | None = None
@@ -280,6 +280,8 @@ class _Run:
             disable=None,
         ) as bar:
             for pixels, labels in batches:
+                if len(labels) < 2 and self.recipe.batch_norm:
+                    continue  # batch norm cannot train on one image: the epoch's last, if any
                 loss = self.train_step(pixels, labels)
                 images += len(labels)
                 self.seen += len(labels)

@@ -28,7 +28,6 @@ from retrieval.training.recipes import Recipe
 log = logging.getLogger(__name__)
 
 STATS_SAMPLE = 2000  # images to compute mean, std and colour PCA from
-RETRIEVAL_SAMPLE = 2000  # training images the validation images retrieve from, each epoch
 
 
 @dataclass(frozen=True)
@@ -43,6 +42,7 @@ class RunOptions:
     resume: bool = False
     cache_bytes: int = 4 << 30  # decode a folder data set once if it fits in this much memory
     time_budget: float | None = None  # seconds: choose image size and steps that fit (budget.py)
+    retrieval_images: int = 2000  # training images each epoch's fc7 check ranks (0: no check)
     image_size_given: bool = False  # with time_budget: keep the recipe's image size
 
 
@@ -97,8 +97,10 @@ def cache_run_data(data: DataSplits, image_size: int, options: RunOptions) -> No
             setattr(data, name, part.in_memory(side, run_workers(options)))
 
 
-def retrieval_sample(data: DataSplits, seed: int, size: int = RETRIEVAL_SAMPLE) -> ImageSet:
+def retrieval_sample(data: DataSplits, seed: int, size: int) -> ImageSet | None:
     """The training images each epoch's fc7 retrieval check ranks (all of a small set)."""
+    if size <= 0:
+        return None
     if len(data.train) <= size:
         return data.train
     pick = torch.randperm(len(data.train), generator=torch.Generator().manual_seed(seed))

@@ -1,0 +1,202 @@
+"""Issue 14: budgets that fit the data, runs that cannot blow up, checkpoints kept for retrieval,
+and the seeds' AlexNet variants from training to a query."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+from PIL import Image
+
+from retrieval.model.weights import load_model, read_checkpoint
+from retrieval.training import budget
+from retrieval.training.loop import TrainingDiverged, train
+from retrieval.training.recipes import make_recipe, warmup_factor
+from retrieval.training.setup import RunOptions
+from tests.corpus import make_labelled_folder
+
+
+@pytest.fixture
+def shapes(tmp_path: Path) -> Path:
+    make_labelled_folder(tmp_path / "shapes" / "train", classes=3, per_class=6, size=48)
+    make_labelled_folder(tmp_path / "shapes" / "val", classes=3, per_class=2, size=48)
+    return tmp_path / "shapes"
+
+
+def test_small_folders_get_small_batches_and_enough_steps_large_ones_not_too_many() -> None:
+    assert budget.default_batch_size(550) == 32
+    assert budget.default_batch_size(60_000) == 128
+    assert budget.default_batch_size(40) == 16
+    small = budget.resolve_budget(make_recipe(), 490)  # 10% of a 550-image folder held out
+    assert small.batch_size == 32 and small.steps >= budget.MIN_STEPS * 0.97
+    assert small.epochs <= budget.MAX_EPOCHS
+    large = budget.resolve_budget(make_recipe(), 60_000)
+    assert large.batch_size == 128 and large.epochs == budget.BASE_EPOCHS
+    tiny = budget.resolve_budget(make_recipe(), 18)
+    assert tiny.epochs == budget.MAX_EPOCHS  # a tiny set is not passed over 1,000 times
+    given = budget.resolve_budget(make_recipe(epochs=3, batch_size=5), 18)
+    assert (given.epochs, given.steps, given.batch_size) == (3, 12, 5)
+    steps = budget.resolve_budget(make_recipe(steps=40, batch_size=6), 18)
+    assert (steps.epochs, steps.steps) == (13, 39)  # rounded to whole epochs
+
+
+def test_paper_recipe_warms_up_linearly_and_onecycle_needs_no_extra_warm_up() -> None:
+    paper = budget.resolve_budget(make_recipe("paper"), 10_000)
+    assert paper.warmup_steps == round(budget.WARMUP_SHARE * paper.steps)
+    assert warmup_factor(paper, 0) == pytest.approx(1 / paper.warmup_steps)
+    assert warmup_factor(paper, paper.warmup_steps) == 1.0
+    assert budget.resolve_budget(make_recipe("onecycle"), 10_000).warmup_steps == 0
+
+
+def test_time_budget_picks_the_largest_size_that_fits_and_says_so(monkeypatch) -> None:
+    # Seconds per step by image size, as a slow CPU might measure them (no clock in the test).
+    per_step = {128: 2.0, 96: 1.0, 64: 0.25}
+    monkeypatch.setattr(budget, "time_steps", lambda r, size, *a, **k: per_step[size])
+    cpu = torch.device("cpu")
+    plan = budget.plan_for_time(make_recipe("paper"), 600, 490, 10, 3, cpu)
+    # 450 s of training: 128 px fits 225 steps, 96 px 450, 64 px 1,800 (the rule wants ~1,000).
+    assert plan.recipe.image_size == 64 and plan.recipe.name == "onecycle"
+    assert plan.recipe.steps == budget.resolve_budget(plan.recipe, 490).steps
+    assert 0.9 * 1000 <= plan.recipe.steps <= 1800
+    assert "64-px input" in plan.describe(cpu) and "steps" in plan.describe(cpu)
+    roomy = budget.plan_for_time(make_recipe(), 3600, 490, 10, 3, cpu)
+    assert roomy.recipe.image_size == 128  # 2,700 s fit the ~1,000 steps at 128 px
+    short = budget.plan_for_time(make_recipe(), 60, 490, 10, 3, cpu)
+    assert short.recipe.image_size == 64 and short.recipe.steps <= 180
+    assert budget.parse_duration("10m") == 600 and budget.parse_duration("1.5h") == 5400
+
+
+def test_a_diverging_run_stops_with_one_line_and_writes_no_checkpoint(
+    shapes: Path, tmp_path: Path
+) -> None:
+    from retrieval.cli.main import cli
+
+    out = tmp_path / "blown.pt"
+    args = ["train", str(shapes), "-o", str(out), "--image-size", "64", "--epochs", "3"]
+    args += ["--batch-size", "6", "--lr", "50", "--clip-norm", "0", "--workers", "0"]
+    result = CliRunner().invoke(cli, args)
+    assert result.exit_code == 1
+    error = result.output.strip().splitlines()[-1]
+    assert error.startswith("Error: training diverged at epoch 1") and "no checkpoint" in error
+    assert not out.exists()
+    with pytest.raises(TrainingDiverged):
+        recipe = make_recipe(image_size=64, epochs=3, batch_size=6, lr=50.0, clip_norm=0)
+        train(shapes, out, recipe, RunOptions(workers=0))
+
+
+def test_default_recipe_does_not_diverge_on_a_tiny_set(shapes: Path, tmp_path: Path) -> None:
+    recipe = make_recipe("paper", image_size=64, epochs=4, batch_size=6)
+    result = train(shapes, tmp_path / "p.pt", recipe, RunOptions(workers=0))
+    assert all(math.isfinite(r["train_loss"]) and r["train_loss"] < 3 for r in result.history)
+
+
+def test_select_keeps_the_best_epoch_by_map_or_top1(shapes: Path, tmp_path: Path) -> None:
+    recipe = make_recipe(image_size=64, epochs=3, batch_size=6, select="top1")
+    result = train(shapes, tmp_path / "t.pt", recipe, RunOptions(workers=0))
+    accuracies = [1 - r["top1_error"] for r in result.history]
+    best = accuracies.index(max(accuracies)) + 1
+    checkpoint = read_checkpoint(tmp_path / "t.pt")
+    assert checkpoint["best"]["epoch"] == best and checkpoint["best"]["select"] == "top1"
+    assert all("map" in r and "precision@6" in r for r in result.history)
+
+
+def test_training_leaves_the_global_rng_and_thread_count_as_found(
+    shapes: Path, tmp_path: Path
+) -> None:
+    torch.manual_seed(123)
+    before, threads = torch.random.get_rng_state(), torch.get_num_threads()
+    train(shapes, tmp_path / "r.pt", make_recipe(image_size=64, epochs=1, batch_size=9))
+    assert torch.equal(torch.random.get_rng_state(), before)
+    assert torch.get_num_threads() == threads
+
+
+VARIANTS = [
+    pytest.param(["--arch", "cifar"], {"arch": "cifar"}, 32, 4608, id="cifar"),
+    pytest.param(
+        ["--batch-norm", "--image-size", "64"], {"batch_norm": True}, 64, 4096, id="batch-norm"
+    ),
+    pytest.param(
+        ["--arch", "paper", "--groups", "2", "--image-size", "64"],
+        {"arch": "paper", "groups": 2},
+        64,
+        4096,
+        id="paper-groups-2",
+    ),
+]
+
+
+@pytest.mark.parametrize(("options", "recorded", "size", "width"), VARIANTS)
+def test_each_variant_trains_evaluates_indexes_and_queries_with_no_other_option(
+    shapes: Path, tmp_path: Path, options: list[str], recorded: dict, size: int, width: int
+) -> None:
+    from retrieval.cli.main import cli
+    from retrieval.training.evaluate import evaluate_classifier
+
+    out = tmp_path / "m.pt"
+    args = ["train", str(shapes), "-o", str(out), "--epochs", "1", "--batch-size", "9"]
+    result = CliRunner().invoke(cli, [*args, *options, "--workers", "0", "--json"])
+    assert result.exit_code == 0, result.output
+    loaded = load_model(out)
+    assert all(getattr(loaded.args, k) == v for k, v in recorded.items())
+    assert loaded.preprocessing.crop == size and loaded.fc7_dim == width
+
+    report = evaluate_classifier(out, shapes, device="cpu", ten_crop=False, workers=0)
+    assert report.images == 6 and 0 <= report.top1 <= 1
+
+    index = tmp_path / "index"
+    result = CliRunner().invoke(
+        cli, ["index", str(shapes / "train"), "--index", str(index), "--weights", str(out)]
+    )
+    assert result.exit_code == 0, result.output
+    query = next((shapes / "val").rglob("*.png"))
+    result = CliRunner().invoke(cli, ["query", str(query), "--index", str(index), "-k", "3"])
+    assert result.exit_code == 0, result.output
+    assert len([line for line in result.stdout.splitlines() if ".png" in line]) >= 3
+
+
+def test_visualize_draws_a_two_group_networks_kernels_as_two_blocks(tmp_path: Path) -> None:
+    from retrieval.figures.kernels import GROUP_GAP, draw_kernels
+    from retrieval.model.alexnet import ModelArgs, build_alexnet
+    from retrieval.model.preprocess import Preprocessing
+    from retrieval.model.weights import save_checkpoint
+
+    path = tmp_path / "two.pt"
+    model = build_alexnet(ModelArgs(arch="paper", groups=2, num_classes=3), seed=0)
+    with torch.no_grad():  # group 2 (kernels 48-95) grey, group 1 coloured, as in Figure 3
+        model.features[0].weight[48:] = model.features[0].weight[48:].mean(1, keepdim=True)
+    save_checkpoint(path, model, Preprocessing())
+    pixels = np.asarray(Image.open(draw_kernels(path, tmp_path / "k.png", scale=1)), np.int16)
+    # Each group: 48 kernels of 11x11 in 3 rows of 16 with 1-px gaps; a white band between.
+    block = 3 * 12 + 1
+    assert pixels.shape == (2 * block + GROUP_GAP, 16 * 12 + 1, 3)
+    top, gap, bottom = pixels[:block], pixels[block : block + GROUP_GAP], pixels[-block:]
+    assert (gap == 255).all()
+    assert top.std() > 10 and bottom.std() > 10  # both groups drawn
+    colour = lambda a: np.abs(a[..., 0] - a[..., 1]).mean()  # noqa: E731
+    assert colour(top) > 5 and colour(bottom) == 0  # the grey group came out grey
+
+
+def test_cifar_rejects_an_image_size_below_its_smallest() -> None:
+    from retrieval.errors import RetrieveError
+
+    with pytest.raises(RetrieveError, match="below the cifar"):
+        make_recipe(arch="cifar", image_size=8)
+    with pytest.raises(RetrieveError, match="below the torchvision"):
+        make_recipe(image_size=32)
+
+
+def test_train_json_says_what_the_budget_chose(shapes: Path, tmp_path: Path) -> None:
+    from retrieval.cli.main import cli
+
+    out = tmp_path / "b.pt"
+    args = ["train", str(shapes), "-o", str(out), "--image-size", "64", "--steps", "4"]
+    result = CliRunner().invoke(cli, [*args, "--workers", "0", "--json"])
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.stdout)
+    assert summary["recipe"]["batch_size"] == 16 and summary["recipe"]["steps"] == 4
+    assert "batches of 16" in result.stderr
