@@ -305,6 +305,7 @@ def test_images_pages_through_rows_filtered_by_label_and_path(client) -> None:
     assert named["total"] == 4 and all("stripes/" in r["path"] for r in named["images"])
     assert client.get("/api/images", params={"limit": 0}).status_code == 422
     assert client.get("/api/images", params={"offset": -1}).status_code == 422
+    assert client.get("/api/images", params={"offset": 10**20}).status_code == 422  # > int64
 
 
 # -- the token, URLs ------------------------------------------------------------------------------
@@ -365,6 +366,7 @@ def test_allowed_url_queries_are_fetched_with_a_size_cap(index, local_http) -> N
         big = c.post("/api/query", json={"url": local_http + "/big.jpg"})
         assert big.status_code == 413
         assert c.post("/api/query", json={"url": "file:///etc/passwd"}).status_code == 400
+        assert c.post("/api/query", json={"url": "http://[::1"}).status_code == 400
         assert c.post("/api/query", json={"nothing": 1}).status_code == 400
         assert (
             c.post(

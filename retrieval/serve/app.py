@@ -40,6 +40,7 @@ log = logging.getLogger(__name__)
 STATIC = {"app.js": "text/javascript", "style.css": "text/css", "index.html": "text/html"}
 ROW_ID = re.compile(r"[0-9]{1,18}")  # SQLite ids are int64: longer digit strings are no row
 MAX_PAGE = 500
+MAX_OFFSET = 2**62  # SQLite integers are 64-bit
 
 
 @dataclass(frozen=True)
@@ -125,7 +126,7 @@ def create_app(index: Index, options: ServeOptions = ServeOptions()) -> Any:
 
     async def images(request: Request) -> Response:
         params = request.query_params
-        offset = _int(params.get("offset"), "offset", 0, 0, None)
+        offset = _int(params.get("offset"), "offset", 0, 0, MAX_OFFSET)
         limit = _int(params.get("limit"), "limit", 60, 1, MAX_PAGE)
         label, contains = params.get("label") or None, params.get("q") or None
 
@@ -225,7 +226,7 @@ def _int(text: Any, name: str, default: int, low: int, high: int | None) -> int:
         raise Refused(422, f"{name} must be a whole number, not {str(text)[:40]!r}") from None
     if value < low or (high is not None and value > high):
         span = f"between {low} and {high}" if high is not None else f"at least {low}"
-        raise Refused(422, f"{name} must be {span}, not {value}")
+        raise Refused(422, f"{name} must be {span}, not {str(value)[:40]}")
     return value
 
 

@@ -25,8 +25,12 @@ class FetchError(RetrieveError):
 
 
 def fetch_image(url: str, max_bytes: int, timeout: float = 10.0) -> bytes:
-    if urlsplit(url).scheme not in ("http", "https"):
-        raise FetchError(f"only http and https URLs are fetched, not {url!r}")
+    try:
+        scheme = urlsplit(url).scheme
+    except ValueError as error:  # e.g. an unclosed [IPv6 address
+        raise FetchError(f"not a URL: {error}") from None
+    if scheme not in ("http", "https"):
+        raise FetchError(f"only http and https URLs are fetched, not {url[:200]!r}")
     request = urllib.request.Request(url, headers={"User-Agent": "retrieve-serve"})
     try:
         with urllib.request.urlopen(request, timeout=timeout) as response:
