@@ -31,9 +31,9 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from retrieval import Index, IndexOptions  # noqa: E402
-from retrieval.images.walk import find_images  # noqa: E402
-from retrieval.metrics import mean_average_precision, precision_at_k  # noqa: E402
+from retrieval import Index, IndexOptions
+from retrieval.images.walk import find_images
+from retrieval.metrics import mean_average_precision, precision_at_k
 
 DATA = Path(__file__).resolve().parents[1] / ".." / "shared" / "datasets" / "imagenette2-224"
 K = 6
