@@ -148,7 +148,7 @@ def test_killed_driver_resumes_from_the_parts_it_finished(
     cluster, small_model: Path, tmp_path: Path
 ) -> None:
     collection = tmp_path / "many"
-    make_labelled_folder(collection, classes=3, per_class=20, size=48)  # 12 parts of 5
+    make_labelled_folder(collection, classes=3, per_class=12, size=48)  # 8 parts of 5 (or 1)
     source = Source.parse(collection)
     extract_locally(source, str(small_model), tmp_path / "local", part_files=5)
     out = tmp_path / "ray"
@@ -166,7 +166,7 @@ def test_killed_driver_resumes_from_the_parts_it_finished(
         driver.kill()
         driver.wait()
     written_before = sorted(p.name for p in out.glob("fc7-*.npy"))
-    assert len(written_before) < 12, "the driver finished before it could be killed"
+    assert len(written_before) < 8, "the driver finished before it could be killed"
     stamp = first.stat().st_mtime_ns
     options = RayOptions(part_files=5, batch_size=4, actors=1, retries=3)
     report = extract_with_ray(source, str(small_model), out, options)
