@@ -5,6 +5,8 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 TORCH_INDEX ?=
+# faiss's CPU or GPU build (alternatives: they install the same module).
+FAISS ?= cpu
 STAMP := $(VENV)/.installed
 
 .PHONY: install test lint format demo imagenette bench bench-memory clean
@@ -16,7 +18,7 @@ $(STAMP): pyproject.toml
 ifneq ($(TORCH_INDEX),)
 	$(BIN)/python -m pip install --index-url $(TORCH_INDEX) torch torchvision
 endif
-	$(BIN)/python -m pip install -e '.[dev]'
+	$(BIN)/python -m pip install -e '.[$(FAISS),dev,ray]'
 	touch $@
 
 test: install

@@ -23,6 +23,13 @@ class RetrieveGroup(click.Group):
             return super().invoke(ctx)
         except RetrieveError as exc:
             raise click.ClickException(str(exc)) from None
+        except ModuleNotFoundError as exc:
+            if exc.name != "faiss":
+                raise
+            raise click.ClickException(
+                "faiss is not installed: pip install 'retrieve[cpu]' (or 'retrieve[gpu]', the "
+                "GPU build; the two are alternatives)"
+            ) from None
         except KeyboardInterrupt:
             click.echo("interrupted; finished chunks are kept and the next run resumes", err=True)
             sys.exit(130)
@@ -45,9 +52,29 @@ def cli(verbose: bool) -> None:
 
 
 def _register() -> None:
-    from . import demo_cmds, eval_cmds, figure_cmds, index_cmds, query_cmds, train_cmds
+    from . import (
+        collection_cmds,
+        demo_cmds,
+        eval_cmds,
+        extract_cmds,
+        figure_cmds,
+        index_cmds,
+        query_cmds,
+        serve_cmds,
+        train_cmds,
+    )
 
-    for module in (index_cmds, query_cmds, figure_cmds, eval_cmds, train_cmds, demo_cmds):
+    for module in (
+        index_cmds,
+        query_cmds,
+        figure_cmds,
+        collection_cmds,
+        serve_cmds,
+        eval_cmds,
+        train_cmds,
+        extract_cmds,
+        demo_cmds,
+    ):
         module.register(cli)
 
 

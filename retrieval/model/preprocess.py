@@ -58,29 +58,62 @@ class Preprocessing:
         return cls(**fields)
 
     def resize_and_crop(self, image: Image.Image) -> torch.Tensor:
-        """The per-image step: a uint8 ``C x crop x crop`` tensor."""
-        from torchvision.transforms import InterpolationMode
-        from torchvision.transforms import functional as F
+        """The per-image step: a uint8 ``C x crop x crop`` tensor.
+
+        Exactly torchvision's ``resize`` (shorter side, PIL filter) + ``center_crop`` +
+        ``pil_to_tensor`` on a PIL image, which call Pillow themselves; written with Pillow
+        here because importing torchvision costs a query process ~1.3 s of CPU (its package
+        imports every model). ``tests/test_preprocess.py`` checks the pixels are identical."""
+        import numpy as np
+        import torch
 
         if image.mode != self.mode:
             image = image.convert(self.mode)
-        interpolation = InterpolationMode(self.interpolation)
-        image = F.resize(image, [self.resize], interpolation=interpolation, antialias=True)
-        image = F.center_crop(image, [self.crop])
-        return F.pil_to_tensor(image)
+        width, height = image.size
+        short, long = (width, height) if width <= height else (height, width)
+        new_short, new_long = self.resize, int(self.resize * long / short)
+        size = (new_short, new_long) if width <= height else (new_long, new_short)
+        if size != (width, height):
+            image = image.resize(size, _pil_filter(self.interpolation))
+        top = round((size[1] - self.crop) / 2.0)
+        left = round((size[0] - self.crop) / 2.0)
+        image = image.crop((left, top, left + self.crop, top + self.crop))
+        pixels = torch.from_numpy(np.array(image, copy=True))
+        return pixels.view(self.crop, self.crop, self.channels).permute(2, 0, 1)
 
     def normalize(self, batch: torch.Tensor) -> torch.Tensor:
-        """The per-batch step: uint8 ``N x C x H x W`` to normalised float32 on its device."""
+        """The per-batch step: uint8 ``N x C x H x W`` to normalised float32 on its device.
+
+        Mean and std go in as Python numbers, one channel at a time: ``torch.tensor(list,
+        device="cuda")`` would be a blocking host-to-device copy, two per batch on the GPU."""
         import torch
 
         batch = batch.to(torch.float32).div_(255.0)
-        mean = torch.tensor(self.mean, dtype=torch.float32, device=batch.device).view(1, -1, 1, 1)
-        std = torch.tensor(self.std, dtype=torch.float32, device=batch.device).view(1, -1, 1, 1)
-        return batch.sub_(mean).div_(std)
+        for channel, (mean, std) in enumerate(zip(self.mean, self.std)):
+            batch[:, channel].sub_(mean).div_(std)
+        return batch
 
     def __call__(self, image: Image.Image) -> torch.Tensor:
         """One image to a normalised ``C x crop x crop`` float tensor."""
         return self.normalize(self.resize_and_crop(image).unsqueeze(0))[0]
+
+
+def _pil_filter(interpolation: str) -> int:
+    """torchvision's InterpolationMode name -> the Pillow filter its PIL path uses."""
+    from PIL import Image
+
+    filters = {
+        "nearest": Image.Resampling.NEAREST,
+        "bilinear": Image.Resampling.BILINEAR,
+        "bicubic": Image.Resampling.BICUBIC,
+        "box": Image.Resampling.BOX,
+        "hamming": Image.Resampling.HAMMING,
+        "lanczos": Image.Resampling.LANCZOS,
+    }
+    try:
+        return filters[interpolation]
+    except KeyError:
+        raise ValueError(f"unknown interpolation {interpolation!r}") from None
 
 
 IMAGENET = Preprocessing()
