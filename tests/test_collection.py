@@ -126,6 +126,8 @@ def test_threshold_rule_reaches_the_asked_precision() -> None:
     precision, recall = precision_recall(positives, negatives, t)
     assert precision >= 0.99 and 0.8 < t < 1.2 and recall > 0.8
     assert precision_recall(positives, negatives, t * 1.5)[0] < 0.99
+    # Four copies per image counting as one: a stricter threshold, never a looser one.
+    assert pick_threshold(positives, negatives, 0.99, weight=0.25) <= t
 
 
 def test_calibration_uses_the_collections_own_edited_copies(collection) -> None:
@@ -133,7 +135,7 @@ def test_calibration_uses_the_collections_own_edited_copies(collection) -> None:
     result = calibrate(ix, CalibrationOptions(sample=12, negatives=6))
     assert result.sampled == 12 and len(result.positives) == 48
     assert set(result.edits) == {"jpeg-q20", "half-size", "crop-85", "brighter"}
-    precision, recall = precision_recall(result.positives, result.negatives, result.threshold)
+    precision, recall = precision_recall(result.positives, result.negatives, result.threshold, 0.25)
     assert precision >= 0.99 and (precision, recall) == (result.precision, result.recall)
     assert [row[0] for row in result.table()] == sorted(row[0] for row in result.table())
 
@@ -265,3 +267,41 @@ def test_undo_leaves_a_file_that_appeared_since(tmp_path) -> None:
     undone = actions.undo(report.log)
     assert undone.problems and original.read_bytes() == b"new file"
     assert actions.mirrored(tmp_path / "aside", str(original)).exists()  # kept, not lost
+
+
+def test_a_chain_is_split_so_every_member_is_near_its_representative(tmp_path) -> None:
+    from retrieval.collection.duplicates import _adjacency, _split, components
+    from retrieval.collection.near import Pairs
+
+    # 0 ~ 1 ~ 2 ~ 3 in a line, 1.0 apart; threshold 1.5: 0 and 2 are not duplicates of each other
+    pairs = Pairs(np.array([0, 1, 2]), np.array([1, 2, 3]), np.array([1.0, 1.0, 1.0]))
+    stand_in = np.arange(4)
+    assert components(pairs, stand_in) == [[0, 1, 2, 3]]
+    assert _split({2, 3}, _adjacency(pairs, stand_in)) == [[2, 3]]
+    assert _split({0, 2}, _adjacency(pairs, stand_in)) == []
+
+
+class LineIndex:
+    """Just what find_duplicates reads: rows, vectors by id, dim (points on a line)."""
+
+    def __init__(self, xs: list[float]) -> None:
+        from retrieval.indexes.rows import Row
+
+        self.dim = 2
+        self._rows = [
+            Row(i, f"/p/{i}.jpg", 100, i, f"h{i}", "x", "indexed") for i in range(len(xs))
+        ]
+        self._vectors = np.array([[x, 0.0] for x in xs], np.float32)
+
+    def rows(self, limit=None):
+        return self._rows
+
+    def vectors(self, ids):
+        return self._vectors[np.asarray(ids)]
+
+
+def test_find_duplicates_splits_a_chain_into_groups_near_their_representatives() -> None:
+    report = find_duplicates(LineIndex([0, 1, 2, 3, 10]), 1.5, keep="first")
+    groups = [[m.path for m in g.members] for g in report.groups]
+    assert groups == [["/p/0.jpg", "/p/1.jpg"], ["/p/2.jpg", "/p/3.jpg"]]
+    assert all(m.distance <= 1.5 for g in report.groups for m in g.members)

@@ -37,7 +37,7 @@ class NearOptions:
     method: str = "auto"
     dim: int = 128
     nprobe: int = 16
-    train_sample: int = 50_000
+    train_sample: int = 20_000
     seed: int = 0
     block: int = BLOCK
 
@@ -105,19 +105,45 @@ def near_pairs(
     return Pairs(a[keep], b[keep], distance[keep], len(a), method)
 
 
+@dataclass
+class Projection:
+    """``(x - mean) @ components.T``: orthonormal rows, so projected distances never exceed
+    the true ones."""
+
+    mean: np.ndarray
+    components: np.ndarray  # dim x D, orthonormal rows
+
+    def apply(self, x: np.ndarray) -> np.ndarray:
+        return np.ascontiguousarray((x - self.mean) @ self.components.T, dtype=np.float32)
+
+
+def fit_pca(sample: np.ndarray, dim: int, seed: int = 0, power: int = 3) -> Projection:
+    """Top ``dim`` principal directions by randomized SVD (Halko et al. 2011): seconds on
+    20,000 x 4096, where a full 4096 x 4096 eigendecomposition takes minutes on 2 cores."""
+    mean = sample.mean(axis=0, dtype=np.float64).astype(np.float32)
+    centred = sample - mean
+    rng = np.random.default_rng(seed)
+    width = min(dim + 16, *centred.shape)
+    basis = centred @ rng.standard_normal((centred.shape[1], width)).astype(np.float32)
+    for _ in range(power):
+        basis, _ = np.linalg.qr(basis)
+        basis, _ = np.linalg.qr(centred.T @ basis)
+        basis = centred @ basis
+    basis, _ = np.linalg.qr(basis)
+    _, _, vt = np.linalg.svd(basis.T @ centred, full_matrices=False)
+    return Projection(mean, np.ascontiguousarray(vt[:dim], dtype=np.float32))
+
+
 def reduce(
     source: VectorSource,
     options: NearOptions,
     progress: Callable[[int, int], None] | None = None,
-):
-    """(PCA matrix trained on a seeded sample, the N x dim reduced copy)."""
-    import faiss
-
+) -> tuple[Projection, np.ndarray]:
+    """(PCA fitted on a seeded sample, the N x dim reduced copy)."""
     dim = min(options.dim, source.dim)
     sample = source.take(sample_positions(source.count, options.train_sample, options.seed))
-    pca = faiss.PCAMatrix(source.dim, dim)
-    pca.train(sample)
-    reduced = np.empty((source.count, dim), np.float32)
+    pca = fit_pca(sample, dim, options.seed)
+    reduced = np.empty((source.count, pca.components.shape[0]), np.float32)
     for positions in blocks(source.count, options.block):
         reduced[positions] = pca.apply(source.take(positions))
         if progress:
