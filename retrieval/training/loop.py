@@ -24,12 +24,20 @@ from tqdm import tqdm
 
 from retrieval.atomic import atomic_write_text
 from retrieval.devices import resolve_device
-from retrieval.errors import DataError, RetrieveError
+from retrieval.errors import DataError
 from retrieval.model.preprocess import Preprocessing
 from retrieval.model.weights import save_checkpoint
 from retrieval.training.augment import BatchTransform, PCAColor, resize_for
 from retrieval.training.budget import plan_for_time, resolve_budget
-from retrieval.training.evaluate import RETRIEVAL_K, autocast_for, validate
+from retrieval.training.evaluate import autocast_for, validate
+from retrieval.training.monitor import (
+    DivergenceWatch,
+    FrozenWeights,
+    TrainingDiverged,
+    describe_epoch,
+    describe_start,
+    selection_score,
+)
 from retrieval.training.recipes import (
     RECIPES,
     Recipe,
@@ -61,15 +69,6 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
-
-# A mean loss over the last DIVERGED_WINDOW steps this many times ln(classes) (a guess's loss)
-# means the run has blown up; one noisy batch of a tiny set does not stop it.
-DIVERGED_LOSS_FACTOR = 5.0
-DIVERGED_WINDOW = 10
-
-
-class TrainingDiverged(RetrieveError):
-    """The loss became non-finite or exploded; the run stopped without writing bad weights."""
 
 
 @dataclass
@@ -167,8 +166,7 @@ class _Run:
             self.scheduler.load_state_dict(state["train_state"]["scheduler"])
             self.epoch, self.step, self.history = state["epoch"], state["step"], state["metrics"]
         self.autocast = autocast_for(self.device, options.precision)
-        self.diverged_at = DIVERGED_LOSS_FACTOR * max(math.log(n_classes), 1.0)
-        self.recent: list[float] = []  # the last losses, for the divergence check
+        self.watch = DivergenceWatch(n_classes)
         self.metrics_path = metrics_log_path(output)
         # The log restarts from the checkpoint's history, so a resumed run never repeats a line.
         atomic_write_text(self.metrics_path, "".join(json.dumps(r) + "\n" for r in self.history))
@@ -204,7 +202,7 @@ class _Run:
         weights = self.best_state if self.best_state is not None else latest
         save_checkpoint(
             self.output,
-            _Weights(self.model.args, weights),  # type: ignore[arg-type]
+            FrozenWeights(self.model.args, weights),  # type: ignore[arg-type]
             self.prep,
             classes=self.data.classes,
             recipe=self.recipe.to_dict(),
@@ -235,9 +233,10 @@ class _Run:
         with self.autocast:
             loss = F.cross_entropy(self.model.forward_folded(x), labels.to(self.device))
         value = float(loss.detach())
-        self.recent = [*self.recent[1 - DIVERGED_WINDOW :], value]
-        if not math.isfinite(value) or sum(self.recent) / len(self.recent) > self.diverged_at:
-            self.diverged(sum(self.recent) / len(self.recent))
+        if self.watch.diverged(value):
+            where = f"epoch {self.epoch + 1}, step {self.step + 1}"
+            kept = f"{self.output} keeps epoch {self.best['epoch']}'s" if self.best else None
+            raise self.watch.error(where, kept)
         # Zeroing in place: re-allocating 230 MB of gradients every step costs ~60 ms on a CPU.
         self.optimizer.zero_grad(set_to_none=False)
         loss.backward()
@@ -248,18 +247,6 @@ class _Run:
             self.scheduler.step()
         self.step += 1
         return value
-
-    def diverged(self, loss: float) -> None:
-        where = f"epoch {self.epoch + 1}, step {self.step + 1}"
-        kept = (
-            f"{self.output} keeps epoch {self.best['epoch']}'s weights"
-            if self.best
-            else "no checkpoint written"
-        )
-        raise TrainingDiverged(
-            f"training diverged at {where} (mean loss {loss:.3g}, a guess scores "
-            f"{self.diverged_at / DIVERGED_LOSS_FACTOR:.2f}); {kept}; try a smaller --lr"
-        )
 
     def run_epoch(self) -> bool:
         """Train to the end of the epoch (False: stopped early by ``max_steps``)."""
@@ -335,40 +322,6 @@ class _Run:
             self.on_epoch(row)
 
 
-class _Weights:
-    """What ``save_checkpoint`` reads of a model (its args and a state dict), for weights that
-    are not the live model's: the best epoch's."""
-
-    def __init__(self, args: Any, state: dict[str, torch.Tensor]) -> None:
-        self.args, self._state = args, state
-
-    def state_dict(self) -> dict[str, torch.Tensor]:
-        return self._state
-
-
-def selection_score(row: dict[str, Any], select: str) -> float:
-    """Higher is better: fc7 retrieval mAP, or top-1 accuracy (also where no mAP was measured)."""
-    if select == "map" and "map" in row:
-        return float(row["map"])
-    return 1.0 - float(row["top1_error"])
-
-
-def describe_epoch(row: dict[str, Any], val_name: str = "val") -> str:
-    """One metrics row as the line a user reads."""
-    return (
-        f"epoch {row['epoch']}/{row['epochs']}: train loss {row['train_loss']:.4f}, "
-        f"{val_name} top-1 error {100 * row['top1_error']:.2f}%, "
-        f"top-5 error {100 * row['top5_error']:.2f}%, "
-        + (
-            f"fc7 precision@{RETRIEVAL_K} {row[f'precision@{RETRIEVAL_K}']:.3f}, "
-            f"mAP {row['map']:.3f}, "
-            if "map" in row
-            else ""
-        )
-        + f"{row['seconds']:.0f} s, {row['images_per_second']:.0f} images/s"
-    )
-
-
 def train(
     data_dir: str | Path,
     output: str | Path,
@@ -388,7 +341,9 @@ def train(
     with torch.random.fork_rng(devices=[device.index or 0] if device.type == "cuda" else []):
         run = _Run(data_dir, Path(output), recipe, options)
         run.on_epoch = on_epoch
-        started_line = _describe_start(run)
+        started_line = describe_start(
+            run.recipe, run.data, run.steps_per_epoch, run.device, run.plan
+        )
         log.info("%s", started_line)
         if on_start is not None:
             on_start(started_line)
@@ -408,18 +363,4 @@ def train(
         recipe=run.recipe,
         best=run.best,
         plan=run.plan,
-    )
-
-
-def _describe_start(run: _Run) -> str:
-    data, recipe = run.data, run.recipe
-    variant = recipe.arch + (" with batch norm" if recipe.batch_norm else "")
-    variant += f", {recipe.groups} groups" if recipe.groups > 1 else ""
-    plan = f"{run.plan}\n" if run.plan else ""
-    return (
-        f"{plan}training {variant} AlexNet at {recipe.image_size} px on {len(data.train)} "
-        f"images ({len(data.classes)} classes, {data.channels} channel(s)), validating on "
-        f"{len(data.val)} {data.val_name} images; {recipe.name} recipe, {recipe.epochs} epochs "
-        f"of {run.steps_per_epoch} steps in batches of {recipe.batch_size} ({recipe.steps} "
-        f"steps) on {run.device}"
     )
