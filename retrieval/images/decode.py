@@ -222,18 +222,22 @@ def _pillow_allows(max_pixels: float) -> Iterator[None]:
 @functools.cache
 def _decode_formats() -> tuple[str, ...]:
     Image.init()
-    _register_heif()
+    _register_plugins()
     return tuple(fmt for fmt in _DECODE_FORMATS if fmt in Image.OPEN)
 
 
-def _register_heif() -> None:
-    """pillow-heif's opener, when installed (imported only when the first image is decoded)."""
+def _register_plugins() -> None:
+    """pillow-heif's opener, and pillow-avif-plugin where Pillow (< 11.3) has no AVIF of its
+    own, when installed (imported only when the first image is decoded)."""
     try:
         import pillow_heif
     except ImportError:
         logger.debug("pillow-heif is not installed: HEIC/HEIF files will be skipped")
-        return
-    pillow_heif.register_heif_opener()
+    else:
+        pillow_heif.register_heif_opener()
+    if "AVIF" not in Image.OPEN:
+        with contextlib.suppress(ImportError):
+            import pillow_avif  # noqa: F401  (registers AVIF on import)
 
 
 def _check_size(size: tuple[int, int], max_megapixels: float, name: str) -> None:
