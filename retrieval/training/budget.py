@@ -130,7 +130,11 @@ def plan_for_time(
     size_given: bool = False,
 ) -> TimePlan:
     """The largest image size whose default budget fits ``seconds`` (else the smallest, with as
-    many steps as fit), the onecycle recipe (it anneals to the end of whatever budget it has)."""
+    many steps as fit), the onecycle recipe (it anneals to the end of whatever budget it has).
+
+    Only the smallest size is timed (a few steps of a large size would eat a short budget);
+    larger ones are extrapolated by pixel count, which over-estimates them a little (the FC
+    layers do not grow), and the time the probe took comes off the budget."""
     if seconds <= 0:
         raise RetrieveError("--time-budget must be positive")
     if recipe.epochs is not None or recipe.steps is not None:
@@ -143,12 +147,15 @@ def plan_for_time(
         sizes = (32,)
     else:
         sizes = GPU_SIZES if device.type == "cuda" else CPU_SIZES
-    train_seconds = seconds * (1 - EVAL_SHARE)
+    started = time.perf_counter()
+    smallest = sizes[-1]
+    measured = time_steps(recipe, smallest, batch, n_classes, channels, device)
+    train_seconds = (seconds - (time.perf_counter() - started)) * (1 - EVAL_SHARE)
     wanted = default_steps(n_train, batch)
     per_epoch = max(math.ceil(n_train / batch), 1)
     for size in sizes:
-        per_step = time_steps(recipe, size, batch, n_classes, channels, device)
-        fit = int(train_seconds / per_step)
+        per_step = measured * (size / smallest) ** 2
+        fit = int(max(train_seconds, 0) / per_step)
         if fit >= min(wanted, MIN_STEPS) or size == sizes[-1]:
             steps = max(per_epoch, min(fit, wanted))
             sized = replace(recipe, image_size=size, batch_size=batch, steps=steps)
