@@ -199,3 +199,13 @@ def test_train_json_says_what_the_budget_chose(shapes: Path, tmp_path: Path) -> 
     summary = json.loads(result.stdout)
     assert summary["recipe"]["batch_size"] == 16 and summary["recipe"]["steps"] == 4
     assert "batches of 16" in result.stderr
+
+
+def test_a_recipe_stored_before_these_options_resumes_as_it_was_trained() -> None:
+    from retrieval.training.recipes import Recipe
+
+    old = {"name": "paper", "epochs": 90, "batch_size": 128, "lr": 0.01, "augmentation": {}}
+    recipe = Recipe.from_dict(old)
+    assert (recipe.clip_norm, recipe.warmup_steps, recipe.init) == (0.0, 0, "kaiming")
+    assert recipe.select == "top1" and recipe.epochs == 90
+    assert Recipe.from_dict(make_recipe().to_dict()) == make_recipe()

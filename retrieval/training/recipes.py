@@ -29,6 +29,9 @@ RECIPES = ("paper", "onecycle")
 
 SELECT = ("map", "top1")
 CLIP_NORM = 10.0
+# What a checkpoint's recipe meant before these fields existed (no clipping, no warm-up, He
+# init, the last epoch kept), so that --resume of an older run continues it unchanged.
+BEFORE_ISSUE_14 = {"clip_norm": 0.0, "warmup_steps": 0, "init": "kaiming", "select": "top1"}
 
 
 @dataclass(frozen=True)
@@ -75,7 +78,9 @@ class Recipe:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Recipe:
-        known = {k: v for k, v in data.items() if k in cls.__dataclass_fields__}
+        """A stored recipe; one from before a field existed gets what it was trained with."""
+        known = {**BEFORE_ISSUE_14, "name": "paper"} if "select" not in data else {}
+        known.update({k: v for k, v in data.items() if k in cls.__dataclass_fields__})
         known["augmentation"] = Augmentation(**known.get("augmentation", {}))
         return cls(**known)
 
