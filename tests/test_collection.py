@@ -95,8 +95,8 @@ def test_exact_copy_is_exact_tier_edited_copy_near_tier_distinct_apart(collectio
 def test_keep_chooses_the_representative(collection) -> None:
     ix, files, _ = collection
     rows = ix.rows([ix.id_of(files["edited"]), ix.id_of(files["edited_original"])])
-    largest = max(rows, key=lambda r: r.size)
-    assert representative_order(rows, "largest")[0] == largest
+    # The q20 JPEG has as many pixels as its PNG original but fewer bytes.
+    assert representative_order(rows, "largest")[0].path == str(files["edited_original"])
     assert representative_order(rows, "first")[0].path == min(r.path for r in rows)
     assert representative_order(rows, "oldest")[0] == min(rows, key=lambda r: r.mtime_ns)
 
@@ -298,6 +298,19 @@ class LineIndex:
 
     def vectors(self, ids):
         return self._vectors[np.asarray(ids)]
+
+
+def test_largest_means_most_pixels_before_most_bytes(tmp_path) -> None:
+    from retrieval.indexes.rows import Row
+
+    big, small = tmp_path / "big.jpg", tmp_path / "small.png"
+    distinct_image(1, size=64).save(big, quality=10)
+    distinct_image(1, size=32).save(small)
+    rows = [
+        Row(1, str(small), small.stat().st_size * 10, 0, "a", "x", "indexed"),
+        Row(2, str(big), big.stat().st_size, 0, "b", "x", "indexed"),
+    ]
+    assert representative_order(rows, "largest")[0].path == str(big)
 
 
 def test_find_duplicates_splits_a_chain_into_groups_near_their_representatives() -> None:

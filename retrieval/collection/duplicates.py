@@ -85,14 +85,28 @@ class DuplicateReport:
 
 
 def representative_order(rows: Sequence[Row], keep: str) -> list[Row]:
-    """Rows best first by ``keep``: largest file, oldest mtime, or first path; ties by path."""
+    """Rows best first by ``keep``: largest (most pixels, then most bytes: a half-size copy
+    re-encoded at high quality can outweigh its original in bytes), oldest mtime, or first
+    path; ties by path."""
     if keep == "largest":
-        return sorted(rows, key=lambda r: (-r.size, r.path))
+        return sorted(rows, key=lambda r: (-pixels(r.path), -r.size, r.path))
     if keep == "oldest":
         return sorted(rows, key=lambda r: (r.mtime_ns, r.path))
     if keep == "first":
         return sorted(rows, key=lambda r: r.path)
     raise ValueError(f"keep must be one of {KEEP}, not {keep!r}")
+
+
+def pixels(path: str) -> int:
+    """Width x height from the file's header (0 when it cannot be read any more)."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as image:
+            width, height = image.size
+    except Exception:  # any unreadable file simply ranks last
+        return 0
+    return width * height
 
 
 def find_duplicates(

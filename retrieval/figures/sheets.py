@@ -96,6 +96,14 @@ def draw_sheet(rows: Sequence[SheetRow], output: Path, *, tile: int = 112, title
     return _save(canvas, output)
 
 
+def _nice_ticks(high: float) -> np.ndarray:
+    """0, step, 2 step, ... up to ``high``, the step 1, 2 or 5 times a power of ten."""
+    raw = high / 5
+    power = 10 ** np.floor(np.log10(raw))
+    step = next(m * power for m in (1, 2, 5, 10) if m * power >= raw)
+    return np.arange(0, high + step * 1e-9, step)
+
+
 def draw_histogram(
     series: dict[str, np.ndarray],
     output: Path,
@@ -110,7 +118,9 @@ def draw_histogram(
         raise RetrieveError("nothing to draw: no distances")
     high = max(float(np.percentile(np.concatenate(values), 99.5)), threshold or 0) * 1.05
     edges = np.linspace(0, max(high, 1e-6), bins + 1)
-    width, height, left, bottom, top = 760, 380, 56, 44, 34
+    width, left, bottom = 760, 56, 44
+    top = 30 + 15 * len(series)  # the legend sits above the plot, never over a curve
+    height = 330 + top
     plot_w, plot_h = width - left - 20, height - bottom - top
     canvas = Image.new("RGB", (width, height), BACKGROUND)
     draw = ImageDraw.Draw(canvas)
@@ -118,10 +128,10 @@ def draw_histogram(
     draw.text((left, 8), title, fill=TEXT, font=font)
     draw.line([(left, top + plot_h), (left + plot_w, top + plot_h)], fill=TEXT)
     draw.line([(left, top), (left, top + plot_h)], fill=TEXT)
-    for tick in np.linspace(0, edges[-1], 6):
+    for tick in _nice_ticks(edges[-1]):
         x = left + plot_w * tick / edges[-1]
         draw.line([(x, top + plot_h), (x, top + plot_h + 4)], fill=TEXT)
-        draw.text((x - 10, top + plot_h + 6), f"{tick:.1f}", fill=TEXT, font=font)
+        draw.text((x - 10, top + plot_h + 6), f"{tick:.3g}", fill=TEXT, font=font)
     draw.text(
         (left + plot_w // 2 - 80, height - 18), "fc7 Euclidean distance", fill=TEXT, font=font
     )
@@ -137,10 +147,12 @@ def draw_histogram(
             y = top + plot_h - plot_h * c / counts.max()
             points += [(x0, y), (x1, y)]
         draw.line(points, fill=colour, width=2)
-        label = f"{name} (n={len(data)})"
-        draw.text((left + plot_w - 250, top + 4 + 15 * n), label, fill=colour, font=font)
+        label = _fit(draw, f"{name} (n={len(data)})", font, plot_w - 30)
+        y = 26 + 15 * n
+        draw.line([(left, y + 7), (left + 20, y + 7)], fill=colour, width=2)
+        draw.text((left + 26, y), label, fill=colour, font=font)
     if threshold is not None:
         x = left + plot_w * threshold / edges[-1]
-        draw.line([(x, top), (x, top + plot_h)], fill=FRAME, width=2)
-        draw.text((x + 4, top + plot_h - 16), f"threshold {threshold:.2f}", fill=FRAME, font=font)
+        draw.line([(x, top), (x, top + plot_h)], fill=TEXT, width=2)
+        draw.text((x + 4, top + 2), f"threshold {threshold:.3g}", fill=TEXT, font=font)
     return _save(canvas, output)
