@@ -8,8 +8,11 @@ Three ways, one answer format (``a < b`` positions and their exact Euclidean dis
   orthonormal subspace never lengthens a distance, so a range search there with the same
   threshold finds every true pair (and some false ones); each candidate is then checked with
   the full vectors. Same pairs as ``exact``, far less work.
-- ``ivf``: the reduced copy in an inverted file (``IndexIVFFlat``), ``nprobe`` lists per query:
-  approximate (pairs split across lists can be missed), and what makes millions fast.
+- ``ivf``: the reduced copy in an inverted file (``IndexIVFFlat``), ``nprobe`` lists per query,
+  each vector's ``k`` nearest there (those within the threshold) checked with the full vectors:
+  approximate (a pair split across lists, or a partner beyond the k nearest of both sides, is
+  missed; components still join larger groups through their nearest), and at most N x k
+  candidates however loose the reduced distances are, which is what makes millions fast.
 """
 
 from __future__ import annotations
@@ -37,6 +40,7 @@ class NearOptions:
     method: str = "auto"
     dim: int = 128
     nprobe: int = 16
+    k: int = 16  # ivf: nearest neighbours per vector taken as candidates
     train_sample: int = 20_000
     seed: int = 0
     block: int = BLOCK
@@ -92,13 +96,22 @@ def near_pairs(
     index.add(reduced)
     found_a, found_b = [], []
     for positions in blocks(len(reduced), options.block):
-        lims, _, labels = index.range_search(reduced[positions], radius)
-        own = np.repeat(positions, np.diff(lims).astype(np.int64))
-        keep = labels > own
-        found_a.append(own[keep])
-        found_b.append(labels[keep])
+        if method == "pca":
+            lims, _, labels = index.range_search(reduced[positions], radius)
+            own = np.repeat(positions, np.diff(lims).astype(np.int64))
+        else:  # the k nearest in the reduced copy that are also within its radius
+            sq, labels = index.search(reduced[positions], min(options.k, len(reduced)))
+            own = np.repeat(positions, labels.shape[1])
+            labels, sq = labels.ravel(), sq.ravel()
+            near = (labels >= 0) & (sq <= radius)
+            own, labels = own[near], labels[near]
+        keep = labels != own
+        found_a.append(np.minimum(own[keep], labels[keep]))
+        found_b.append(np.maximum(own[keep], labels[keep]))
     a = np.concatenate(found_a) if found_a else np.zeros(0, np.int64)
     b = np.concatenate(found_b) if found_b else np.zeros(0, np.int64)
+    if len(a):
+        a, b = np.unique(np.stack([a, b], axis=1), axis=0).T
     distance = exact_distances(source, a, b, options.block)
     keep = distance <= threshold
     log.info("near pass (%s): %d candidates, %d within %.3f", method, len(a), keep.sum(), threshold)
