@@ -29,8 +29,9 @@ from retrieval.collection.vectors import BLOCK, VectorSource, blocks, sample_pos
 log = logging.getLogger(__name__)
 
 METHODS = ("auto", "exact", "pca", "ivf")
-# Above this many vectors `auto` uses the inverted file; below, the reduced flat copy.
-IVF_FROM = 300_000
+# Above this many vectors `auto` uses the inverted file (bounded candidates); below, the reduced
+# flat copy (the exact pairs, but as many candidates as the PCA bound lets through).
+IVF_FROM = 100_000
 
 
 @dataclass(frozen=True)
