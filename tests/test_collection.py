@@ -204,7 +204,7 @@ def tree_digest(root: Path) -> dict[str, str]:
     }
 
 
-@pytest.mark.parametrize("action", ["move", "symlink"])
+@pytest.mark.parametrize("action", ["move", "symlink", "hardlink"])
 def test_action_then_undo_restores_every_file_byte_for_byte(small_model, tmp_path, action) -> None:
     files = make_collection(tmp_path / "photos")
     before = tree_digest(tmp_path / "photos")
@@ -235,8 +235,10 @@ def test_action_then_undo_restores_every_file_byte_for_byte(small_model, tmp_pat
     for path in moved:
         if action == "move":
             assert not path.exists()
-        else:
+        elif action == "symlink":
             assert path.is_symlink() and path.read_bytes()  # still opens, as the representative
+        else:
+            assert path.stat().st_nlink == 2  # the representative's bytes, under both names
         assert actions.mirrored(tmp_path / "aside", str(path)).exists()
     log = next((tmp_path / "aside").glob("duplicates-*.log.jsonl"))
     undone = CliRunner().invoke(cli(), ["duplicates", "--undo", str(log)])
