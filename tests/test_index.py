@@ -28,6 +28,9 @@ from tests.stored import stored_vectors
 
 
 def _index(folder: Path, index_dir: Path, weights: Path | str | None, **kw) -> api.IndexReport:
+    """fp32 unless told otherwise: these tests compare stored vectors with fp32 references (the
+    default, auto, is bf16 where it is native; tests/test_precision.py covers that)."""
+    kw.setdefault("extract", ExtractOptions(precision="fp32"))
     options = IndexOptions(weights=str(weights) if weights else None, **kw)
     return api.index_folder(folder, index_dir, options)
 

@@ -29,9 +29,10 @@ def run(*args: object) -> str:
 
 @pytest.fixture
 def built(photos: Path, tmp_path: Path, small_model: Path) -> tuple[Path, Path]:
-    """(images folder, index folder), indexed with the small checkpoint."""
+    """(images folder, index folder), indexed with the small checkpoint in fp32 (some tests
+    compare with fp32 references; auto would be bf16 where it is native)."""
     index_dir = tmp_path / "index"
-    run("index", photos, "--index", index_dir, "--weights", small_model)
+    run("index", photos, "--index", index_dir, "--weights", small_model, "--precision", "fp32")
     return photos, index_dir
 
 

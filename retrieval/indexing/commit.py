@@ -167,6 +167,8 @@ def commit_changes(
             "index": spec.to_dict(),
             "index_reason": why,
         }
+        if base is not None and not fresh and "fp32_agreement" in base.manifest:
+            manifest["fp32_agreement"] = base.manifest["fp32_agreement"]  # same model, same fact
         snapshot = writer.commit(index, manifest)
     except BaseException:
         writer.abort()

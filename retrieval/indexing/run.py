@@ -209,7 +209,9 @@ def checked_model(
     candidate = dataclasses.replace(candidate, preprocessing=recorded.preprocessing)
     why = recorded.difference(candidate)
     if why:
-        hint = "add --rebuild to rebuild it" if precision is None else "leave out --precision"
+        hint = "add --rebuild to rebuild it with this model"
+        if why.startswith("precision"):
+            hint = "leave out --precision (or add --rebuild to rebuild it)"
         raise IndexMismatchError(f"{model.source} does not fit {what}: {why}; {hint}")
     model.preprocessing = Preprocessing.from_dict(recorded.preprocessing)
     return model, candidate.precision
