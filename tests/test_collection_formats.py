@@ -61,3 +61,14 @@ def test_walk_lists_heic_and_avif_and_counts_other_types(tmp_path) -> None:
 def test_walk_of_only_images_has_no_other_types_line(tmp_path) -> None:
     (tmp_path / "x.png").write_bytes(b"x")
     assert walk(tmp_path).other_types_summary() == ""
+
+
+def test_other_types_line_names_the_most_common_first() -> None:
+    from retrieval.images.walk import describe_other_types
+
+    assert describe_other_types({".mov": 2, ".cr2": 10}) == (
+        "12 files of other types: .cr2 (10), .mov (2)"
+    )
+    assert describe_other_types({".txt": 1}) == "1 file of other types: .txt (1)"
+    many = {f".x{i}": 1 for i in range(8)}
+    assert describe_other_types(many, most=6).endswith(", 2 more types")

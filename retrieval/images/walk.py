@@ -10,6 +10,7 @@ import logging
 import os
 import stat
 from collections import Counter, deque
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -45,14 +46,19 @@ class Walk:
 
     def other_types_summary(self, most: int = 6) -> str:
         """``12 files of other types: .cr2 (10), .mov (2)``, or "" when there are none."""
-        total = sum(self.other_types.values())
-        if not total:
-            return ""
-        common = sorted(self.other_types.items(), key=lambda item: (-item[1], item[0]))
-        shown = ", ".join(f"{suffix} ({n})" for suffix, n in common[:most])
-        rest = len(common) - most
-        shown += f", {rest} more types" if rest > 0 else ""
-        return f"{total} file{'s' if total != 1 else ''} of other types: {shown}"
+        return describe_other_types(self.other_types, most)
+
+
+def describe_other_types(counts: Mapping[str, int], most: int = 6) -> str:
+    """One line naming the files a walk did not read, by suffix, most common first."""
+    total = sum(counts.values())
+    if not total:
+        return ""
+    common = sorted(counts.items(), key=lambda item: (-item[1], item[0]))
+    shown = ", ".join(f"{suffix} ({n})" for suffix, n in common[:most])
+    rest = len(common) - most
+    shown += f", {rest} more types" if rest > 0 else ""
+    return f"{total} file{'s' if total != 1 else ''} of other types: {shown}"
 
 
 def is_image_path(path: Path | str) -> bool:
