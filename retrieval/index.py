@@ -220,18 +220,17 @@ class Index:
         return loaded, make_mapper(loaded, options)
 
     def _bf16_or_fp32(self, manifest: dict[str, Any]) -> str:
-        """A bf16 index's queries: bf16 on a GPU; on a CPU fp32, if the index measured that
-        fp32 finds the same neighbours (``fp32_agreement``). Queries come a few at a time, and
-        at batch 1 fp32 measured 3x faster than bf16 even on an AMX CPU (61 against 196 ms a
-        224-px image, bench/serve.py), let alone where bf16 is emulated."""
-        from retrieval.devices import resolve_device
+        """A bf16 index's queries: bf16 where it is native (GPUs, CPUs with AVX-512 BF16 / AMX),
+        so an indexed image finds itself at distance 0; where it is emulated (~6x slower), fp32
+        if the index measured that fp32 finds the same neighbours (``fp32_agreement``)."""
+        from retrieval.devices import fast_bf16, resolve_device
         from retrieval.indexing.agreement import fp32_allowed
 
-        if resolve_device(self.device).type == "cuda" or not fp32_allowed(manifest):
+        if fast_bf16(resolve_device(self.device)) or not fp32_allowed(manifest):
             return "bf16"
         log.info(
-            "embedding queries in fp32 (on a CPU faster than bf16 for a few images); the index "
-            "measured a top-6 overlap of %s between the two",
+            "embedding queries in fp32: bf16 is not native here, and the index measured a "
+            "top-6 overlap of %s between the two",
             manifest["fp32_agreement"]["top6_overlap"],
         )
         return "fp32"

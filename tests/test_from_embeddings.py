@@ -27,6 +27,8 @@ def write_shards_of(index_dir: Path, out: Path, rows_per_shard: int = 5) -> None
     """The index's rows and vectors as shards, in the layout `retrieve export` writes."""
     with Index.open(index_dir) as ix:
         model = {"model": ix.manifest["model"], "identity": ix.manifest["identity"]}
+        if ix.manifest.get("fp32_agreement"):
+            model["fp32_agreement"] = ix.manifest["fp32_agreement"]
         rows = ix.rows(limit=None)
         skipped = ix.rows(status="skipped", limit=None)
         with shards.ShardWriter(out, model, ix.dim, rows_per_shard=rows_per_shard) as writer:

@@ -95,6 +95,10 @@ def index_from_embeddings(
             if base is not None:
                 base.close()
         staging.clear()
+        if shard_set.model.get("fp32_agreement"):  # measured where the vectors were made
+            generation.annotate_manifest(
+                index_dir, {"fp32_agreement": shard_set.model["fp32_agreement"]}
+            )
     result.fill(report)
     report.extracted = 0
     report.seconds = time.perf_counter() - started
