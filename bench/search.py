@@ -27,6 +27,7 @@ import platform
 import sys
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import faiss
 import numpy as np
@@ -34,6 +35,14 @@ import numpy as np
 from retrieval.indexes import kinds, querying
 from retrieval.indexes.kinds import IndexSpec
 from retrieval.metrics import recall_at_k
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from faiss_helpers import (
+    build_seeded,
+    index_memory_bytes,
+    index_ram_bytes,
+    ivf_centroids,
+)
 
 K = 10
 
@@ -132,10 +141,8 @@ def training_sample(spec: IndexSpec, xb: np.ndarray, seed: int) -> np.ndarray | 
 def build(spec: IndexSpec, xb: np.ndarray, seed: int, centroids=None) -> tuple[object, float, int]:
     """(index filled with ids 0..n-1, seconds to train and add, RAM of the empty trained index)."""
     t = time.perf_counter()
-    index = kinds.build_index(
-        spec, xb.shape[1], training_sample(spec, xb, seed), ivf_centroids=centroids
-    )
-    fixed = querying.index_ram_bytes(index)
+    index = build_seeded(spec, xb.shape[1], training_sample(spec, xb, seed), centroids)
+    fixed = index_ram_bytes(index)
     for s in range(0, len(xb), 50_000):
         chunk = xb[s : s + 50_000]
         index.add_with_ids(chunk, np.arange(s, s + len(chunk), dtype=np.int64))
@@ -239,7 +246,7 @@ def run_kind(text, xb, xq, tq, truth, tune_truth, shared, seed, target) -> Row:
         row.params = f"efSearch={v}"
     row.single_ms, row.qps, ids = timed_search(index, xq, n_single=min(100, len(xq)))
     row.recall = recall_at_k(ids, truth, K)
-    row.disk, row.ram = querying.index_memory_bytes(index), querying.index_ram_bytes(index)
+    row.disk, row.ram = index_memory_bytes(index), index_ram_bytes(index)
     row.extra["fixed"] = fixed
     return row
 
@@ -353,8 +360,8 @@ def main(argv: list[str] | None = None) -> int:
         f"- zeros: {(xb[:10_000] == 0).mean():.0%} of fc7 units; {same_class:.0%} of the exact "
         f"10 nearest neighbours share the query's class"
     )
-    flat = Row("Flat", "exact", build_s, querying.index_memory_bytes(flat_index), 0, 1.0)
-    flat.ram, flat.single_ms, flat.qps = querying.index_ram_bytes(flat_index), single_ms, qps
+    flat = Row("Flat", "exact", build_s, index_memory_bytes(flat_index), 0, 1.0)
+    flat.ram, flat.single_ms, flat.qps = index_ram_bytes(flat_index), single_ms, qps
     flat.extra["fixed"] = fixed
     del flat_index
     rows = [flat]
@@ -365,7 +372,7 @@ def main(argv: list[str] | None = None) -> int:
         t = time.perf_counter()
         spec = IndexSpec(f"IVF{nlist},Flat")
         coarse = kinds.build_index(spec, args.dim, training_sample(spec, xb, args.seed))
-        shared[f"IVF{nlist}"] = (kinds.ivf_centroids(coarse), time.perf_counter() - t)
+        shared[f"IVF{nlist}"] = (ivf_centroids(coarse), time.perf_counter() - t)
     for text in kind_list:
         log(f"{text}: build, tune, search")
         try:

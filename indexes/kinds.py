@@ -29,8 +29,9 @@ from .gpu import unwrap
 __all__ = [
     "IndexSpec",
     "build_index",
-    "ivf_centroids",
     "needs_training",
+    "new_index",
+    "prepare_index",
     "remove_ids",
     "training_sample_size",
 ]
@@ -175,28 +176,22 @@ def training_sample_size(spec: IndexSpec, dim: int) -> int:
     return 0 if index.is_trained else _training_demand(index)[1]
 
 
-def build_index(
-    spec: IndexSpec,
-    dim: int,
-    training_sample: np.ndarray | None,
-    *,
-    ivf_centroids: np.ndarray | None = None,
-) -> Any:
-    """A new empty index that takes ``add_with_ids`` and ``remove_ids``, trained when needed.
+def build_index(spec: IndexSpec, dim: int, training_sample: np.ndarray | None) -> Any:
+    """A new empty index that takes ``add_with_ids`` and ``remove_ids``, trained when needed."""
+    return prepare_index(new_index(spec, dim), training_sample, spec.factory_string(dim))
 
-    ``ivf_centroids`` (from :func:`ivf_centroids` of another index with the same pre-transforms
-    and list count) skips the coarse k-means, the slow part of training IVF on 4096-d fc7.
-    """
+
+def new_index(spec: IndexSpec, dim: int) -> Any:
+    """An empty, untrained index of this kind (``prepare_index`` trains it)."""
+    return _factory(dim, spec.factory_string(dim))
+
+
+def prepare_index(index: Any, training_sample: np.ndarray | None, factory: str) -> Any:
+    """Train ``index`` on the sample when its kind (``factory``, for messages) needs it, and
+    set useful search defaults."""
     import faiss
 
-    factory = spec.factory_string(dim)
-    index = _factory(dim, factory)
-    ivf = _first(index, faiss.IndexIVF)
-    if ivf_centroids is not None and ivf is not None:
-        if ivf_centroids.shape != (ivf.nlist, ivf.d):
-            raise RetrieveError(f"{factory} needs {ivf.nlist} x {ivf.d} IVF centroids")
-        # faiss skips k-means when the quantizer already holds nlist trained centroids.
-        ivf.quantizer.add(np.ascontiguousarray(ivf_centroids, dtype=np.float32))
+    dim = index.d
     if not index.is_trained:
         floor, wanted = _training_demand(index)
         if training_sample is None:
@@ -226,14 +221,6 @@ def build_index(
             # faiss's default of 1 re-ranks only the k candidates it would return anyway.
             node.k_factor = DEFAULT_REFINE_K_FACTOR
     return index
-
-
-def ivf_centroids(index: Any) -> np.ndarray | None:
-    """The coarse centroids of the IVF inside ``index`` (nlist x d), or None without an IVF."""
-    import faiss
-
-    ivf = _first(index, faiss.IndexIVF)
-    return None if ivf is None else ivf.quantizer.reconstruct_n(0, ivf.quantizer.ntotal)
 
 
 def _first(index: Any, cls: Any) -> Any:

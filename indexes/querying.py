@@ -18,12 +18,9 @@ import numpy as np
 from retrieval.errors import RetrieveError
 
 from . import gpu
-from .gpu import unwrap
 from .kinds import _as_matrix, _first
 
 __all__ = [
-    "index_memory_bytes",
-    "index_ram_bytes",
     "search",
     "search_params",
     "set_search_params",
@@ -102,35 +99,3 @@ def search(
         ids[s : s + len(d2)] = found
     dist[ids < 0] = np.inf
     return dist, ids
-
-
-def index_memory_bytes(index: Any) -> int:
-    """Serialized size in bytes (what ``write_index`` puts on disk), counted without a copy."""
-    import faiss
-
-    total = 0
-
-    def count(chunk: bytes) -> int:
-        nonlocal total
-        total += len(chunk)
-        return len(chunk)
-
-    writer = faiss.PyCallbackIOWriter(count)
-    faiss.write_index(index, writer)
-    del writer
-    return total
-
-
-def index_ram_bytes(index: Any) -> int:
-    """Estimated RAM once loaded: serialized size plus structures faiss builds on load.
-
-    Those are IVF-PQ's precomputed distance tables and IDMap2's id -> row hash map (about 40
-    bytes per row: an unordered_map node plus its bucket).
-    """
-    import faiss
-
-    extra = 40 * index.ntotal if isinstance(unwrap(index)[0], faiss.IndexIDMap2) else 0
-    ivfpq = _first(index, faiss.IndexIVFPQ)
-    if ivfpq is not None:
-        extra += 4 * ivfpq.precomputed_table.size()
-    return index_memory_bytes(index) + extra

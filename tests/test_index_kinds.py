@@ -16,14 +16,11 @@ from retrieval.indexes.auto import resolve_auto
 from retrieval.indexes.kinds import (
     IndexSpec,
     build_index,
-    ivf_centroids,
     needs_training,
     remove_ids,
     training_sample_size,
 )
 from retrieval.indexes.querying import (
-    index_memory_bytes,
-    index_ram_bytes,
     search,
     set_search_params,
 )
@@ -296,16 +293,6 @@ def test_new_indexes_get_useful_search_defaults(data):
     assert faiss.downcast_index(hnsw.index).hnsw.efSearch == 64
 
 
-def test_ivf_centroids_can_be_reused_to_skip_the_coarse_k_means(data, built):
-    centroids = ivf_centroids(built("IVF64,Flat"))
-    assert centroids.shape == (64, DIM)
-    index = build_index(IndexSpec("IVF64,SQ8"), DIM, data["xb"][:2000], ivf_centroids=centroids)
-    np.testing.assert_array_equal(ivf_centroids(index), centroids)
-    assert ivf_centroids(built("HNSW32")) is None
-    with pytest.raises(RetrieveError, match="64 x 64"):
-        build_index(IndexSpec("IVF64,Flat"), DIM, data["xb"], ivf_centroids=centroids[:10])
-
-
 def test_queries_of_the_wrong_dimension_are_refused(data, built):
     index = built("Flat")
     with pytest.raises(IndexMismatchError, match="64-d"):
@@ -314,15 +301,6 @@ def test_queries_of_the_wrong_dimension_are_refused(data, built):
         search(index, data["xq"], 0)
     with pytest.raises(RetrieveError, match="device"):
         search(index, data["xq"], K, device="tpu")
-
-
-def test_memory_bytes_is_the_serialized_size(built):
-    index = built("IVF64,PQ8")
-    assert index_memory_bytes(index) == len(faiss.serialize_index(index))
-    flat = built("Flat")
-    assert index_memory_bytes(flat) > N * DIM * 4
-    assert index_ram_bytes(flat) > index_memory_bytes(flat)  # IDMap2's hash map
-    assert index_memory_bytes(index) < index_memory_bytes(flat) / 4
 
 
 def test_spec_round_trips_through_its_manifest_dict():
