@@ -188,3 +188,12 @@ def test_installed_retrieve_indexes_and_queries_as_the_readme_says(photos, in_tm
         [_retrieve(), "query", str(query), "-k", "0"], capture_output=True, text=True
     )
     assert bad.returncode == 2 and "Traceback" not in bad.stderr
+
+
+def test_index_names_the_files_of_other_types_it_did_not_read(photos, in_tmp, small_model) -> None:
+    shutil.copytree(photos, in_tmp / "images")
+    for name in ("a.cr2", "b.cr2", "clip.mov"):
+        (in_tmp / "images" / name).write_bytes(b"x")
+    result = run("index", "images", "--weights", small_model)
+    assert "12 added" in result.stdout
+    assert "3 files of other types: .cr2 (2), .mov (1)" in result.stdout

@@ -80,11 +80,12 @@ def test_every_suffix_in_any_case_is_found_sorted_and_recursively(tmp_path: Path
     assert relative(files, tmp_path) == sorted(names, key=lambda name: Path(name).parts)
     assert files == sorted(files)
     assert problems == []
-    assert {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"} == IMAGE_SUFFIXES
+    classic = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
+    assert classic | {".heic", ".heif", ".hif", ".avif"} == IMAGE_SUFFIXES
 
 
 def test_other_suffixes_and_hidden_entries_are_not_listed(tmp_path: Path) -> None:
-    for name in ["notes.txt", "photo.jpg.txt", "raw.heic", "x.svg", ".hidden.jpg", ".cache/a.png"]:
+    for name in ["notes.txt", "photo.jpg.txt", "raw.cr2", "x.svg", ".hidden.jpg", ".cache/a.png"]:
         (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / name).write_bytes(b"x")
     (tmp_path / "keep.png").write_bytes(b"x")

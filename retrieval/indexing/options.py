@@ -6,6 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from retrieval.extraction.types import ExtractOptions
+from retrieval.images.walk import describe_other_types
 from retrieval.indexes import kinds
 
 DEFAULT_CHUNK_SIZE = 1024
@@ -25,6 +26,7 @@ class IndexReport:
     skip_reasons: dict[str, int] = field(default_factory=dict)
     skipped_files: list[dict[str, str]] = field(default_factory=list)
     walk_problems: list[dict[str, str]] = field(default_factory=list)
+    other_types: dict[str, int] = field(default_factory=dict)  # files the walk does not read
     extracted: int = 0  # files run through the model in this run
     resumed: int = 0  # files taken from chunks an earlier, interrupted run finished
     count: int = 0
@@ -42,7 +44,10 @@ class IndexReport:
         )
         if reasons:
             text += f" ({reasons})"
-        return text + f"; the index holds {self.count} images ({self.index_dir})"
+        text += f"; the index holds {self.count} images ({self.index_dir})"
+        if self.other_types:
+            text += "; " + describe_other_types(self.other_types)
+        return text
 
 
 @dataclass(frozen=True)

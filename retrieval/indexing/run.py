@@ -25,7 +25,7 @@ import numpy as np
 from retrieval.errors import IndexMismatchError, RetrieveError
 from retrieval.extraction import extract_fc7
 from retrieval.extraction.types import StageTimes
-from retrieval.images.walk import IMAGE_SUFFIXES, find_images
+from retrieval.images.walk import IMAGE_SUFFIXES, describe_other_types, walk
 from retrieval.indexes import generation, kinds, store
 from retrieval.indexes.rows import Row
 from retrieval.indexes.staging import StagedFile, Staging
@@ -57,11 +57,16 @@ def index_folder(
     started = time.perf_counter()
     index_dir = Path(index_dir or store.default_index_dir())
     root = Path(os.path.abspath(images_dir))
-    paths, problems = find_images(root)
-    report = IndexReport(index_dir=str(index_dir))
+    found = walk(root)
+    paths, problems = found.files, found.problems
+    report = IndexReport(index_dir=str(index_dir), other_types=dict(found.other_types))
     if not paths:
         suffixes = ", ".join(sorted(IMAGE_SUFFIXES))
-        raise RetrieveError(f"no images found in {images_dir} (looked for {suffixes})")
+        others = describe_other_types(found.other_types)
+        raise RetrieveError(
+            f"no images found in {images_dir} (looked for {suffixes})"
+            + (f"; {others}" if others else "")
+        )
     report.walk_problems = [{"path": str(p.path), "reason": p.reason} for p in problems]
     for problem in problems:
         log.warning("%s: %s", problem.path, problem.reason)
