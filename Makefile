@@ -18,7 +18,7 @@ $(STAMP): pyproject.toml
 ifneq ($(TORCH_INDEX),)
 	$(BIN)/python -m pip install --index-url $(TORCH_INDEX) torch torchvision
 endif
-	$(BIN)/python -m pip install -e '.[$(FAISS),dev,ray]'
+	$(BIN)/python -m pip install -e '.[$(FAISS),dev,ray,bench]'
 	touch $@
 
 test: install
