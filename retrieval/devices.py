@@ -16,6 +16,7 @@ from retrieval.errors import RetrieveError
 if TYPE_CHECKING:
     import torch
 
+
 def usable_cores() -> int:
     """Cores this process may run on (its affinity mask, which containers and taskset narrow)."""
     if hasattr(os, "sched_getaffinity"):
