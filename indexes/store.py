@@ -73,6 +73,9 @@ class Snapshot:
         files = manifest["files"]
         self.vectors_path = directory / files["vectors"]
         self.rows_path = directory / files["rows"]
+        # One SQLite connection serves every thread; its calls are serialised here.
+        self._db_lock = threading.Lock()
+        self._open_lock = threading.Lock()
         # Both files are opened now: a writer may retire them right after, and an open file
         # outlives its name, so this snapshot stays whole however long it is used.
         self._vectors_file = open(self.vectors_path, "rb")  # noqa: SIM115 - closed in close()
@@ -86,12 +89,14 @@ class Snapshot:
         except BaseException:
             self._vectors_file.close()
             raise
+        try:
+            self._rows_bytes = self.rows_path.stat().st_size
+        except FileNotFoundError:  # retired just after we connected: the caller retries
+            self.close()
+            raise
         self._index: faiss.Index | None = None
         self._mapped: faiss.Index | None = None
         self._exact: exact.MappedFlat | bool | None = False  # False: not looked at yet
-        # One SQLite connection serves every thread; its calls are serialised here.
-        self._db_lock = threading.Lock()
-        self._open_lock = threading.Lock()
 
     @property
     def count(self) -> int:
@@ -244,8 +249,14 @@ class Snapshot:
         found = self._fetch(f"SELECT {ROW_COLUMNS} FROM images WHERE path = ?", (name_to_db(path),))
         return row_from_db(found[0]) if found else None
 
+    @property
+    def vectors_bytes(self) -> int:
+        """Size of the vectors file, from the open file (a writer may have retired its name)."""
+        return os.fstat(self._vectors_file.fileno()).st_size
+
     def size_on_disk(self) -> int:
-        return sum(p.stat().st_size for p in (self.vectors_path, self.rows_path))
+        """Both files' sizes, as they were when this snapshot opened them."""
+        return self.vectors_bytes + self._rows_bytes
 
     def close(self) -> None:
         """Close the files; mapped vectors already handed out stay readable until dropped."""

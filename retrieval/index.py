@@ -418,7 +418,7 @@ class Index:
     @property
     def vectors_bytes(self) -> int:
         """Size of the vectors file on disk (what faiss's writer produced)."""
-        return self._view.snapshot.vectors_path.stat().st_size
+        return self._view.snapshot.vectors_bytes
 
     @property
     def backend(self) -> str:

@@ -87,7 +87,9 @@ def state_dict_sha256(state_dict: dict[str, torch.Tensor]) -> str:
         digest.update(name.encode())
         digest.update(str(tuple(tensor.shape)).encode())
         if tensor.numel():  # the buffer itself: a copy of 240 MB would double the time
-            digest.update(tensor.view(torch.uint8).numpy().data)
+            # reshape(-1): a 0-d tensor (batch norm's num_batches_tracked) cannot be viewed
+            # as bytes, and the same weights must hash the same in any file.
+            digest.update(tensor.reshape(-1).view(torch.uint8).numpy().data)
     return digest.hexdigest()
 
 
@@ -208,15 +210,23 @@ def _infer_args(state: dict[str, Any], path: Path) -> ModelArgs:
     its shapes: conv1's kernel (4: cifar) and width (96: paper), running statistics (batch
     norm), conv2's inputs per group (the paper's two-GPU split)."""
     try:
+        # Sorted by layer number only: tensors do not compare (another network may have
+        # several weights under one number).
         convs = sorted(
-            (int(k.split(".")[1]), v)
-            for k, v in state.items()
-            if k.startswith("features.") and k.endswith(".weight") and v.ndim == 4
+            (
+                (int(k.split(".")[1]), v)
+                for k, v in state.items()
+                if k.startswith("features.") and k.endswith(".weight") and v.ndim == 4
+            ),
+            key=lambda item: item[0],
         )
         fcs = sorted(
-            (int(k.split(".")[1]), v)
-            for k, v in state.items()
-            if k.startswith("classifier.") and k.endswith(".weight") and v.ndim == 2
+            (
+                (int(k.split(".")[1]), v)
+                for k, v in state.items()
+                if k.startswith("classifier.") and k.endswith(".weight") and v.ndim == 2
+            ),
+            key=lambda item: item[0],
         )
         conv1, conv2, head = convs[0][1], convs[1][1], fcs[-1][1]
     except (AttributeError, IndexError, TypeError, ValueError):
