@@ -428,7 +428,10 @@ def table(best, model_rates, checks, reports, workers, batch, n_queries) -> list
     )
     for precision, (overlap, same) in checks.items():
         c = best[f"c-{precision}"]
-        name = "retrieve index" + ("" if precision == "fp32" else f" --precision {precision}")
+        name = "retrieve index" + {
+            "fp32": "",
+            "int8": ", int8 mapper (bench only, not offered)",
+        }.get(precision, f" --precision {precision}")
         rows.append(
             f"| (c) {name} | {c:.1f} | {c / a:.2f}x | {c / b:.2f}x | overlap "
             f"{overlap:.3f}, identical lists {same:.0%} |"

@@ -6,20 +6,17 @@ inference under ``inference_mode``, channels_last (oneDNN's and cuDNN's preferre
 and optionally ``torch.compile``. Precisions that do change the numbers are opt-in:
 
 - ``bf16``: autocast, on CPUs with AVX-512 BF16 / AMX and on GPUs (``--precision bf16``);
-- ``int8``: dynamic quantisation of the two fully-connected layers up to fc7 (CPU only). Not
-  offered by the CLI: on the 2-core development machine it was no faster end to end (the
-  convolutions dominate) and it reorders the top-6 neighbours; kept so the benchmark can keep
-  measuring it.
+- int8 (dynamic quantisation of fc6 and fc7) is not offered: measured no faster end to end
+  (the convolutions dominate) and it reorders the top-6 neighbours; ``bench/extract.py`` keeps
+  measuring it with its own quantised mapper.
 
-``bench/extract.py`` measures both against fp32 and checks the neighbours they give.
+``bench/extract.py`` measures bf16 and int8 against fp32 and checks the neighbours they give.
 """
 
 from __future__ import annotations
 
 import contextlib
-import copy
 import logging
-import warnings
 
 import torch
 from torch import nn
@@ -31,7 +28,7 @@ from retrieval.model.weights import LoadedModel
 
 log = logging.getLogger(__name__)
 
-PRECISIONS = ("fp32", "bf16", "int8")
+PRECISIONS = ("fp32", "bf16")
 
 
 class _Fc7(nn.Module):
@@ -54,16 +51,6 @@ class _Fc7(nn.Module):
         return run_classifier(self.features(x), self.avgpool, self.head, self.folded_fc6)
 
 
-def _quantized_head(head: nn.Module) -> nn.Module:
-    with warnings.catch_warnings():
-        # torch.ao's eager quantisation is deprecated in favour of torchao, which is not a
-        # dependency; it still works and is what this opt-in mode needs.
-        warnings.simplefilter("ignore")
-        return torch.ao.quantization.quantize_dynamic(
-            copy.deepcopy(head), {nn.Linear}, dtype=torch.qint8
-        )
-
-
 class Fc7Mapper:
     """Call it with ``N x C x H x W`` uint8 crops on ``device``; get ``N x fc7_dim`` float32."""
 
@@ -78,8 +65,6 @@ class Fc7Mapper:
         if precision not in PRECISIONS:
             choices = ", ".join(PRECISIONS)
             raise RetrieveError(f"precision must be one of {choices}, not {precision!r}")
-        if precision == "int8" and device.type != "cpu":
-            raise RetrieveError("--precision int8 runs on the CPU only; use bf16 on a GPU")
         self.device, self.precision, self.channels_last = device, precision, channels_last
         if precision == "bf16" and not fast_bf16(device):
             log.warning(
@@ -89,8 +74,6 @@ class Fc7Mapper:
         self.preprocessing = loaded.preprocessing
         model = loaded.model.to(device).eval()
         head = model.classifier[: model.fc7_end]
-        if precision == "int8":
-            head = _quantized_head(head)
         module: nn.Module = _Fc7(model.features, model.avgpool, head).eval()
         if channels_last:
             module = module.to(memory_format=torch.channels_last)
