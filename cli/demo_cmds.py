@@ -7,6 +7,7 @@ from pathlib import Path
 import click
 
 from .options import device_option, emit_json, json_option
+from .progress import stage_bars
 
 
 @click.command("demo")
@@ -49,15 +50,17 @@ def demo_command(data, out_dir, epochs, image_size, subset, device, as_json):
     precision@6."""
     from retrieval.demo import run_demo
 
-    report = run_demo(
-        data,
-        out_dir,
-        epochs=epochs,
-        image_size=image_size,
-        subset=subset,
-        device=device,
-        progress=lambda message: click.echo(message, err=True),
-    )
+    with stage_bars() as bars:
+        report = run_demo(
+            data,
+            out_dir,
+            epochs=epochs,
+            image_size=image_size,
+            subset=subset,
+            device=device,
+            progress=lambda message: click.echo(message, err=True),
+            bars=bars,
+        )
     if as_json:
         emit_json(report.to_dict())
     else:

@@ -19,6 +19,7 @@ from .options import (
     with_options,
     workers_option,
 )
+from .progress import stage_bars
 
 
 @click.command("evaluate")
@@ -94,15 +95,17 @@ def evaluate_command(
         raise click.UsageError("give --weights (classifier) or --retrieval (index)")
     from retrieval.training.evaluate import evaluate_classifier
 
-    report = evaluate_classifier(
-        weights,
-        data_dir,
-        device=device,
-        batch_size=batch_size,
-        ten_crop=ten_crop,
-        precision=precision,
-        workers=workers,
-    )
+    with stage_bars("batch") as bars:
+        report = evaluate_classifier(
+            weights,
+            data_dir,
+            device=device,
+            batch_size=batch_size,
+            ten_crop=ten_crop,
+            precision=precision,
+            workers=workers,
+            progress=bars,
+        )
     if as_json:
         emit_json(report.to_dict())
         return

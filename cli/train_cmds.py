@@ -7,6 +7,7 @@ from pathlib import Path
 import click
 
 from .options import device_option, emit_json, json_option, precision_option, workers_option
+from .progress import stage_bars
 
 
 @click.command("train")
@@ -223,24 +224,26 @@ def train_command(
         val_fraction=val_fraction,
         subset=subset,
     )
-    options = RunOptions(
-        device=device,
-        precision=precision,
-        workers=workers,
-        checkpoint_every=checkpoint_every,
-        max_steps=max_steps,
-        resume=resume,
-        time_budget=seconds,
-        image_size_given=size_given,
-    )
-    result = train(
-        data_dir,
-        output,
-        chosen,
-        options,
-        on_epoch=lambda row: click.echo(describe_epoch(row), err=True),
-        on_start=lambda line: click.echo(line, err=True),
-    )
+    with stage_bars() as bars:
+        options = RunOptions(
+            device=device,
+            precision=precision,
+            workers=workers,
+            checkpoint_every=checkpoint_every,
+            max_steps=max_steps,
+            resume=resume,
+            time_budget=seconds,
+            image_size_given=size_given,
+            progress=bars,
+        )
+        result = train(
+            data_dir,
+            output,
+            chosen,
+            options,
+            on_epoch=lambda row: click.echo(describe_epoch(row), err=True),
+            on_start=lambda line: click.echo(line, err=True),
+        )
     summary = {
         "checkpoint": str(result.checkpoint),
         "metrics_log": str(result.metrics_log),

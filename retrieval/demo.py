@@ -22,6 +22,7 @@ from PIL import Image
 
 from retrieval.devices import fast_bf16, resolve_device
 from retrieval.errors import DataError
+from retrieval.progress import Progress
 from retrieval.training.augment import Augmentation
 from retrieval.training.datasets import folder_name
 from retrieval.training.idx_files import has_idx_files, load_idx_split
@@ -172,6 +173,7 @@ def run_demo(
     device: str = "auto",
     subset: int | None = None,
     progress: Callable[[str], None] | None = None,
+    bars: Progress | None = None,
 ) -> DemoReport:
     """Train on Fashion-MNIST, index its training images, query with its test images."""
     from retrieval import api
@@ -217,7 +219,9 @@ def run_demo(
         select="top1",
     )
     checkpoint = out / "model.pt"
-    options = RunOptions(device=settings.device, precision=settings.precision, retrieval_images=0)
+    options = RunOptions(
+        device=settings.device, precision=settings.precision, retrieval_images=0, progress=bars
+    )
     # For idx data the validation set is the t10k test split, so the last epoch's centre-crop
     # error is the test error; no second pass over the test images is needed.
     say(f"training AlexNet on {data} ({settings.describe()})")

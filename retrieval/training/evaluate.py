@@ -18,12 +18,12 @@ from typing import Any
 import torch
 from torch.nn import functional as F
 from torchvision.transforms.v2 import functional as TF
-from tqdm import tqdm
 
 from retrieval.devices import resolve_device
 from retrieval.metrics import mean_average_precision, precision_at_k, topk_correct
 from retrieval.model.alexnet import AlexNet
 from retrieval.model.weights import load_model
+from retrieval.progress import Progress, silent
 from retrieval.training.augment import BatchTransform
 from retrieval.training.datasets import open_eval_data
 from retrieval.training.imagesets import ImageSet, default_workers
@@ -57,6 +57,7 @@ def classify(
     workers: int = 0,
     desc: str = "evaluating",
     fc7: list[torch.Tensor] | None = None,
+    progress: Progress | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Logits (centre crop) or mean softmax over ten crops, and the labels, for every image;
     with ``fc7`` (a list) the centre crops' fc7 rows are appended to it, from the same pass.
@@ -69,14 +70,12 @@ def classify(
     outputs, labels = [], []
     autocast = autocast_for(device, precision)
     steps = -(-len(images) // batch_size)
-    for pixels, batch_labels in tqdm(
-        images.batches(order, batch_size, side, workers=workers),
-        total=steps,
-        desc=desc,
-        unit="batch",
-        leave=False,
-        disable=None,
+    report = progress or silent
+    report(desc, 0, steps)
+    for step, (pixels, batch_labels) in enumerate(
+        images.batches(order, batch_size, side, workers=workers), 1
     ):
+        report(desc, step, steps)
         pixels = pixels.to(device)
         with autocast:
             if ten_crop:
@@ -124,6 +123,7 @@ def evaluate_classifier(
     ten_crop: bool = True,
     precision: str = "auto",
     workers: int | None = None,
+    progress: Progress | None = None,
 ) -> ClassifierReport:
     """Top-1/top-5 of a checkpoint on ``data_dir`` (idx test split, ``val/``, ``test/``, or the
     folder itself), with the preprocessing the checkpoint records."""
@@ -134,7 +134,7 @@ def evaluate_classifier(
     classes = loaded.classes or images.classes
     transform = BatchTransform(prep.crop, prep.mean, prep.std)
     n_workers = default_workers() if workers is None else workers
-    kwargs = {"precision": precision, "workers": n_workers}
+    kwargs = {"precision": precision, "workers": n_workers, "progress": progress}
     logits, labels = classify(
         loaded.model, images, transform, prep.resize, batch_size, torch_device, **kwargs
     )
@@ -183,13 +183,14 @@ def validate(
     precision: str = "auto",
     workers: int = 0,
     database: ImageSet | None = None,
+    progress: Progress | None = None,
 ) -> dict[str, float]:
     """Loss and top-1 / top-5 error of the centre crops (the paper reports errors); with a
     ``database`` (training images) also fc7 retrieval quality: each validation image ranks the
     database by Euclidean distance, same class = relevant (``retrieval_quality``)."""
     started = time.perf_counter()
     rows: list[torch.Tensor] = []
-    kwargs = {"precision": precision, "workers": workers}
+    kwargs = {"precision": precision, "workers": workers, "progress": progress}
     logits, labels = classify(
         model, images, transform, side, batch_size, device, fc7=rows, **kwargs
     )

@@ -17,11 +17,11 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms import functional as TF
-from tqdm import tqdm
 
 from retrieval.devices import usable_cores
 from retrieval.errors import DataError, ImageReadError
 from retrieval.images.decode import load_image
+from retrieval.progress import Progress, silent
 from retrieval.training.augment import resize_batch
 
 log = logging.getLogger(__name__)
@@ -53,7 +53,9 @@ class ImageSet:
     def subset(self, indices: torch.Tensor) -> ImageSet:
         raise NotImplementedError
 
-    def in_memory(self, side: int, workers: int = 0) -> TensorImages:
+    def in_memory(
+        self, side: int, workers: int = 0, progress: Progress | None = None
+    ) -> TensorImages:
         raise NotImplementedError
 
 
@@ -76,7 +78,9 @@ class TensorImages(ImageSet):
     def subset(self, indices: torch.Tensor) -> TensorImages:
         return TensorImages(self.images[indices], self.labels[indices], self.classes)
 
-    def in_memory(self, side: int, workers: int = 0) -> TensorImages:
+    def in_memory(
+        self, side: int, workers: int = 0, progress: Progress | None = None
+    ) -> TensorImages:
         return self
 
 
@@ -159,16 +163,20 @@ class FileImages(ImageSet):
             [self.paths[i] for i in keep], self.labels[indices], self.classes, self.channels
         )
 
-    def in_memory(self, side: int, workers: int = 0) -> TensorImages:
+    def in_memory(
+        self, side: int, workers: int = 0, progress: Progress | None = None
+    ) -> TensorImages:
         """Decode every file once (bad ones dropped with a warning) into a uint8 tensor."""
         images = torch.empty((len(self), self.channels, side, side), dtype=torch.uint8)
         keep: list[int] = []
-        with tqdm(total=len(self), desc="decoding", unit="img", leave=False, disable=None) as bar:
-            for good, pixels in self._decoded(range(len(self)), 256, side, workers):
-                if pixels is not None:
-                    images[len(keep) : len(keep) + len(good)] = pixels
-                    keep.extend(good)
-                bar.update(min(256, bar.total - bar.n))
+        report, done = progress or silent, 0
+        report("decoding", 0, len(self))
+        for good, pixels in self._decoded(range(len(self)), 256, side, workers):
+            if pixels is not None:
+                images[len(keep) : len(keep) + len(good)] = pixels
+                keep.extend(good)
+            done = min(done + 256, len(self))
+            report("decoding", done, len(self))
         if not keep:
             raise DataError(f"none of the {len(self)} images could be decoded")
         if len(keep) < len(self):

@@ -20,13 +20,13 @@ from typing import Any
 
 import torch
 from torch.nn import functional as F
-from tqdm import tqdm
 
 from retrieval.atomic import atomic_write_text
 from retrieval.devices import resolve_device
 from retrieval.errors import DataError
 from retrieval.model.preprocess import Preprocessing
 from retrieval.model.weights import save_checkpoint
+from retrieval.progress import silent
 from retrieval.training.augment import BatchTransform, PCAColor, resize_for
 from retrieval.training.budget import plan_for_time, resolve_budget
 from retrieval.training.evaluate import autocast_for, validate
@@ -258,29 +258,22 @@ class _Run:
             order, recipe.batch_size, self.side, start=self.step, workers=run_workers(options)
         )
         desc = f"epoch {self.epoch + 1}/{recipe.epochs}"
-        with tqdm(
-            total=self.steps_per_epoch,
-            initial=self.step,
-            desc=desc,
-            unit="step",
-            leave=False,
-            disable=None,
-        ) as bar:
-            for pixels, labels in batches:
-                if len(labels) < 2 and self.recipe.batch_norm:
-                    continue  # batch norm cannot train on one image: the epoch's last, if any
-                loss = self.train_step(pixels, labels)
-                images += len(labels)
-                self.seen += len(labels)
-                self.loss_sum += loss * len(labels)
-                bar.update(1)
-                bar.set_postfix(loss=f"{loss:.3f}")
-                if options.checkpoint_every and self.global_step % options.checkpoint_every == 0:
-                    self.save()
-                stop = options.max_steps and self.global_step >= options.max_steps
-                if stop and self.step < self.steps_per_epoch:
-                    self.save()
-                    return False
+        report = options.progress or silent
+        report(desc, self.step, self.steps_per_epoch)
+        for pixels, labels in batches:
+            if len(labels) < 2 and self.recipe.batch_norm:
+                continue  # batch norm cannot train on one image: the epoch's last, if any
+            loss = self.train_step(pixels, labels)
+            images += len(labels)
+            self.seen += len(labels)
+            self.loss_sum += loss * len(labels)
+            report(f"{desc} loss {loss:.3f}", self.step, self.steps_per_epoch)
+            if options.checkpoint_every and self.global_step % options.checkpoint_every == 0:
+                self.save()
+            stop = options.max_steps and self.global_step >= options.max_steps
+            if stop and self.step < self.steps_per_epoch:
+                self.save()
+                return False
         self.end_epoch(time.perf_counter() - started, images)
         return not (options.max_steps and self.global_step >= options.max_steps)
 
@@ -296,6 +289,7 @@ class _Run:
             self.options.precision,
             run_workers(self.options),
             database=self.database,
+            progress=self.options.progress,
         )
         if self.recipe.name != "onecycle" and self.global_step > (self.recipe.warmup_steps or 0):
             self.scheduler.step(val["top1_error"])

@@ -20,6 +20,7 @@ from retrieval.errors import WeightsError
 from retrieval.model.alexnet import AlexNet
 from retrieval.model.preprocess import IMAGENET_MEAN, IMAGENET_STD, Preprocessing
 from retrieval.model.weights import GREY_MEAN, GREY_STD, read_checkpoint
+from retrieval.progress import Progress
 from retrieval.training.augment import PCAColor, pixel_stats, resize_for
 from retrieval.training.datasets import DataSplits, open_training_data, stratified_split
 from retrieval.training.imagesets import FileImages, ImageSet, default_workers
@@ -44,6 +45,7 @@ class RunOptions:
     time_budget: float | None = None  # seconds: choose image size and steps that fit (budget.py)
     retrieval_images: int = 2000  # training images each epoch's fc7 check ranks (0: no check)
     image_size_given: bool = False  # with time_budget: keep the recipe's image size
+    progress: Progress | None = None  # (what, done, total) callbacks; the CLI draws the bars
 
 
 def run_workers(options: RunOptions) -> int:
@@ -94,7 +96,7 @@ def cache_run_data(data: DataSplits, image_size: int, options: RunOptions) -> No
         part: ImageSet = getattr(data, name)
         if isinstance(part, FileImages) and part.nbytes(side) <= options.cache_bytes:
             log.info("decoding the %d %s images once into memory", len(part), name)
-            setattr(data, name, part.in_memory(side, run_workers(options)))
+            setattr(data, name, part.in_memory(side, run_workers(options), options.progress))
 
 
 def retrieval_sample(data: DataSplits, seed: int, size: int) -> ImageSet | None:
