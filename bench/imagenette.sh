@@ -15,7 +15,7 @@ BIN=${BIN:-.venv/bin}
 mkdir -p "$OUT"
 
 if "$BIN/python" -c 'import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)'; then
-  TRAIN=(--recipe paper --image-size 224)
+  TRAIN=(--recipe paper --image-size 224 --epochs "${EPOCHS:-90}")  # the paper: 90 epochs
 else
   TRAIN=(--recipe onecycle --image-size 64 --epochs "${EPOCHS:-20}")
 fi
