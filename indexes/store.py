@@ -197,9 +197,18 @@ class Snapshot:
                 found[values[0]] = row_from_db(values)
         return found
 
-    def iter_rows(self, status: str | None = None, under: str | None = None) -> Iterator[Row]:
-        """Rows in id order, optionally only one status or only paths below a folder."""
-        query, params = self._where(RowFilter(status=status, under=under))
+    def iter_rows(
+        self,
+        status: str | None = None,
+        under: str | None = None,
+        *,
+        label: str | None = None,
+        contains: str | None = None,
+    ) -> Iterator[Row]:
+        """Rows in id order, optionally only one status, paths below a folder, one label, or
+        paths holding a substring (the same filter as :meth:`find_rows`, in pages)."""
+        where = RowFilter(status=status, under=under, label=label, contains=contains)
+        query, params = self._where(where)
         last = -1
         while True:  # in pages, so other threads get the connection in between
             page = self._fetch(

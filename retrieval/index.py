@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import itertools
 import logging
 import os
 import threading
@@ -445,9 +446,10 @@ class Index:
             if ids is not None:
                 found = view.snapshot.rows_by_id(ids)
                 return [found[int(i)] for i in ids if int(i) in found]
-            where = store.RowFilter(status=status, under=under, label=label, contains=contains)
             if limit is None:
-                return [r for r in view.snapshot.iter_rows(status, under) if _passes(r, where)]
+                found = view.snapshot.iter_rows(status, under, label=label, contains=contains)
+                return list(itertools.islice(found, offset, None))
+            where = store.RowFilter(status=status, under=under, label=label, contains=contains)
             return view.snapshot.find_rows(where, offset, limit)
 
     def count_rows(
@@ -546,9 +548,3 @@ def _read(path: str | os.PathLike) -> tuple[bytes, str | None]:
 def _own_id(snapshot: store.Snapshot, path: str) -> int:
     row = snapshot.row_for_path(os.path.abspath(path))
     return row.id if row and row.status == "indexed" else -1
-
-
-def _passes(row: Row, where: store.RowFilter) -> bool:
-    if where.label is not None and row.label != where.label:
-        return False
-    return not where.contains or where.contains in row.path
