@@ -15,12 +15,12 @@ device, which is how the tests cover its logic on CPU.
 from __future__ import annotations
 
 import logging
-import re
 from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
 
+from retrieval.devices import parse_device
 from retrieval.errors import RetrieveError
 
 log = logging.getLogger(__name__)
@@ -348,12 +348,10 @@ def faiss_message(e: BaseException) -> str:
 
 def pick_searcher(index: Any, device: str, k: int) -> tuple[Any, str]:
     """A function batch -> (squared distances, ids) on the best place ``device`` allows."""
-    if device == "cpu":
+    request = parse_device(device)
+    if request.kind == "cpu":
         return (lambda b: index.search(b, k)), "faiss-cpu"
-    m = re.fullmatch(r"(auto|cuda)(?::(\d+))?", device)
-    if m is None:
-        raise RetrieveError(f"device must be auto, cpu, cuda or cuda:N, not {device!r}")
-    ordinal = int(m.group(2) or 0)
+    ordinal = request.ordinal
     if faiss_gpu_count() > ordinal and k <= FAISS_GPU_MAX_K:
         try:
             g = faiss_index_to_gpu(index, ordinal)
@@ -380,7 +378,7 @@ def pick_searcher(index: Any, device: str, k: int) -> tuple[Any, str]:
                 return d2, rows
 
             return run, f"torch-{torch_dev}-{searcher.precision}"
-    if m.group(1) == "cuda":
+    if request.kind == "cuda":
         if not has_cuda and faiss_gpu_count() == 0:
             raise RetrieveError(f"device {device!r} requested but no CUDA device is visible")
         log.warning("no GPU search for this index kind without faiss-gpu; searching on CPU")
