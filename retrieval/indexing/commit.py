@@ -8,7 +8,6 @@ to its FAISS index chunk by chunk, and the manifest swapped last. Also ``retriev
 from __future__ import annotations
 
 from collections import Counter
-from dataclasses import dataclass, field, fields
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -19,33 +18,11 @@ from retrieval.indexes import auto, flat_file, generation, kinds, store
 from retrieval.indexes.rows import Row, RowUpdate
 from retrieval.indexes.staging import Staging, iter_chunk_features
 from retrieval.indexes.sync import SyncPlan
-from retrieval.indexing.options import IndexOptions, IndexReport
+from retrieval.indexing.options import CommitCounts, IndexOptions
 from retrieval.model.identity import Identity
 from retrieval.version import __version__
 
 TRAINING_SEED = 1234
-
-
-@dataclass
-class CommitResult:
-    """What one commit changed, in the terms of :class:`IndexReport`."""
-
-    added: int = 0
-    updated: int = 0
-    removed: int = 0
-    unchanged: int = 0
-    touched: int = 0
-    skipped: int = 0
-    skip_reasons: dict[str, int] = field(default_factory=dict)
-    skipped_files: list[dict[str, str]] = field(default_factory=list)
-    count: int = 0
-    total_skipped: int = 0
-    index_kind: str = ""
-    index_kind_reason: str = ""
-
-    def fill(self, report: IndexReport) -> None:
-        for item in fields(self):
-            setattr(report, item.name, getattr(self, item.name))
 
 
 def _label(path: str) -> str:
@@ -60,13 +37,13 @@ def commit_changes(
     options: IndexOptions,
     plan: SyncPlan,
     staging: Staging,
-) -> CommitResult:
+) -> CommitCounts:
     """Apply the plan and the staged features as one new generation; on success ``base`` is
     closed (the writer retires it), on an error the caller still owns it.
 
     ``model`` is the manifest's record of where the weights are, ``identity`` what the vectors
     are (both written to the new manifest)."""
-    report = CommitResult()
+    report = CommitCounts()
     wanted = {(f.path, f.size, f.mtime_ns) for f in plan.extract}
     chunks = staging.chunk_paths()
     fresh = base is None or options.rebuild

@@ -3,7 +3,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 
 from retrieval.extraction.types import ExtractOptions
 from retrieval.images.walk import describe_other_types
@@ -13,10 +13,9 @@ DEFAULT_CHUNK_SIZE = 1024
 
 
 @dataclass
-class IndexReport:
-    """What a run did, for the summary line and ``--json``."""
+class CommitCounts:
+    """What one commit changed: ``commit_changes`` returns it, :class:`IndexReport` carries it."""
 
-    index_dir: str
     added: int = 0
     updated: int = 0
     removed: int = 0
@@ -25,14 +24,27 @@ class IndexReport:
     skipped: int = 0
     skip_reasons: dict[str, int] = field(default_factory=dict)
     skipped_files: list[dict[str, str]] = field(default_factory=list)
-    walk_problems: list[dict[str, str]] = field(default_factory=list)
-    other_types: dict[str, int] = field(default_factory=dict)  # files the walk does not read
-    extracted: int = 0  # files run through the model in this run
-    resumed: int = 0  # files taken from chunks an earlier, interrupted run finished
     count: int = 0
     total_skipped: int = 0
     index_kind: str = ""
     index_kind_reason: str = ""
+
+    def fill(self, report: CommitCounts) -> None:
+        """Copy these counts into ``report`` (a run's report, which has more)."""
+        for item in fields(CommitCounts):
+            setattr(report, item.name, getattr(self, item.name))
+
+
+@dataclass
+class IndexReport(CommitCounts):
+    """What a run did, for the summary line and ``--json``: its commit's counts, plus the run's
+    own facts."""
+
+    index_dir: str = ""
+    walk_problems: list[dict[str, str]] = field(default_factory=list)
+    other_types: dict[str, int] = field(default_factory=dict)  # files the walk does not read
+    extracted: int = 0  # files run through the model in this run
+    resumed: int = 0  # files taken from chunks an earlier, interrupted run finished
     seconds: float = 0.0
     times: dict[str, float] = field(default_factory=dict)
 
