@@ -62,3 +62,18 @@ def _fp32():
     from retrieval import ExtractOptions
 
     return ExtractOptions(precision="fp32")
+
+
+def test_bf16_mapper_computes_what_autocast_does_and_leaves_the_model_fp32() -> None:
+    from retrieval.extraction.mapper import Fc7Mapper
+    from retrieval.model.weights import load_model
+
+    loaded = load_model("random:0")
+    fp32 = Fc7Mapper(loaded, torch.device("cpu"), "fp32")
+    bf16 = Fc7Mapper(loaded, torch.device("cpu"), "bf16")
+    crops = torch.randint(0, 256, (3, 3, 64, 64), dtype=torch.uint8)
+    batch = loaded.preprocessing.normalize(crops).contiguous(memory_format=torch.channels_last)
+    with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
+        by_autocast = fp32.module(batch).float()
+    assert torch.equal(bf16(crops), by_autocast)
+    assert all(p.dtype == torch.float32 for p in loaded.model.parameters())
