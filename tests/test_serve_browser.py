@@ -123,9 +123,87 @@ def test_page_uploads_an_image_shows_k_results_and_queries_by_a_click(
         wait.until(lambda d: len(d.find_elements(By.CSS_SELECTOR, "#grid .tile")) == 12)
 
 
-if __name__ == "__main__":  # python -m tests.test_serve_browser INDEX QUERY docs/serve.png
+def test_duplicates_view_shows_a_group_and_a_click_queries_by_its_member(
+    browser, tmp_path: Path, small_model: Path
+) -> None:
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support import expected_conditions as seen
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    from retrieval import Index, IndexOptions
+    from tests.test_collection import make_collection
+
+    files = make_collection(tmp_path / "photos")
+    Index.create(
+        tmp_path / "idx", tmp_path / "photos", IndexOptions(weights=str(small_model))
+    ).close()
+    wait = WebDriverWait(browser, 90)
+    with serving(tmp_path / "idx") as base:
+        browser.get(base + "/")
+        wait.until(lambda d: d.find_element(By.CSS_SELECTOR, "#info-table tr"))
+        # Opening the view asks for the calibrated threshold; "0" then asks for exact copies.
+        browser.find_element(By.CSS_SELECTOR, "nav button[data-view=duplicates]").click()
+        wait.until(seen.text_to_be_present_in_element((By.ID, "dup-status"), "calibrated"))
+        browser.find_element(By.ID, "threshold").send_keys("0\n")
+        wait.until(seen.text_to_be_present_in_element((By.ID, "dup-status"), "(given)"))
+        groups = browser.find_elements(By.CSS_SELECTOR, "#dup-groups .group")
+        assert len(groups) == 1 and "exact · 2 files" in groups[0].text
+        tiles = groups[0].find_elements(By.CSS_SELECTOR, ".tile")
+        assert "keep" in tiles[0].get_attribute("class") and "d = 0.00" in tiles[1].text
+        assert {t.get_attribute("title") for t in tiles} == {
+            str(files["original"]),
+            str(files["copy"]),
+        }
+        clicked = tiles[1].get_attribute("data-id")
+        tiles[1].send_keys("\n")  # the keyboard works as a click does
+        wait.until(seen.text_to_be_present_in_element((By.ID, "query-title"), f"(#{clicked})"))
+        browser.find_element(By.CSS_SELECTOR, "nav button[data-view=clusters]").click()
+        browser.find_element(By.ID, "cluster-k").clear()
+        browser.find_element(By.ID, "cluster-k").send_keys("3\n")
+        wait.until(seen.text_to_be_present_in_element((By.ID, "cluster-status"), "in 3 clusters"))
+        rows = browser.find_elements(By.CSS_SELECTOR, "#cluster-rows .group")
+        assert len(rows) == 4 and rows[-1].text.startswith("outliers")  # 3 clusters, outliers
+
+
+def duplicates_screenshot(index_dir: Path, out: Path, profile: Path, size=(1280, 1000)) -> None:
+    """The duplicates view at the calibrated threshold, as docs/serve-duplicates.png shows it
+    (and a phone-sized copy beside ``out``, to look at)."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support import expected_conditions as seen
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    driver = chromium(profile)
+    # Thumbnails load lazily: only those in the window have to be there.
+    thumbs_shown = (
+        "return [...document.querySelectorAll('#dup-groups img')]"
+        ".filter(i => i.getBoundingClientRect().top < innerHeight)"
+        ".every(i => i.complete && i.naturalWidth > 0)"
+    )
+    try:
+        with serving(index_dir, timeout=180) as base:
+            driver.set_window_size(*size)
+            driver.get(base + "/")
+            wait = WebDriverWait(driver, 600)  # the first answer calibrates: minutes on 2 cores
+            wait.until(lambda d: d.find_element(By.CSS_SELECTOR, "#info-table tr"))
+            driver.find_element(By.CSS_SELECTOR, "nav button[data-view=duplicates]").click()
+            wait.until(seen.text_to_be_present_in_element((By.ID, "dup-status"), "calibrated on"))
+            wait.until(lambda d: d.execute_script(thumbs_shown))
+            driver.save_screenshot(str(out))
+            driver.set_window_size(390, 844)
+            wait.until(lambda d: d.execute_script(thumbs_shown))
+            driver.save_screenshot(str(out.with_name(out.stem + "-phone.png")))
+    finally:
+        driver.quit()
+
+
+if __name__ == "__main__":
+    # python -m tests.test_serve_browser INDEX QUERY docs/serve.png
+    # python -m tests.test_serve_browser duplicates INDEX docs/serve-duplicates.png
     import sys
     import tempfile
 
     with tempfile.TemporaryDirectory() as profile:
-        screenshot(Path(sys.argv[1]), Path(sys.argv[2]), Path(sys.argv[3]), Path(profile))
+        if sys.argv[1] == "duplicates":
+            duplicates_screenshot(Path(sys.argv[2]), Path(sys.argv[3]), Path(profile))
+        else:
+            screenshot(Path(sys.argv[1]), Path(sys.argv[2]), Path(sys.argv[3]), Path(profile))

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from retrieval.collection.vectors import BLOCK, VectorSource, blocks, sample_positions
+from retrieval.errors import RetrieveError
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +46,10 @@ class NearOptions:
     train_sample: int = 20_000
     seed: int = 0
     block: int = BLOCK
+    # Stop with TooManyPairs past this many candidate pairs (None: no limit). A threshold far
+    # above any duplicate's distance pairs every image with every other, N^2 / 2 of them; the
+    # server sets it (with small blocks) so that such a request is refused, not run out of memory.
+    max_pairs: int | None = None
 
     def chosen(self, count: int, dim: int) -> str:
         if self.method != "auto":
@@ -52,6 +57,18 @@ class NearOptions:
         if count <= 20_000 or dim <= self.dim:
             return "exact"
         return "pca" if count < IVF_FROM else "ivf"
+
+
+class TooManyPairs(RetrieveError):
+    """The threshold joins more pairs than ``NearOptions.max_pairs``."""
+
+
+def _count(found: list[np.ndarray], threshold: float, max_pairs: int | None) -> None:
+    if max_pairs is not None and sum(len(f) for f in found) > max_pairs:
+        raise TooManyPairs(
+            f"threshold {threshold:g} joins more than {max_pairs:,} pairs of images: "
+            "far more than duplicates; give a smaller threshold"
+        )
 
 
 @dataclass
@@ -82,7 +99,7 @@ def near_pairs(
         raise ValueError(f"method must be one of {METHODS}, not {options.method!r}")
     radius = float(threshold) ** 2  # faiss L2 indexes compare squared distances
     if method == "exact":
-        a, b, sq = _flat_blocks(source, radius, options.block, progress)
+        a, b, sq = _flat_blocks(source, radius, options.block, progress, options.max_pairs)
         return Pairs(a, b, np.sqrt(np.maximum(sq, 0)), len(a), method)
     _pca, reduced = reduce(source, options, progress)
     if method == "pca":
@@ -109,6 +126,7 @@ def near_pairs(
         keep = labels != own
         found_a.append(np.minimum(own[keep], labels[keep]))
         found_b.append(np.maximum(own[keep], labels[keep]))
+        _count(found_a, threshold, options.max_pairs)
     a = np.concatenate(found_a) if found_a else np.zeros(0, np.int64)
     b = np.concatenate(found_b) if found_b else np.zeros(0, np.int64)
     if len(a):
@@ -184,6 +202,7 @@ def _flat_blocks(
     radius: float,
     block: int,
     progress: Callable[[int, int], None] | None,
+    max_pairs: int | None = None,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     import faiss
 
@@ -202,6 +221,7 @@ def _flat_blocks(
             found_a.append(own[keep])
             found_b.append(other[keep])
             found_d.append(sq[keep])
+            _count(found_a, math.sqrt(radius), max_pairs)
             done += 1
             if progress:
                 progress(done, total)

@@ -31,8 +31,10 @@ from retrieval import Index, QueryResult, RetrieveError
 from retrieval.errors import ImageReadError
 from retrieval.search.query import MAX_K
 from retrieval.serve.batcher import QueryBatcher, Upload, top_classes
+from retrieval.serve.collection import CollectionViews, links
 from retrieval.serve.fetch import FetchError, fetch_image
 from retrieval.serve.guards import TokenGuard, UploadLimit
+from retrieval.serve.params import Refused, int_param
 from retrieval.serve.thumbs import DEFAULT_SIZE, ThumbCache, fit_size
 
 log = logging.getLogger(__name__)
@@ -61,14 +63,6 @@ class JSON(JSONResponse):
         return json.dumps(content, ensure_ascii=True, allow_nan=False).encode("ascii")
 
 
-class Refused(Exception):
-    """A request the server will not answer: becomes ``{"error": message}`` with ``status``."""
-
-    def __init__(self, status: int, message: str) -> None:
-        self.status = status
-        self.message = message
-
-
 def create_app(index: Index, options: ServeOptions = ServeOptions()) -> Any:
     """The app, wrapped in the token check and the upload limit. The caller owns ``index``."""
     static = {
@@ -76,6 +70,7 @@ def create_app(index: Index, options: ServeOptions = ServeOptions()) -> Any:
         for name in STATIC
     }
     thumbs = ThumbCache(index.directory / "thumbs")
+    collection = CollectionViews(index)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette):
@@ -126,8 +121,8 @@ def create_app(index: Index, options: ServeOptions = ServeOptions()) -> Any:
 
     async def images(request: Request) -> Response:
         params = request.query_params
-        offset = _int(params.get("offset"), "offset", 0, 0, MAX_OFFSET)
-        limit = _int(params.get("limit"), "limit", 60, 1, MAX_PAGE)
+        offset = int_param(params.get("offset"), "offset", 0, 0, MAX_OFFSET)
+        limit = int_param(params.get("limit"), "limit", 60, 1, MAX_PAGE)
         label, contains = params.get("label") or None, params.get("q") or None
 
         def page_of_rows() -> dict:
@@ -144,7 +139,7 @@ def create_app(index: Index, options: ServeOptions = ServeOptions()) -> Any:
 
     async def thumb(request: Request) -> Response:
         row = await _indexed_row(index, request.path_params["id"])
-        size = fit_size(_int(request.query_params.get("size"), "size", DEFAULT_SIZE, 1, 4096))
+        size = fit_size(int_param(request.query_params.get("size"), "size", DEFAULT_SIZE, 1, 4096))
         etag = f'"{row.sha256}-{size}"'
         headers = {"ETag": etag, "Cache-Control": "private, max-age=86400"}
         if etag in request.headers.get("if-none-match", ""):
@@ -167,6 +162,12 @@ def create_app(index: Index, options: ServeOptions = ServeOptions()) -> Any:
             filename=None,
         )
 
+    async def duplicates(request: Request) -> Response:
+        return JSON(await collection.duplicates(request.query_params))
+
+    async def clusters(request: Request) -> Response:
+        return JSON(await collection.clusters(request.query_params))
+
     routes = [
         Route("/", page),
         Route("/static/{name}", static_file),
@@ -175,6 +176,8 @@ def create_app(index: Index, options: ServeOptions = ServeOptions()) -> Any:
         Route("/api/query", query, methods=["POST"]),
         Route("/api/neighbors/{id}", neighbors),
         Route("/api/images", images),
+        Route("/api/duplicates", duplicates),
+        Route("/api/clusters", clusters),
         Route("/thumb/{id}", thumb),
         Route("/image/{id}", image),
     ]
@@ -217,21 +220,8 @@ async def _read_upload(request: Request, index: Index, options: ServeOptions) ->
     raise Refused(415, "send multipart/form-data with the image in the field 'file'")
 
 
-def _int(text: Any, name: str, default: int, low: int, high: int | None) -> int:
-    if text is None or text == "":
-        return default
-    try:
-        value = int(str(text))
-    except ValueError:
-        raise Refused(422, f"{name} must be a whole number, not {str(text)[:40]!r}") from None
-    if value < low or (high is not None and value > high):
-        span = f"between {low} and {high}" if high is not None else f"at least {low}"
-        raise Refused(422, f"{name} must be {span}, not {str(value)[:40]}")
-    return value
-
-
 def _k(text: Any, count: int) -> int:
-    k = _int(text, "k", 6, 1, MAX_K)
+    k = int_param(text, "k", 6, 1, MAX_K)
     if k > count:
         raise Refused(422, f"k={k} is larger than the index allows ({max(count, 0)} images)")
     return k
@@ -258,18 +248,14 @@ def _shaped(result: QueryResult, classes: list[tuple[str, float]], started: floa
     """What ``retrieve query --json`` prints, plus image links, the model's classes and time."""
     data = result.to_dict()
     for neighbor in data["neighbors"]:
-        neighbor.update(_links(neighbor["id"]))
+        neighbor.update(links(neighbor["id"]))
     data["classes"] = [{"label": label, "probability": p} for label, p in classes]
     data["took_ms"] = round((time.perf_counter() - started) * 1000, 2)
     return data
 
 
-def _links(row_id: int) -> dict:
-    return {"thumb_url": f"/thumb/{row_id}", "image_url": f"/image/{row_id}"}
-
-
 def _row_json(row) -> dict:
-    return {"id": row.id, "path": row.path, "label": row.label, **_links(row.id)}
+    return {"id": row.id, "path": row.path, "label": row.label, **links(row.id)}
 
 
 # -- errors and background work ----------------------------------------------------------------

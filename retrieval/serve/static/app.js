@@ -3,8 +3,11 @@
 
 const $ = (selector) => document.querySelector(selector);
 const PAGE = 60;
+const GROUPS = 20;
 let token = null;
 let browseOffset = 0;
+let dupOffset = 0;
+const asked = { duplicates: 0, clusters: 0 }; // only the latest answer of each view is shown
 
 // A token given as #token=T stays in this tab; the cookie lets <img> requests carry it too.
 function setToken(value) {
@@ -37,6 +40,12 @@ function say(text, isError = false) {
   status.classList.toggle("error", isError);
 }
 
+function note(selector, text, isError = false) {
+  const status = $(selector);
+  status.textContent = text;
+  status.classList.toggle("error", isError);
+}
+
 function k() {
   return Math.min(1000, Math.max(1, parseInt($("#k").value, 10) || 6));
 }
@@ -50,11 +59,12 @@ function tile(item, caption) {
   button.title = item.path;
   const img = document.createElement("img");
   img.src = item.thumb_url + "?size=256";
-  img.alt = item.label + " (" + item.path.split("/").pop() + ")";
+  const name = item.path.split("/").pop();
+  img.alt = (item.label || name) + " (" + name + ")";
   img.loading = "lazy";
   const label = document.createElement("span");
   label.className = "label";
-  label.textContent = item.label;
+  label.textContent = item.label || name;
   button.append(img, label);
   if (caption) {
     const distance = document.createElement("span");
@@ -140,6 +150,87 @@ async function browse(offset) {
   }
 }
 
+// One row per duplicate group or cluster: a title, then its thumbnails in a strip.
+function strip(title, tiles) {
+  const li = document.createElement("li");
+  li.className = "group";
+  const heading = document.createElement("h3");
+  heading.textContent = title;
+  const ol = document.createElement("ol");
+  ol.className = "strip";
+  ol.append(...tiles);
+  li.append(heading, ol);
+  return li;
+}
+
+async function duplicates(offset) {
+  const mine = ++asked.duplicates;
+  dupOffset = Math.max(0, offset);
+  const params = new URLSearchParams({ offset: dupOffset, limit: GROUPS });
+  const threshold = $("#threshold").value.trim();
+  if (threshold) params.set("threshold", threshold);
+  note("#dup-status", threshold ? "finding duplicates…"
+    : "calibrating the threshold on this collection (a minute or so the first time)…");
+  try {
+    const answer = await api("/api/duplicates?" + params);
+    if (mine !== asked.duplicates) return;
+    $("#dup-groups").replaceChildren(...answer.groups.map((group) => strip(
+      "group " + group.group + "\n" + group.kind + " · " + group.size + " files",
+      group.members.map((member, n) => {
+        // the name, and its folder beside the distance: exact copies often share a name
+        const [folder, name] = member.path.split("/").slice(-2);
+        const caption = (n === 0 ? "keep" : "d = " + member.distance.toFixed(3)) + " · " + folder;
+        const li = tile(Object.assign({ label: name }, member), caption);
+        if (n === 0) li.firstChild.classList.add("keep");
+        return li;
+      })
+    )));
+    const how = answer.calibrated
+      ? " (calibrated on " + answer.calibration.sampled + " images: precision "
+        + answer.calibration.precision.toFixed(2) + ", recall " + answer.calibration.recall.toFixed(2) + ")"
+      : " (given)";
+    const last = Math.min(answer.total, dupOffset + answer.groups.length);
+    note("#dup-status", answer.total
+      ? answer.total + " groups (" + answer.exact_groups + " exact, " + answer.near_groups + " near) among "
+        + answer.images + " images, fc7 threshold " + answer.threshold.toFixed(3) + how
+        + "; groups " + (dupOffset + 1) + "–" + last
+      : "no duplicates among " + answer.images + " images at fc7 threshold "
+        + answer.threshold.toFixed(3) + how);
+    if (answer.calibrated) $("#threshold").placeholder = "calibrated: " + answer.threshold.toFixed(3);
+    $("#dup-prev").disabled = dupOffset === 0;
+    $("#dup-next").disabled = last >= answer.total;
+  } catch (error) {
+    if (mine === asked.duplicates) note("#dup-status", error.message, true);
+  }
+}
+
+async function clusters() {
+  const mine = ++asked.clusters;
+  const params = new URLSearchParams({ n: $("#cluster-k").value.trim(), per: 8 });
+  note("#cluster-status", "clustering…");
+  try {
+    const answer = await api("/api/clusters?" + params);
+    if (mine !== asked.clusters) return;
+    const rows = answer.clusters.map((cluster) => strip(
+      "cluster " + cluster.cluster + "\n" + cluster.size + " images"
+        + (cluster.size ? "\n" + Object.entries(cluster.labels).map(([l, n]) => l + " " + n).join(", ") : ""),
+      cluster.members.map((m) => tile(m, "d = " + m.distance.toFixed(3)))
+    ));
+    if (answer.outliers.length) {
+      rows.push(strip("outliers\nfarthest from every centre",
+        answer.outliers.map((m) => tile(m, "cluster " + m.cluster + ", d = " + m.distance.toFixed(3)))));
+    }
+    $("#cluster-rows").replaceChildren(...rows);
+    const scores = answer.scores
+      ? "; against folder labels: purity " + answer.scores.purity.toFixed(3) + ", NMI " + answer.scores.nmi.toFixed(3)
+      : "";
+    note("#cluster-status", answer.images + " images in " + answer.k + " clusters (" + answer.space
+      + ", seed " + answer.seed + ")" + scores);
+  } catch (error) {
+    if (mine === asked.clusters) note("#cluster-status", error.message, true);
+  }
+}
+
 function table(element, entries) {
   element.replaceChildren(...entries.map(([key, value]) => {
     const tr = document.createElement("tr");
@@ -182,6 +273,9 @@ function start() {
       showView(button.dataset.view);
       if (button.dataset.view === "browse") browse(browseOffset);
       if (button.dataset.view === "info") loadInfo();
+      // whole-collection passes: run when a view is first opened, then on request
+      if (button.dataset.view === "duplicates" && !asked.duplicates) duplicates(0);
+      if (button.dataset.view === "clusters" && !asked.clusters) clusters();
     });
   }
   $("#file").addEventListener("change", (event) => queryFile(event.target.files[0]));
@@ -202,6 +296,10 @@ function start() {
   $("#browse-form").addEventListener("submit", (event) => { event.preventDefault(); browse(0); });
   $("#prev").addEventListener("click", () => browse(browseOffset - PAGE));
   $("#next").addEventListener("click", () => browse(browseOffset + PAGE));
+  $("#dup-form").addEventListener("submit", (event) => { event.preventDefault(); duplicates(0); });
+  $("#dup-prev").addEventListener("click", () => duplicates(dupOffset - GROUPS));
+  $("#dup-next").addEventListener("click", () => duplicates(dupOffset + GROUPS));
+  $("#cluster-form").addEventListener("submit", (event) => { event.preventDefault(); clusters(); });
   loadInfo();
 }
 
