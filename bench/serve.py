@@ -2,7 +2,8 @@
 one `retrieve query` process, measured in the same run.
 
     .venv/bin/python bench/serve.py [--rows 60000] [--queries 200] [--per-client 50]
-        [--work /tmp/retrieve-serve-bench] [--keep] [--json out.json]
+        [--work /tmp/retrieve-serve-bench] [--precision auto|fp32|bf16]
+        [--search-precision auto|fp32|bf16] [--keep] [--json out.json]
 
 The index: a real one of 8 generated images (so its manifest, identity and model are what
 `retrieve index` writes, with ``--weights random:0``: the same AlexNet, the same cost per image
@@ -247,6 +248,12 @@ def main() -> None:
         default="auto",
         help="the index's precision (auto: what `retrieve index` picks here)",
     )
+    parser.add_argument(
+        "--search-precision",
+        choices=["auto", "fp32", "bf16"],
+        default="auto",
+        help="what `retrieve serve --search-precision` gets (auto: its default)",
+    )
     parser.add_argument("--keep", action="store_true")
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
@@ -259,7 +266,7 @@ def main() -> None:
         f"built a {args.rows}-row Flat index in {time.perf_counter() - started:.0f} s",
         file=sys.stderr,
     )
-    with Index.open(index_dir) as ix:
+    with Index.open(index_dir, search_precision=args.search_precision) as ix:
         facts = {"count": ix.count, "backend": ix.backend, "precision": ix.identity.precision}
         # In a worker thread, as the server runs it: on a CPU shared with other jobs, torch's
         # threads on the main thread were measured 7x slower than on a worker thread here.
@@ -291,7 +298,10 @@ def main() -> None:
     }
     port = free_port()
     server = subprocess.Popen(
-        [sys.executable, "-c", LAUNCH, "serve", "--index", str(index_dir), "--port", str(port)],
+        [
+            *(sys.executable, "-c", LAUNCH, "serve", "--index", str(index_dir)),
+            *("--port", str(port), "--search-precision", args.search_precision),
+        ],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
     )

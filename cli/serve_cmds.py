@@ -61,9 +61,20 @@ def parse_size(ctx, param, value: str) -> int:
     callback=parse_size,
     help="Largest request body; larger ones get 413.",
 )
+@click.option(
+    "--search-precision",
+    type=click.Choice(["auto", "fp32", "bf16"]),
+    default="auto",
+    show_default=True,
+    help="Exact (Flat) search on a CPU: bf16 scans a copy in memory (half the size of the "
+    "vectors file) and re-ranks its best k + 64 exactly in fp32; fp32 scans the mapped file; "
+    "auto: bf16 where the CPU has it natively and the copy fits in a quarter of the memory.",
+)
 @weights_option
 @device_option
-def serve_command(index_dir, host, port, token, allow_url, max_upload, weights, device):
+def serve_command(
+    index_dir, host, port, token, allow_url, max_upload, search_precision, weights, device
+):
     """Serve the index: a page to search it by image and browse it, and a JSON API."""
     import uvicorn
 
@@ -77,7 +88,9 @@ def serve_command(index_dir, host, port, token, allow_url, max_upload, weights, 
             err=True,
         )
     options = ServeOptions(max_upload=max_upload, token=token, allow_url=allow_url)
-    with Index.open(index_dir, weights=weights, device=device) as index:
+    with Index.open(
+        index_dir, weights=weights, device=device, search_precision=search_precision
+    ) as index:
         app = create_app(index, options)
         shown = f"[{host}]" if ":" in host else host
         suffix = "/#token=" + token if token else "/"

@@ -5,7 +5,8 @@
 :class:`Searcher` per generation. It picks, once:
 
 - the default exact ``IDMap2,Flat`` kind: the memory-mapped exact search of ``exact.py`` on the
-  CPU, or a resident copy on a CUDA device (``gpu.TorchExactSearcher``);
+  CPU (``scan="bf16"`` or ``auto``: its candidates from a bf16 copy in memory, re-ranked exactly),
+  or a resident copy on a CUDA device (``gpu.TorchExactSearcher``);
 - any other kind: the faiss index memory-mapped read-only, or a resident faiss GPU copy.
 
 ``backend`` says which one runs. Searches are safe from several threads: the mapped search shares
@@ -16,16 +17,17 @@ lock, then put back, so one request's knobs never leak into another's.
 from __future__ import annotations
 
 import logging
+import os
 import threading
 from typing import Any
 
 import numpy as np
 
-from retrieval.devices import parse_device
+from retrieval.devices import fast_bf16, parse_device
 from retrieval.errors import RetrieveError
 
 from . import gpu, querying
-from .exact import MappedFlat
+from .exact import SCANS, MappedFlat
 from .kinds import _as_matrix
 from .store import Snapshot
 
@@ -35,7 +37,7 @@ log = logging.getLogger(__name__)
 class Searcher:
     """k-NN over one snapshot; distances are Euclidean (not squared), -1 / inf past the end."""
 
-    def __init__(self, snapshot: Snapshot, device: str = "auto") -> None:
+    def __init__(self, snapshot: Snapshot, device: str = "auto", scan: str = "fp32") -> None:
         self.snapshot = snapshot
         self.dim = snapshot.dim
         self._lock = threading.Lock()
@@ -43,6 +45,18 @@ class Searcher:
         self._faiss: Any = None
         self._torch: gpu.TorchExactSearcher | None = None
         self.backend = self._place(device)
+        self.scan = "fp32"
+        if self.backend == "exact-mapped-cpu" and self._flat is not None:
+            self.scan = choose_scan(scan, self._flat)
+            if self.scan == "bf16":
+                self.backend += "-bf16-scan"
+
+    def prepare(self) -> None:
+        """Do now what the first search would otherwise pay for (norms, the bf16 copy)."""
+        if self._flat is not None and self._torch is None:
+            self._flat.norms()
+            if self.scan == "bf16":
+                self._flat.bf16_copy()
 
     def _place(self, device: str) -> str:
         ordinal = _cuda_ordinal(device)
@@ -87,7 +101,7 @@ class Searcher:
             d2, rows = self._torch.search(q, k)
             ids = np.where(rows >= 0, self._flat.ids[np.maximum(rows, 0)], -1)
         elif self._flat is not None:
-            d2, ids = self._flat.search(q, k)
+            d2, ids = self._flat.search(q, k, scan=self.scan)
         else:
             d2, ids = self._faiss_search(q, k, nprobe, ef_search)
         dist = np.sqrt(np.maximum(d2, 0.0)).astype(np.float32)
@@ -132,6 +146,20 @@ def _reconstruct(index: Any, row_id: int) -> np.ndarray:
 
     faiss.extract_index_ivf(index).make_direct_map()
     return index.reconstruct(row_id)
+
+
+def choose_scan(asked: str, flat: MappedFlat) -> str:
+    """``fp32`` or ``bf16`` for the mapped exact search. ``auto``: bf16 where the CPU has native
+    bf16 and the copy takes at most a quarter of this machine's memory, else fp32."""
+    if asked not in ("auto", *SCANS):
+        raise RetrieveError(f"search precision must be auto, fp32 or bf16, not {asked!r}")
+    if asked != "auto":
+        return asked
+    import torch
+
+    memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    fits = flat.bf16_bytes() <= memory // 4
+    return "bf16" if fits and flat.ntotal and fast_bf16(torch.device("cpu")) else "fp32"
 
 
 def _cuda_ordinal(device: str) -> int | None:

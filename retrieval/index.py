@@ -51,9 +51,10 @@ log = logging.getLogger(__name__)
 class _View:
     """One generation: its snapshot and searcher, closed when retired and no call uses it."""
 
-    def __init__(self, snapshot: store.Snapshot, device: str) -> None:
+    def __init__(self, snapshot: store.Snapshot, device: str, scan: str = "fp32") -> None:
         self.snapshot = snapshot
         self.device = device
+        self.scan = scan
         self.users = 0
         self.retired = False
         self._searcher: Searcher | None = None
@@ -63,7 +64,7 @@ class _View:
     def searcher(self) -> Searcher:
         with self._lock:
             if self._searcher is None:
-                self._searcher = Searcher(self.snapshot, self.device)
+                self._searcher = Searcher(self.snapshot, self.device, self.scan)
             return self._searcher
 
     def close(self) -> None:
@@ -81,16 +82,18 @@ class Index:
         weights: str | None = None,
         device: str = "auto",
         extract: ExtractOptions = ExtractOptions(),
+        search_precision: str = "fp32",
     ) -> None:
         self.directory = directory
         self.device = device
+        self.search_precision = search_precision
         self._weights = weights
         self._extract = extract
         self._lock = threading.Lock()
         self._model_lock = threading.Lock()
         self._model: LoadedModel | None = None
         self._mapper: Fc7Mapper | None = None
-        self._view = _View(snapshot, device)
+        self._view = _View(snapshot, device, search_precision)
         self._closed = False
 
     # -- opening -------------------------------------------------------------------------------
@@ -103,13 +106,24 @@ class Index:
         weights: str | None = None,
         device: str = "auto",
         extract: ExtractOptions = ExtractOptions(),
+        search_precision: str = "fp32",
     ) -> Index:
         """Open an index (default ``$RETRIEVE_INDEX`` or ``./.retrieve``). No model is loaded
         until an image must be embedded; ``weights`` replaces the recorded model file (it must
-        have the same identity), ``device`` is where the model and the searches run."""
+        have the same identity), ``device`` is where the model and the searches run.
+        ``search_precision`` (exact Flat index on a CPU): ``fp32`` scans the mapped file;
+        ``bf16`` (or ``auto``: where bf16 is native and the copy fits) scans a bf16 copy kept in
+        memory, half the bytes, and re-ranks its best candidates exactly: for long-lived use."""
         directory = Path(directory or store.default_index_dir())
         snapshot = store.open_snapshot(directory)
-        return cls(directory, snapshot, weights=weights, device=device, extract=extract)
+        return cls(
+            directory,
+            snapshot,
+            weights=weights,
+            device=device,
+            extract=extract,
+            search_precision=search_precision,
+        )
 
     @classmethod
     def create(
@@ -421,6 +435,13 @@ class Index:
         """Size of the vectors file on disk (what faiss's writer produced)."""
         return self._view.snapshot.vectors_bytes
 
+    def warm(self) -> None:
+        """Ready the searcher and load the model now, so the first query does not wait
+        (RetrieveError when the model cannot be loaded; searches by stored vectors still work)."""
+        with self._use() as view:
+            view.searcher.prepare()
+        self.model  # noqa: B018 (loads it)
+
     @property
     def backend(self) -> str:
         """Where searches run: exact-mapped-cpu, torch-cuda:N-..., faiss-cpu or faiss-gpu:N."""
@@ -506,8 +527,11 @@ class Index:
         if int(manifest["generation"]) == current:
             return False
         snapshot = store.open_snapshot(self.directory)
+        view = _View(snapshot, self.device, self.search_precision)
+        if self.search_precision != "fp32":
+            view.searcher.prepare()  # while the old generation still answers
         with self._lock:
-            old, self._view = self._view, _View(snapshot, self.device)
+            old, self._view = self._view, view
             old.retired = True
             if old.users == 0:
                 old.close()
