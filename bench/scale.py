@@ -1,6 +1,7 @@
 """Does the Ray engine spread the work? 1 and 2 model actors against the local engine, one run.
 
-    python bench/scale.py [--data DIR] [--limit 1200] [--rounds 2] [--num-cpus 4] [--out FILE.md]
+    python bench/scale.py [--data DIR] [--limit 1200] [--rounds 2] [--num-cpus 4]
+        [--precision auto|fp32|bf16] [--out FILE.md]
 
 A local Ray cluster with ``--num-cpus`` logical CPUs; each model actor reserves one CPU and runs
 the model on one torch thread, decode tasks take the rest. Each engine extracts the same images
@@ -28,9 +29,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from retrieval.devices import choose_precision
 from retrieval.distributed import RayOptions, Source, extract_locally, extract_with_ray
 from retrieval.distributed.tasks import decode_batch
 from retrieval.extraction.mapper import Fc7Mapper
+from retrieval.extraction.types import ExtractOptions
 from retrieval.images.walk import find_images
 from retrieval.model.weights import load_model
 
@@ -75,12 +78,14 @@ def marginal_rate(run_small, run_large) -> tuple[float, float]:
     return large_n / large_s, marginal
 
 
-def one_thread_model_rate(weights: str, batch: int = 32, seconds: float = 5.0) -> float:
+def one_thread_model_rate(
+    weights: str, precision: str, batch: int = 32, seconds: float = 5.0
+) -> float:
     before = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
         loaded = load_model(weights)
-        mapper = Fc7Mapper(loaded, torch.device("cpu"))
+        mapper = Fc7Mapper(loaded, torch.device("cpu"), precision)
         p = loaded.preprocessing
         crops = torch.randint(0, 256, (batch, p.channels, p.crop, p.crop), dtype=torch.uint8)
         mapper(crops)
@@ -117,8 +122,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--num-cpus", type=int, default=4)
     parser.add_argument("--weights", default="random")
+    parser.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args(argv)
+    precision = choose_precision(args.precision, "cpu")
     import ray
 
     lines = [f"Machine: {machine()}"]
@@ -130,7 +137,10 @@ def main(argv: list[str] | None = None) -> None:
         sample(args.data.resolve(), args.limit, folder)
         source = Source.parse(folder)
         count = len(find_images(folder)[0])
-        lines.append(f"Data: {count} JPEGs from {args.data.name}; weights {args.weights}")
+        lines.append(
+            f"Data: {count} JPEGs from {args.data.name}; weights {args.weights}, {precision}"
+        )
+        local = ExtractOptions(precision=precision)
         small_folder = Path(tmp) / "small"
         sample(args.data.resolve(), SMALL_RUN, small_folder)
         small = Source.parse(small_folder)
@@ -138,11 +148,13 @@ def main(argv: list[str] | None = None) -> None:
             runs: dict[str, tuple[float, float]] = {}
             base = Path(tmp) / f"round-{round_}"
             runs["local engine (1 process, every core)"] = marginal_rate(
-                partial(extract_locally, small, args.weights, base / "local-small"),
-                partial(extract_locally, source, args.weights, base / "local"),
+                partial(extract_locally, small, args.weights, base / "local-small", local),
+                partial(extract_locally, source, args.weights, base / "local", local),
             )
             for actors in (1, 2):
-                options = RayOptions(actors=actors, batch_size=32, part_files=count)
+                options = RayOptions(
+                    actors=actors, batch_size=32, part_files=count, precision=precision
+                )
                 runs[f"ray, {actors} model actor{'s' * (actors > 1)}"] = marginal_rate(
                     partial(
                         extract_with_ray, small, args.weights, base / f"ray{actors}-s", options
@@ -157,7 +169,7 @@ def main(argv: list[str] | None = None) -> None:
                 + ", ".join(f"{k}: {w:.1f} ({s:.1f} marginal)" for k, (w, s) in runs.items()),
                 flush=True,
             )
-        per_actor = one_thread_model_rate(args.weights)
+        per_actor = one_thread_model_rate(args.weights, precision)
         per_core = one_core_decode_rate(folder, args.weights)
     ray.shutdown()
     one, two = best["ray, 1 model actor"], best["ray, 2 model actors"]

@@ -30,6 +30,9 @@ from retrieval.indexes.shards import ShardRows, SkippedRows, write_identity, wri
 log = logging.getLogger(__name__)
 
 LOCAL_CLUSTER_CPUS = 4
+# Decode tasks take this many model batches each: enough work per task to pay for scheduling,
+# small enough that a part's files spread over every decode core.
+DECODE_BLOCK_BATCHES = 4
 
 
 @dataclass(frozen=True)
@@ -221,7 +224,11 @@ def _run_parts(
     ray.data.DataContext.get_current().execution_options.preserve_order = True
     paths = [{"part_list": str(manifest.part_path(out, part.number))} for part in todo]
     dataset = ray.data.from_items(paths, override_num_blocks=len(paths)).map_batches(
-        read_part_lists, batch_size=1, batch_format="pyarrow", num_cpus=1
+        read_part_lists,
+        batch_size=1,
+        batch_format="pyarrow",
+        num_cpus=1,
+        fn_kwargs={"rows_per_block": DECODE_BLOCK_BATCHES * job.options.batch_size},
     )
     counts = {part.number: part.count for part in todo}
     filling: dict[int, dict[int, tuple]] = {number: {} for number in counts}
