@@ -286,7 +286,8 @@ async def _follow_generations(index: Index, every: float) -> None:
 
 
 async def _warm(index: Index) -> None:
+    """The searcher (norms, a bf16 copy) and the model, readied before the first query."""
     try:
-        await to_thread.run_sync(lambda: index.model)
+        await to_thread.run_sync(index.warm)
     except RetrieveError as error:
         log.warning("the model could not be loaded: %s (uploads will fail)", error)
