@@ -16,6 +16,7 @@ from __future__ import annotations
 from collections import defaultdict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from functools import cache, partial
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -84,12 +85,15 @@ class DuplicateReport:
         )
 
 
-def representative_order(rows: Sequence[Row], keep: str) -> list[Row]:
+def representative_order(
+    rows: Sequence[Row], keep: str, pixel_count: Callable[[str], int] | None = None
+) -> list[Row]:
     """Rows best first by ``keep``: largest (most pixels, then most bytes: a half-size copy
     re-encoded at high quality can outweigh its original in bytes), oldest mtime, or first
-    path; ties by path."""
+    path; ties by path. ``pixel_count`` (default :func:`pixels`) can be a cached one."""
     if keep == "largest":
-        return sorted(rows, key=lambda r: (-pixels(r.path), -r.size, r.path))
+        count = pixel_count or pixels
+        return sorted(rows, key=lambda r: (-count(r.path), -r.size, r.path))
     if keep == "oldest":
         return sorted(rows, key=lambda r: (r.mtime_ns, r.path))
     if keep == "first":
@@ -119,6 +123,9 @@ def find_duplicates(
 ) -> DuplicateReport:
     """Exact and near duplicate groups of every indexed image (exact groups first)."""
     near = near or NearOptions()
+    # A chain of near pairs is split again and again, each time ranking its members: read each
+    # file's header once, not once per split.
+    order = partial(representative_order, keep=keep, pixel_count=cache(pixels))
     rows = index.rows(limit=None)
     source = IndexVectors(index, rows)
     report = DuplicateReport(threshold=float(threshold), images=len(rows))
@@ -130,7 +137,7 @@ def find_duplicates(
     exact_sets = []
     for positions in by_hash.values():
         if len(positions) > 1:
-            ordered = representative_order([rows[p] for p in positions], keep)
+            ordered = order([rows[p] for p in positions])
             best = ordered[0].id
             lead = next(p for p in positions if rows[p].id == best)
             stand_in[positions] = lead
@@ -145,7 +152,7 @@ def find_duplicates(
     pending = components(pairs, stand_in)
     while pending:
         positions = pending.pop(0)
-        best = representative_order([rows[p] for p in positions], keep)[0]
+        best = order([rows[p] for p in positions])[0]
         lead = next(p for p in positions if rows[p].id == best.id)
         others = sorted((p for p in positions if p != lead), key=lambda p: rows[p].path)
         distances = _distances_to(source, lead, others)
