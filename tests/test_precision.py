@@ -64,11 +64,16 @@ def _fp32():
     return ExtractOptions(precision="fp32")
 
 
-def test_bf16_mapper_computes_what_autocast_does_and_leaves_the_model_fp32() -> None:
+@pytest.mark.parametrize("arch", ["torchvision", "paper"])  # paper: LRN keeps autocast
+def test_bf16_mapper_computes_what_autocast_does_and_leaves_the_model_fp32(arch: str) -> None:
     from retrieval.extraction.mapper import Fc7Mapper
-    from retrieval.model.weights import load_model
+    from retrieval.model.alexnet import ModelArgs, build_alexnet
+    from retrieval.model.preprocess import IMAGENET_MEAN, IMAGENET_STD, Preprocessing
+    from retrieval.model.weights import LoadedModel
 
-    loaded = load_model("random:0")
+    model = build_alexnet(ModelArgs(arch=arch, num_classes=3), seed=0)
+    preprocessing = Preprocessing(resize=64, crop=64, mean=IMAGENET_MEAN, std=IMAGENET_STD)
+    loaded = LoadedModel(model, preprocessing, "0" * 64, "test")
     fp32 = Fc7Mapper(loaded, torch.device("cpu"), "fp32")
     bf16 = Fc7Mapper(loaded, torch.device("cpu"), "bf16")
     crops = torch.randint(0, 256, (3, 3, 64, 64), dtype=torch.uint8)
@@ -77,3 +82,6 @@ def test_bf16_mapper_computes_what_autocast_does_and_leaves_the_model_fp32() -> 
         by_autocast = fp32.module(batch).float()
     assert torch.equal(bf16(crops), by_autocast)
     assert all(p.dtype == torch.float32 for p in loaded.model.parameters())
+    # The fast path (weights converted once) wherever the network allows it.
+    converted = next(bf16.module.parameters()).dtype == torch.bfloat16
+    assert converted == (arch == "torchvision")

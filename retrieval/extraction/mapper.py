@@ -6,7 +6,8 @@ inference under ``inference_mode``, channels_last (oneDNN's and cuDNN's preferre
 and optionally ``torch.compile``. Precisions that do change the numbers are opt-in:
 
 - ``bf16``: the network's weights and activations in bf16 (what autocast computes, bit for bit,
-  without converting every weight on every call), on CPUs with AVX-512 BF16 / AMX and on GPUs;
+  without converting every weight on every call; autocast itself for the paper's LRN layers),
+  on CPUs with AVX-512 BF16 / AMX and on GPUs;
 - int8 (dynamic quantisation of fc6 and fc7) is not offered: measured no faster end to end
   (the convolutions dominate) and it reorders the top-6 neighbours; ``bench/extract.py`` keeps
   measuring it with its own quantised mapper.
@@ -16,6 +17,7 @@ and optionally ``torch.compile``. Precisions that do change the numbers are opt-
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
 
@@ -76,15 +78,21 @@ class Fc7Mapper:
         model = loaded.model.to(device).eval()
         head = model.classifier[: model.fc7_end]
         module: nn.Module = _Fc7(model.features, model.avgpool, head).eval()
-        if precision == "bf16":
-            # Weights converted once, on a copy (the model's own fp32 weights still serve
-            # predict()). The same numbers as autocast, bit for bit, which instead converts every
-            # weight on every call: measured 6x slower at batch 1, 1.3x at batch 64 (AMX Xeon).
+        # bf16: weights converted once, on a copy (the model's own fp32 weights still serve
+        # predict()). The same numbers as autocast, bit for bit, which instead converts every
+        # weight on every call: measured 6x slower at batch 1, 1.3x at batch 64 (AMX Xeon).
+        # The paper's local response normalisation has no bf16 kernel on a CPU (avg_pool3d);
+        # autocast runs it in fp32, so a network with it keeps autocast.
+        self._autocast = precision == "bf16" and any(
+            isinstance(m, nn.LocalResponseNorm) for m in module.modules()
+        )
+        self._dtype = torch.float32
+        if precision == "bf16" and not self._autocast:
             module = copy.deepcopy(module).to(torch.bfloat16)
+            self._dtype = torch.bfloat16
         if channels_last:
             module = module.to(memory_format=torch.channels_last)
         self.module = module
-        self._dtype = torch.bfloat16 if precision == "bf16" else torch.float32
         self.compiled = compile
         self._forward = torch.compile(module, dynamic=False) if compile else module
         self.out_features = model.fc7_dim
@@ -98,6 +106,11 @@ class Fc7Mapper:
         batch = self.preprocessing.normalize(crops).to(self._dtype)
         if self.channels_last:
             batch = batch.contiguous(memory_format=torch.channels_last)
-        with torch.inference_mode():
+        autocast = (
+            torch.autocast(self.device.type, dtype=torch.bfloat16)
+            if self._autocast
+            else contextlib.nullcontext()
+        )
+        with torch.inference_mode(), autocast:
             fc7 = self._forward(batch)
         return fc7[:count].float()
