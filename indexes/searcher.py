@@ -38,6 +38,8 @@ class Searcher:
     """k-NN over one snapshot; distances are Euclidean (not squared), -1 / inf past the end."""
 
     def __init__(self, snapshot: Snapshot, device: str = "auto", scan: str = "fp32") -> None:
+        if scan not in ("auto", *SCANS):
+            raise RetrieveError(f"search precision must be auto, fp32 or bf16, not {scan!r}")
         self.snapshot = snapshot
         self.dim = snapshot.dim
         self._lock = threading.Lock()

@@ -529,7 +529,11 @@ class Index:
         snapshot = store.open_snapshot(self.directory)
         view = _View(snapshot, self.device, self.search_precision)
         if self.search_precision != "fp32":
-            view.searcher.prepare()  # while the old generation still answers
+            try:
+                view.searcher.prepare()  # while the old generation still answers
+            except BaseException:
+                view.close()
+                raise
         with self._lock:
             old, self._view = self._view, view
             old.retired = True

@@ -338,3 +338,17 @@ def test_gpu_decode_sends_jpeg_bytes_to_the_actors_and_keeps_rows_and_skips(
     # measured: 0.002-0.0035 for these small JPEGs (float resize against Pillow's fixed point)
     assert np.median(relative) <= 0.005 and relative.max() <= 0.05
     assert relative.max() > 0  # the JPEGs really took the other decoder
+
+
+def test_a_part_reaches_the_decoders_in_blocks_not_whole(tmp_path) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from retrieval.distributed.tasks import read_part_lists
+
+    part = tmp_path / "part-00000.parquet"
+    rows = pa.table({"key": list(range(10)), "path": [f"{i}.jpg" for i in range(10)]})
+    pq.write_table(rows, part)
+    blocks = list(read_part_lists(pa.table({"part_list": [str(part)]}), rows_per_block=4))
+    assert [b.num_rows for b in blocks] == [4, 4, 2]
+    assert pa.concat_tables(blocks).equals(rows)
