@@ -31,7 +31,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import subprocess
 import sys
 import time
@@ -45,6 +44,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
+from machine import cpu_name  # noqa: E402
 from small_folder import pick, pixel_rows, quality, queries  # noqa: E402
 
 from retrieval.model.weights import load_model  # noqa: E402
@@ -273,15 +273,7 @@ def run_one(spec: RunSpec, args: argparse.Namespace) -> dict[str, Any]:
 
 
 def machine() -> str:
-    model = ""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"{model or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}"
+    return f"{cpu_name()}, {os.cpu_count()} cores, torch {torch.__version__}"
 
 
 def fmt(value: float | None, digits: int = 3) -> str:

@@ -29,6 +29,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from machine import cpu_name
+
 from retrieval.devices import choose_precision
 from retrieval.distributed import RayOptions, Source, extract_locally, extract_with_ray
 from retrieval.distributed.tasks import decode_batch
@@ -42,13 +44,8 @@ DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "datasets" / "im
 
 
 def machine() -> str:
-    names = [
-        line.split(":", 1)[1].strip()
-        for line in Path("/proc/cpuinfo").read_text().splitlines()
-        if line.startswith("model name")
-    ]
     return (
-        f"CPU {names[0] if names else platform.processor()} "
+        f"CPU {cpu_name()} "
         f"({len(os.sched_getaffinity(0))} cores), torch {torch.__version__}, "
         f"Python {platform.python_version()}, load average {os.getloadavg()[0]:.1f} at start"
     )

@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import sys
 import tempfile
@@ -29,6 +28,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from machine import cpu_name
+
 from retrieval.devices import fast_bf16
 from retrieval.indexes import store
 from retrieval.indexes.exact import MappedFlat
@@ -37,13 +38,8 @@ KS = (6, 10, 100)
 
 
 def machine() -> str:
-    names = [
-        line.split(":", 1)[1].strip()
-        for line in Path("/proc/cpuinfo").read_text().splitlines()
-        if line.startswith("model name")
-    ]
     return (
-        f"CPU {names[0] if names else platform.processor()} ({len(os.sched_getaffinity(0))} "
+        f"CPU {cpu_name()} ({len(os.sched_getaffinity(0))} "
         f"cores, native bf16: {fast_bf16(torch.device('cpu'))}), torch {torch.__version__}, "
         f"load average {os.getloadavg()[0]:.1f} at start"
     )

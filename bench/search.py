@@ -43,6 +43,7 @@ from faiss_helpers import (
     index_ram_bytes,
     ivf_centroids,
 )
+from machine import cpu_name
 
 K = 10
 
@@ -94,12 +95,7 @@ def fc7_like(
 
 
 def machine() -> list[str]:
-    cpu = platform.processor() or "unknown CPU"
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
+    cpu = cpu_name()
     mem = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") / 2**30
     lines = [
         f"- CPU: {cpu}, {os.cpu_count()} cores, {mem:.0f} GiB RAM; "

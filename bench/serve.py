@@ -36,6 +36,8 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from machine import cpu_name  # noqa: E402
+
 from retrieval import ExtractOptions, Index, IndexOptions  # noqa: E402
 from retrieval.indexes import generation, store  # noqa: E402
 from retrieval.indexes.rows import RowUpdate  # noqa: E402
@@ -226,13 +228,6 @@ def wait_until_up(port: int, process: subprocess.Popen, timeout: float = 180) ->
         except OSError:
             time.sleep(0.3)
     raise SystemExit("serve did not start")
-
-
-def cpu_name() -> str:
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return platform.processor()
 
 
 def main() -> None:

@@ -41,6 +41,8 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from machine import cpu_name  # noqa: E402
+
 from retrieval.indexes.flat_file import FlatIndexWriter  # noqa: E402
 from retrieval.indexes.rows import SCHEMA  # noqa: E402
 
@@ -190,8 +192,7 @@ def folder_rows(folder: Path, n: int, image: bytes) -> list[tuple]:
 
 
 def machine() -> dict:
-    cpuinfo = Path("/proc/cpuinfo").read_text().splitlines()
-    cpu = next((line.split(":", 1)[1].strip() for line in cpuinfo if "model name" in line), "?")
+    cpu = cpu_name()
     memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
     versions = {name: metadata.version(name) for name in ("torch", "torchvision", "faiss-cpu")}
     return {
