@@ -38,8 +38,6 @@ class Searcher:
     """k-NN over one snapshot; distances are Euclidean (not squared), -1 / inf past the end."""
 
     def __init__(self, snapshot: Snapshot, device: str = "auto", scan: str = "fp32") -> None:
-        if scan not in ("auto", *SCANS):
-            raise RetrieveError(f"search precision must be auto, fp32 or bf16, not {scan!r}")
         self.snapshot = snapshot
         self.dim = snapshot.dim
         self._lock = threading.Lock()
@@ -47,18 +45,19 @@ class Searcher:
         self._faiss: Any = None
         self._torch: gpu.TorchExactSearcher | None = None
         self.backend = self._place(device)
-        self.scan = "fp32"
-        if self.backend == "exact-mapped-cpu" and self._flat is not None:
-            self.scan = choose_scan(scan, self._flat)
-            if self.scan == "bf16":
-                self.backend += "-bf16-scan"
+        mapped = self._flat if self.backend == "exact-mapped-cpu" else None
+        self.scan = choose_scan(scan, mapped)
+        if self.scan == "bf16":
+            self.backend += "-bf16-scan"
 
     def prepare(self) -> None:
-        """Do now what the first search would otherwise pay for (norms, the bf16 copy)."""
+        """Do now what the first search would otherwise pay for: the fp32 norms, or the bf16
+        copy (which has its own)."""
         if self._flat is not None and self._torch is None:
-            self._flat.norms()
             if self.scan == "bf16":
                 self._flat.bf16_copy()
+            else:
+                self._flat.norms()
 
     def _place(self, device: str) -> str:
         ordinal = _cuda_ordinal(device)
@@ -150,11 +149,14 @@ def _reconstruct(index: Any, row_id: int) -> np.ndarray:
     return index.reconstruct(row_id)
 
 
-def choose_scan(asked: str, flat: MappedFlat) -> str:
-    """``fp32`` or ``bf16`` for the mapped exact search. ``auto``: bf16 where the CPU has native
-    bf16 and the copy takes at most a quarter of this machine's memory, else fp32."""
+def choose_scan(asked: str, flat: MappedFlat | None) -> str:
+    """``fp32`` or ``bf16`` for the mapped exact search (``flat``; None: another kind or place,
+    which has no scan to choose: fp32). ``auto``: bf16 where the CPU has native bf16 and the copy
+    takes at most a quarter of this machine's memory, else fp32."""
     if asked not in ("auto", *SCANS):
         raise RetrieveError(f"search precision must be auto, fp32 or bf16, not {asked!r}")
+    if flat is None:
+        return "fp32"
     if asked != "auto":
         return asked
     import torch
