@@ -70,6 +70,31 @@ def test_time_budget_picks_the_largest_size_that_fits_and_says_so(monkeypatch) -
     assert budget.parse_duration("10m") == 600 and budget.parse_duration("1.5h") == 5400
 
 
+def test_time_budget_never_plans_more_than_fits(monkeypatch) -> None:
+    monkeypatch.setattr(budget, "time_steps", lambda r, size, *a, **k: {64: 0.25}[size])
+    cpu = torch.device("cpu")
+    # 60,000 images in batches of 128 are 469 steps a pass; 30.1 s leave 22.6 s: 90 steps.
+    short = budget.plan_for_time(make_recipe(), 30.1, 60_000, 10, 1, cpu)
+    assert (short.recipe.subset, short.recipe.steps, short.recipe.epochs) == (90 * 128, 90, 1)
+    assert "stratified 11520-image subset" in short.describe(cpu)
+    # Whole passes: 1.95 fit, two run (within 10%); 1.6 fit, one runs, not two.
+    near = budget.plan_for_time(make_recipe(), 1.95 * 469 * 0.25 / 0.75 + 0.1, 60_000, 10, 1, cpu)
+    assert (near.recipe.subset, near.recipe.epochs, near.recipe.steps) == (None, 2, 938)
+    fit = budget.plan_for_time(make_recipe(), 1.6 * 469 * 0.25 / 0.75 + 0.1, 60_000, 10, 1, cpu)
+    assert (fit.recipe.subset, fit.recipe.epochs, fit.recipe.steps) == (None, 1, 469)
+
+
+def test_a_sub_epoch_time_budget_trains_one_pass_of_a_stratified_subset(
+    shapes: Path, tmp_path: Path, monkeypatch
+) -> None:
+    # 18 training images in batches of 16 are 2 steps a pass; the clock allows 1.
+    monkeypatch.setattr(budget, "time_steps", lambda *a, **k: 0.5)
+    options = RunOptions(workers=0, time_budget=1.0)
+    result = train(shapes, tmp_path / "s.pt", make_recipe(image_size=64), options)
+    assert (result.recipe.subset, result.recipe.epochs, result.recipe.steps) == (16, 1, 1)
+    assert "16-image subset" in result.plan and len(result.history) == 1
+
+
 def test_a_diverging_run_stops_with_one_line_and_writes_no_checkpoint(
     shapes: Path, tmp_path: Path
 ) -> None:

@@ -128,6 +128,8 @@ class _Run:
             )
             recipe, self.plan = plan.recipe, plan.describe(self.device)
             log.info("%s", self.plan)
+            if recipe.subset and recipe.subset < len(self.data.train):
+                self.data = open_run_data(data_dir, recipe)  # the plan's stratified subset
         self.recipe = recipe = resolve_budget(recipe, len(self.data.train))
         self.side = resize_for(recipe.image_size)
         cache_run_data(self.data, recipe.image_size, options)
