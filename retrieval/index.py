@@ -4,8 +4,9 @@ The CLI, the server, the collection tools and a notebook are thin skins over thi
 clip-retrieval's back keeps one KnnService per index, and rclip grew a server when loading the
 model was most of a query's time). It holds the manifest, the open snapshot, a resident searcher
 (memory-mapped, so opening reads no vectors) and, from the first image it must embed, the model
-checked against the index's identity. ``reload`` picks up a generation a writer committed, never a
-mix; searches from several threads are safe, also while another thread reloads.
+checked against the index's identity (a ``QueryEmbedder``). ``reload`` picks up a generation a
+writer committed, never a mix; searches from several threads are safe, also while another thread
+reloads.
 
     from retrieval import Index
     with Index.open("index") as ix:
@@ -16,9 +17,7 @@ mix; searches from several threads are safe, also while another thread reloads.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import itertools
-import logging
 import os
 import threading
 from collections.abc import Callable, Iterator, Sequence
@@ -34,18 +33,12 @@ from retrieval.indexes.rows import Row
 from retrieval.indexes.searcher import Searcher
 from retrieval.indexing.options import IndexOptions, IndexReport
 from retrieval.model.identity import Identity
+from retrieval.query_embedder import QueryEmbedder
 from retrieval.search.query import QueryResult, check_k, expand_queries, neighbors_of
 
 if TYPE_CHECKING:
-    from PIL import Image
-
-    from retrieval.extraction.mapper import Fc7Mapper
     from retrieval.model.weights import LoadedModel
-
-    # A query image: a file (or a folder of them), encoded bytes (an upload), or a PIL image.
-    Query = str | os.PathLike | bytes | bytearray | Image.Image
-
-log = logging.getLogger(__name__)
+    from retrieval.query_embedder import Query
 
 
 class _View:
@@ -87,12 +80,14 @@ class Index:
         self.directory = directory
         self.device = device
         self.search_precision = search_precision
-        self._weights = weights
-        self._extract = extract
         self._lock = threading.Lock()
-        self._model_lock = threading.Lock()
-        self._model: LoadedModel | None = None
-        self._mapper: Fc7Mapper | None = None
+        self._embedder = QueryEmbedder(
+            lambda: self.manifest,
+            what=f"the index at {directory}",
+            weights=weights,
+            device=device,
+            extract=extract,
+        )
         self._view = _View(snapshot, device, search_precision)
         self._closed = False
 
@@ -206,55 +201,18 @@ class Index:
                 "labels": len(snapshot.label_counts()),
             }
 
-    # -- the model -----------------------------------------------------------------------------
+    # -- the model (held by a QueryEmbedder) ---------------------------------------------------
 
     @property
     def model(self) -> LoadedModel:
         """The index's model, loaded once, checked against its identity, set to its
         preprocessing (so every embedding matches the indexed vectors)."""
-        with self._model_lock:
-            if self._model is None:
-                self._model, self._mapper = self._load_model()
-            return self._model
-
-    def _load_model(self) -> tuple[LoadedModel, Fc7Mapper]:
-        from retrieval.extraction import make_mapper
-        from retrieval.indexing.run import checked_model, load_recorded_model
-        from retrieval.model.weights import load_model
-
-        manifest = self.manifest
-        loaded = load_model(self._weights) if self._weights else load_recorded_model(manifest)
-        asked, identity = self._extract.precision, self.identity
-        loaded, precision = checked_model(
-            identity, loaded, asked, what=f"the index at {self.directory}"
-        )
-        if identity.precision == "bf16" and asked in (None, "auto"):
-            precision = self._bf16_or_fp32(manifest)
-        options = dataclasses.replace(self._extract, device=self.device, precision=precision)
-        self._extract = options
-        return loaded, make_mapper(loaded, options)
-
-    def _bf16_or_fp32(self, manifest: dict[str, Any]) -> str:
-        """A bf16 index's queries: bf16 where it is native (GPUs, CPUs with AVX-512 BF16 / AMX),
-        so an indexed image finds itself at distance 0; where it is emulated (~6x slower), fp32
-        if the index measured that fp32 finds the same neighbours (``fp32_agreement``)."""
-        from retrieval.devices import fast_bf16, resolve_device
-        from retrieval.indexing.agreement import fp32_allowed
-
-        if fast_bf16(resolve_device(self.device)) or not fp32_allowed(manifest):
-            return "bf16"
-        log.info(
-            "embedding queries in fp32: bf16 is not native here, and the index measured a "
-            "top-6 overlap of %s between the two",
-            manifest["fp32_agreement"]["top6_overlap"],
-        )
-        return "fp32"
+        return self._embedder.model
 
     @property
     def precision(self) -> str:
         """The precision queries are embedded at (loads the model)."""
-        _ = self.model
-        return self._extract.precision
+        return self._embedder.precision
 
     @property
     def classes(self) -> list[str] | None:
@@ -267,50 +225,17 @@ class Index:
         """fc7 of query images (files, bytes or PIL images), as the indexed images were
         embedded; returns (features of the good ones, one record per query: ok or why not).
         ``flip``: average each image's fc7 with its mirror image's."""
-        from retrieval.extraction import embed_decoded, extract_images
-
-        model = self.model
-        files = [q for q in queries if isinstance(q, str | os.PathLike)]
-        if files and len(files) != len(queries):
-            raise RetrieveError("give files, or images in memory, not both in one call")
-        if files and not flip:
-            return extract_images([Path(q) for q in files], model, self._extract, self._mapper)
-        read = [_read(q) for q in queries] if files else [(q, None) for q in queries]
-        features, records = embed_decoded(
-            [data for data, _ in read], self._mapper, self._extract.max_megapixels, flip=flip
-        )
-        for record, query, (_, why) in zip(records, queries, read):
-            if files:
-                record.path = str(query)
-            if why:
-                record.reason, record.detail = "unreadable", why
-        return features, records
+        return self._embedder.embed(queries, flip=flip)
 
     def embed_files(self, paths: Sequence[Path]) -> Iterator[Any]:
         """fc7 of many image files, a batch at a time (``ExtractedBatch``: records + features),
         so memory stays flat however many there are."""
-        from retrieval.extraction import extract_fc7
-
-        model = self.model
-        yield from extract_fc7([Path(p) for p in paths], model, self._extract, self._mapper)
+        yield from self._embedder.embed_files(paths)
 
     def predict(self, features: np.ndarray, top: int = 5) -> list[list[tuple[str, float]]]:
         """The model's ``top`` classes for each fc7 row (its own head, softmaxed); [] per row
         when the model has no class names."""
-        import torch
-
-        model = self.model
-        if not model.classes:
-            return [[] for _ in features]
-        with torch.inference_mode():
-            logits = model.model.forward_head(
-                torch.from_numpy(np.asarray(features)).to(next(model.model.parameters()).device)
-            )
-            probs, picks = logits.float().softmax(1).topk(min(top, logits.shape[1]), dim=1)
-        return [
-            [(model.classes[int(c)], float(p)) for p, c in zip(row_p, row_c)]
-            for row_p, row_c in zip(probs.cpu(), picks.cpu())
-        ]
+        return self._embedder.predict(features, top)
 
     # -- searching -----------------------------------------------------------------------------
 
@@ -501,8 +426,8 @@ class Index:
         """Make the index follow ``folder`` (only what changed is embedded), then reload."""
         from retrieval.indexing.run import index_folder
 
-        reuse = self._model is not None and not options.weights and not options.rebuild
-        model, mapper = (self._model, self._mapper) if reuse else (None, None)
+        reuse = not options.weights and not options.rebuild
+        model, mapper = (self._embedder.loaded() if reuse else None) or (None, None)
         report = index_folder(Path(folder), self.directory, options, progress, model, mapper)
         self.reload()
         return report
@@ -542,8 +467,7 @@ class Index:
         if Identity.from_dict(snapshot.manifest["identity"]) != Identity.from_dict(
             old.snapshot.manifest["identity"]
         ):
-            with self._model_lock:  # rebuilt with another model: load that one when needed
-                self._model = self._mapper = None
+            self._embedder.forget()  # rebuilt with another model: load that one when needed
         return True
 
     def close(self) -> None:
@@ -563,14 +487,6 @@ class Index:
 
     def __repr__(self) -> str:
         return f"Index({str(self.directory)!r}, {self.count} images, generation {self.generation})"
-
-
-def _read(path: str | os.PathLike) -> tuple[bytes, str | None]:
-    """A query file's bytes, or no bytes and why it could not be read."""
-    try:
-        return Path(path).read_bytes(), None
-    except OSError as exc:
-        return b"", exc.strerror or str(exc)
 
 
 def _own_id(snapshot: store.Snapshot, path: str) -> int:
