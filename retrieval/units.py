@@ -32,3 +32,8 @@ def human_bytes(size: float) -> str:
         if size < 1024 or unit == "TB":
             break
     return f"{size:.1f} {unit}"
+
+
+def counted(n: int, noun: str) -> str:
+    """``1 epoch``, ``3 epochs``: a count with its noun, for lines a user reads."""
+    return f"{n} {noun}{'' if n == 1 else 's'}"

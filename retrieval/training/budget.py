@@ -8,9 +8,10 @@ least ``MIN_STEPS`` updates, large sets ``BASE_EPOCHS`` passes, never more than 
 passes of a tiny set (which would only memorise it).
 
 ``--time-budget`` generalises what the demo does for Fashion-MNIST: it times a few training
-steps on this device and picks the image size and the number of steps that fit; when not even
-one pass over the data fits, it trains one pass over a stratified subset, so a short budget on a
-large set is kept (before, it floored at one pass: 60,000 images in 3 minutes took 4-7).
+steps on this device and picks the image size and the number of steps that fit. Those steps are
+whole passes over the data when some number of passes is within 10% of them, else passes over
+a stratified subset sized to fit, so a short budget on a large set is kept (before, it floored at
+one pass: 60,000 images in 3 minutes took 4-7) and a budget between two pass counts is used.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from torch.nn import functional as F
 from retrieval.errors import RetrieveError
 from retrieval.model.alexnet import AlexNet
 from retrieval.training.recipes import Recipe
+from retrieval.units import counted
 
 log = logging.getLogger(__name__)
 
@@ -37,7 +39,7 @@ STEPS_PER_EPOCH_AIM = 16  # a small set's batch is chosen to give about this man
 WARMUP_SHARE, MAX_WARMUP = 0.05, 500  # the paper recipe's linear warm-up
 # Share of a time budget left for validation, retrieval checks and checkpoints each epoch.
 EVAL_SHARE = 0.25
-OVERRUN = 1.1  # --time-budget trains whole epochs: at most this share of the steps that fit
+TOLERANCE = 0.1  # --time-budget: whole passes over all the data if within 10% of what fits
 # Image sizes --time-budget tries, largest first; cifar has its own 32 px.
 CPU_SIZES, GPU_SIZES = (128, 96, 64), (224, 160, 128, 96, 64)
 
@@ -86,8 +88,9 @@ class TimePlan:
         subset = f" of a stratified {r.subset}-image subset" if r.subset else ""
         return (
             f"time budget {self.budget_seconds:.0f} s on {device}: {r.image_size}-px input, "
-            f"{r.name} recipe, {r.steps} steps in batches of {r.batch_size} ({r.epochs} epochs"
-            f"{subset}; {self.seconds_per_step:.3f} s per step measured here)"
+            f"{r.name} recipe, {r.steps} steps in batches of {r.batch_size} "
+            f"({counted(r.epochs, 'epoch')}{subset}; "
+            f"{self.seconds_per_step:.3f} s per step measured here)"
         )
 
 
@@ -167,20 +170,21 @@ def plan_for_time(
 
 def fit_steps(recipe: Recipe, fit: int, wanted: int, n_train: int) -> Recipe:
     """The recipe's budget for ``fit`` steps of time: the default's ``wanted`` steps if they
-    fit, else the nearest whole number of epochs unless that overruns by more than ``OVERRUN``
-    (then one fewer), else, when not one pass fits, one pass over a stratified subset of
-    ``fit`` batches (what the demo does)."""
+    fit; else whole passes over all the data if some number of them is within ``TOLERANCE`` of
+    ``fit``; else as many passes as it takes over a stratified subset sized so they take
+    ``fit`` steps (one pass of a subset when not one pass fits, as the demo does), so the time
+    is neither overrun nor left unused."""
     batch = recipe.batch_size or default_batch_size(n_train)
     per_epoch = max(math.ceil(n_train / batch), 1)
     if fit >= wanted:
         return resolve_budget(replace(recipe, steps=wanted), n_train)
-    epochs = round(fit / per_epoch)
-    if epochs * per_epoch > OVERRUN * fit:
-        epochs = fit // per_epoch
-    if epochs >= 1:
-        return resolve_budget(replace(recipe, epochs=epochs), n_train)
-    subset = max(fit, 1) * batch
-    return resolve_budget(replace(recipe, epochs=1, subset=subset), subset)
+    fit = max(fit, 1)
+    passes = math.ceil(fit / per_epoch)
+    for epochs in (passes, passes - 1):
+        if epochs >= 1 and abs(epochs * per_epoch - fit) <= TOLERANCE * fit:
+            return resolve_budget(replace(recipe, epochs=epochs), n_train)
+    subset = (fit // passes) * batch
+    return resolve_budget(replace(recipe, epochs=passes, subset=subset), subset)
 
 
 def parse_duration(text: str) -> float:

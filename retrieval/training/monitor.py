@@ -16,6 +16,7 @@ from retrieval.errors import RetrieveError
 from retrieval.training.datasets import DataSplits
 from retrieval.training.evaluate import RETRIEVAL_K
 from retrieval.training.recipes import Recipe
+from retrieval.units import counted
 
 # A mean loss over the last DIVERGED_WINDOW steps this many times ln(classes) (a guess's loss)
 # means the run has blown up; one noisy batch of a tiny set does not stop it.
@@ -96,7 +97,7 @@ def describe_start(
     return (
         f"{plan}training {variant} AlexNet at {recipe.image_size} px on {len(data.train)} "
         f"images ({len(data.classes)} classes, {data.channels} channel(s)), validating on "
-        f"{len(data.val)} {data.val_name} images; {recipe.name} recipe, {recipe.epochs} epochs "
-        f"of {steps_per_epoch} steps in batches of {recipe.batch_size} ({recipe.steps} "
-        f"steps) on {device}"
+        f"{len(data.val)} {data.val_name} images; {recipe.name} recipe, "
+        f"{counted(recipe.epochs, 'epoch')} of {steps_per_epoch} steps in batches of "
+        f"{recipe.batch_size} ({recipe.steps} steps) on {device}"
     )
