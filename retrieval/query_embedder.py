@@ -54,7 +54,8 @@ class QueryEmbedder:
         self._what = what
         self._weights = weights
         self._device = device
-        self._extract = extract
+        self._asked = extract  # as the caller gave them: precision may be None or "auto"
+        self._extract = extract  # as resolved against the generation the model was loaded for
         self._lock = threading.Lock()
         self._model: LoadedModel | None = None
         self._mapper: Fc7Mapper | None = None
@@ -72,11 +73,13 @@ class QueryEmbedder:
 
         manifest = self._manifest()
         loaded = load_model(self._weights) if self._weights else load_recorded_model(manifest)
-        asked, identity = self._extract.precision, Identity.from_dict(manifest["identity"])
+        # What the caller asked, not what the last load resolved: a rebuilt index may have
+        # another precision, which a resolved "fp32" would refuse.
+        asked, identity = self._asked.precision, Identity.from_dict(manifest["identity"])
         loaded, precision = checked_model(identity, loaded, asked, what=self._what)
         if identity.precision == "bf16" and asked in (None, "auto"):
             precision = self._bf16_or_fp32(manifest)
-        options = dataclasses.replace(self._extract, device=self._device, precision=precision)
+        options = dataclasses.replace(self._asked, device=self._device, precision=precision)
         self._extract = options
         return loaded, make_mapper(loaded, options)
 

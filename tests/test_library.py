@@ -183,6 +183,25 @@ def test_reload_picks_up_a_new_generation_while_searches_run(built, tmp_path: Pa
     assert not errors and counts <= {12, 24}
 
 
+def test_a_reload_after_a_rebuild_at_another_precision_embeds_at_the_new_one(
+    built, tmp_path: Path, small_model: Path
+) -> None:
+    """The model of an fp32 index was loaded (its precision resolved to fp32); the index is
+    rebuilt in bf16: after the reload, queries are embedded in bf16, not refused as fp32."""
+    photos, index_dir = built
+    query = sorted(photos.rglob("*.png"))[0]
+    with Index.open(index_dir) as ix:
+        assert ix.search([query], k=1)[0].neighbors[0].distance < 1e-3
+        assert ix.precision == "fp32"
+        rebuild = ["--weights", small_model, "--precision", "bf16", "--rebuild"]
+        run("index", photos, "--index", index_dir, *rebuild)
+        assert ix.reload() is True and ix.identity.precision == "bf16"
+        result = ix.search([query], k=1)[0]
+        assert result.error is None and ix.precision in ("bf16", "fp32")
+        if ix.precision == "bf16":  # native here: the image finds itself
+            assert result.neighbors[0].distance < 1e-3
+
+
 def test_update_embeds_with_the_indexs_preprocessing_not_the_weights_file_default(
     tmp_path: Path, small_model: Path
 ) -> None:
