@@ -10,7 +10,9 @@ into fresh shards; rates are whole runs (model loading and actor start included)
 them, in the same run: the model on one thread (the per-actor ceiling) and the decoder on one
 core (the per-core rate), the two numbers of the cluster throughput model
 ``min(GPUs x per-GPU rate, decode cores x per-core rate, storage bandwidth / file size)``.
-The floor this checks: 2 actors >= 1.6x 1 actor on 4 logical CPUs.
+The floor this checks: 2 actors >= 1.6x 1 actor on 4 logical CPUs. Each Ray run also says how
+it spread: rows per model actor and each actor's busy share of the run (its model seconds over
+the run's wall clock), which shows the work spreading whatever the machine's physical cores.
 """
 
 from __future__ import annotations
@@ -60,19 +62,21 @@ def sample(root: Path, limit: int, folder: Path) -> None:
         target.symlink_to(path.resolve())
 
 
-def timed(run) -> tuple[float, int]:
+def timed(run):
     start = time.perf_counter()
     report = run()
-    return time.perf_counter() - start, report.images
+    return time.perf_counter() - start, report
 
 
-def marginal_rate(run_small, run_large) -> tuple[float, float]:
-    """(whole-run rate, marginal rate): the marginal one subtracts a small run's fixed cost
-    (cluster scheduling, actor start, model load), which the driver cannot see directly."""
-    small_s, small_n = timed(run_small)
-    large_s, large_n = timed(run_large)
-    marginal = (large_n - small_n) / (large_s - small_s) if large_s > small_s else float("nan")
-    return large_n / large_s, marginal
+def marginal_rate(run_small, run_large) -> tuple[float, float, str]:
+    """(whole-run rate, marginal rate, how the large run spread over the model actors): the
+    marginal rate subtracts a small run's fixed cost (cluster scheduling, actor start, model
+    load), which the driver cannot see directly."""
+    small_s, small = timed(run_small)
+    large_s, large = timed(run_large)
+    gained = large.images - small.images
+    marginal = gained / (large_s - small_s) if large_s > small_s else float("nan")
+    return large.images / large_s, marginal, large.describe_actors()
 
 
 def one_thread_model_rate(
@@ -129,6 +133,7 @@ def main(argv: list[str] | None = None) -> None:
     print(lines[0], flush=True)
     ray.init(num_cpus=args.num_cpus, include_dashboard=False, log_to_driver=False)
     best: dict[str, tuple[float, float]] = {}
+    spread: dict[str, str] = {}  # the best round's actor line per engine
     with tempfile.TemporaryDirectory(prefix="retrieve-scale-") as tmp:
         folder = Path(tmp) / "images"
         sample(args.data.resolve(), args.limit, folder)
@@ -142,7 +147,7 @@ def main(argv: list[str] | None = None) -> None:
         sample(args.data.resolve(), SMALL_RUN, small_folder)
         small = Source.parse(small_folder)
         for round_ in range(args.rounds):
-            runs: dict[str, tuple[float, float]] = {}
+            runs: dict[str, tuple[float, float, str]] = {}
             base = Path(tmp) / f"round-{round_}"
             runs["local engine (1 process, every core)"] = marginal_rate(
                 partial(extract_locally, small, args.weights, base / "local-small", local),
@@ -158,12 +163,14 @@ def main(argv: list[str] | None = None) -> None:
                     ),
                     partial(extract_with_ray, source, args.weights, base / f"ray{actors}", options),
                 )
-            for name, (whole, steady) in runs.items():
+            for name, (whole, steady, actors) in runs.items():
                 old = best.get(name, (0.0, 0.0))
+                if whole > old[0]:
+                    spread[name] = actors
                 best[name] = (max(old[0], whole), max(old[1], steady))
             print(
                 f"round {round_ + 1}: "
-                + ", ".join(f"{k}: {w:.1f} ({s:.1f} marginal)" for k, (w, s) in runs.items()),
+                + ", ".join(f"{k}: {w:.1f} ({s:.1f} marginal)" for k, (w, s, _) in runs.items()),
                 flush=True,
             )
         per_actor = one_thread_model_rate(args.weights, precision)
@@ -180,6 +187,8 @@ def main(argv: list[str] | None = None) -> None:
         "",
         f"2 actors / 1 actor: {two[0] / one[0]:.2f}x whole run, {two[1] / one[1]:.2f}x marginal "
         f"(floor 1.6x on {args.num_cpus} logical CPUs); best of {args.rounds} rounds.",
+        "How the best whole runs spread (busy = model seconds / the run's wall clock):",
+        *(f"- {name}: {line}" for name, line in spread.items() if line),
         f"Load average at the end: {os.getloadavg()[0]:.1f}",
     ]
     text = "\n".join(lines)

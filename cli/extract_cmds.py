@@ -118,7 +118,13 @@ def extract_command(
         "skipped": report.skipped,
         "seconds": round(report.seconds, 2),
         "model_actors": report.actors,
+        "actor_work": {
+            name: {"rows": w.rows, "busy_seconds": round(w.seconds, 2)}
+            for name, w in sorted(report.actor_work.items())
+        },
     }
+    if report.actor_work:
+        click.echo(report.describe_actors(), err=True)
     if as_json:
         emit_json(summary)
         return

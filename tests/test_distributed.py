@@ -110,6 +110,10 @@ def test_ray_engine_gives_the_local_engines_vectors_rows_and_skips(
     _assert_same(tmp_path / "ray", tmp_path / "local")
     _, _, skipped = _contents(tmp_path / "ray")
     assert {row["reason"] for row in skipped} == {"not an image", "truncated"}
+    # Which actor did the work, and for how long: every row once, by the one actor.
+    [(name, work)] = report.actor_work.items()
+    assert name.rsplit(":", 1)[1].isdigit() and work.rows == 20 and work.seconds > 0
+    assert report.describe_actors().startswith("1 model actor: 20 rows (busy ")
 
 
 def test_model_actor_killed_mid_run_loses_and_duplicates_nothing(
@@ -131,6 +135,7 @@ def test_model_actor_killed_mid_run_loses_and_duplicates_nothing(
     )
     assert killed, "no model actor was found to kill"
     assert report.images == 18
+    assert sum(w.rows for w in report.actor_work.values()) == 20  # a retried row counts once
     _assert_same(tmp_path / "ray", tmp_path / "local")
 
 
@@ -268,6 +273,27 @@ def test_an_index_from_ray_shards_answers_as_retrieve_index_of_the_folder(
         )
     with Index.open(tmp_path / "local") as local, Index.open(tmp_path / "ray") as ray_index:
         assert ray_index.identity == local.identity
+
+
+def test_retrieve_extract_on_ray_says_how_the_work_spread(
+    cluster, collection: Path, small_model: Path, tmp_path: Path
+) -> None:
+    """The rows per model actor go to --json; the line a person reads goes to stderr."""
+    import json
+
+    from click.testing import CliRunner
+
+    from retrieval.cli.main import cli
+
+    args = ["extract", str(collection), "--engine", "ray", "--out", str(tmp_path / "shards")]
+    args += ["--weights", str(small_model), "--actors", "1", "--batch-size", "4", "--json"]
+    result = CliRunner().invoke(cli, args, catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.stdout)
+    assert (summary["images"], summary["skipped"]) == (18, 2)
+    [work] = summary["actor_work"].values()
+    assert work["rows"] == 20 and work["busy_seconds"] > 0
+    assert "1 model actor: 20 rows (busy " in result.stderr
 
 
 @pytest.mark.parametrize("use_ray", [False, True])

@@ -26,6 +26,7 @@ from retrieval.distributed.manifest import PART_FILES, Manifest, Part, Source, p
 from retrieval.errors import RetrieveError
 from retrieval.images.decode import DEFAULT_MAX_MEGAPIXELS
 from retrieval.indexes.shards import ShardRows, SkippedRows, write_identity, write_shard
+from retrieval.units import counted
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +54,14 @@ class RayOptions:
 
 
 @dataclass
+class ActorWork:
+    """One model actor's part of a run."""
+
+    rows: int = 0
+    seconds: float = 0.0
+
+
+@dataclass
 class RunReport:
     """What a run did: parts written now and before, rows, skipped files, seconds."""
 
@@ -63,6 +72,20 @@ class RunReport:
     skipped: int = 0
     seconds: float = 0.0
     actors: int = 0
+    # Per model actor ("host:pid"): the rows it handled and the seconds it spent on them.
+    actor_work: dict[str, ActorWork] = field(default_factory=dict)
+
+    def describe_actors(self) -> str:
+        """One line of how the work spread, e.g. ``2 model actors: 1,204 rows (busy 92%),
+        1,196 rows (busy 91%)``; busy is the share of the run's wall clock."""
+        if not self.actor_work:
+            return ""
+        wall = max(self.seconds, 1e-9)
+        shares = ", ".join(
+            f"{w.rows:,} rows (busy {w.seconds / wall:.0%})"
+            for _, w in sorted(self.actor_work.items())
+        )
+        return f"{counted(len(self.actor_work), 'model actor')}: {shares}"
 
 
 def connect(options: RayOptions) -> None:
@@ -121,7 +144,8 @@ def extract_with_ray(
     )
     report.actors = actors
     if todo:
-        for number, (images, skipped) in _run_parts(out, manifest, todo, job, on_batch):
+        parts = _run_parts(out, manifest, todo, job, on_batch, report.actor_work)
+        for number, (images, skipped) in parts:
             report.parts_written.append(number)
             report.images += images
             report.skipped += skipped
@@ -207,6 +231,7 @@ def _run_parts(
     todo: list[Part],
     job: _Job,
     on_batch: Callable[[int], None] | None,
+    actor_work: dict[str, ActorWork],
 ) -> Iterator[tuple[int, tuple[int, int]]]:
     """Every unfinished part through one pipeline, so the actors (and their models) live for
     the whole run; a part's shard is written as soon as each of its keys came back once.
@@ -237,14 +262,18 @@ def _run_parts(
         for batch in _pipeline(dataset, job).iter_batches(batch_size=None, batch_format="numpy"):
             for i, key in enumerate(batch["key"]):
                 number = int(batch["part"][i])
+                # A retried block may bring a row twice, or after its part was written.
+                if counts[number] < 0 or int(key) in filling[number]:
+                    continue
                 rows = filling[number]
-                if int(key) not in rows:  # a retried block may bring a row twice
-                    rows[int(key)] = tuple(batch[c][i] for c in _COLUMNS)
-                    seen += 1
+                rows[int(key)] = tuple(batch[c][i] for c in _COLUMNS)
+                seen += 1
+                work = actor_work.setdefault(str(batch["actor"][i]), ActorWork())
+                work.rows += 1
+                work.seconds += float(batch["busy_seconds"][i])
                 if len(rows) == counts[number]:
                     files = read_part(out, manifest, number)
                     yield number, _write_part(out, number, files, filling.pop(number))
-                    filling[number] = {}  # a late duplicate of a written part is ignored
                     counts[number] = -1
             if on_batch is not None:
                 on_batch(seen)

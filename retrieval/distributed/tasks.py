@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import hashlib
 import os
+import socket
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -146,8 +148,12 @@ class Fc7Actor:
         self.mapper = Fc7Mapper(loaded, torch.device(device), precision)
         self.dim = loaded.fc7_dim
         self.max_megapixels = max_megapixels
+        self.name = f"{socket.gethostname()}:{os.getpid()}"  # which actor embedded a row
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """fc7 of a batch; each row also says which actor ran it and its share of the batch's
+        seconds, so the driver can show how the work spread."""
+        started = time.perf_counter()
         reasons = [str(r) for r in batch["reason"]]
         details = [str(d) for d in batch["detail"]]
         jpegs = batch.get("jpeg")
@@ -166,6 +172,8 @@ class Fc7Actor:
         out["reason"] = np.asarray(reasons, dtype=object)
         out["detail"] = np.asarray(details, dtype=object)
         out["fc7"] = fc7
+        out["actor"] = np.full(len(ok), self.name, dtype=object)
+        out["busy_seconds"] = np.full(len(ok), (time.perf_counter() - started) / max(len(ok), 1))
         return out
 
     def _decode_on_device(self, batch, reasons: list[str], details: list[str]):

@@ -11,6 +11,7 @@ commit.
 from __future__ import annotations
 
 import contextlib
+import logging
 import shutil
 import sys
 from pathlib import Path
@@ -26,6 +27,8 @@ from retrieval.model.identity import Identity
 
 if TYPE_CHECKING:
     from retrieval.model.weights import LoadedModel
+
+log = logging.getLogger(__name__)
 
 RUN_FOLDER = "ray-run"
 # With 2 logical CPUs a resumed Ray Data job deadlocks: the checkpoint's worker and the model
@@ -66,6 +69,8 @@ def extract_on_ray(
     # Ray's own warnings go to stdout, which carries results: send them to stderr meanwhile.
     with contextlib.redirect_stdout(sys.stderr):
         done = extract_with_ray(Source("list", (str(listing),)), model.source, run / "shards", ray)
+    if done.actor_work:
+        log.info("%s", done.describe_actors())
     planned = {f.path: f for f in files}
     for shard in open_shards(run / "shards"):
         pour_shard(shard, staging, options.chunk_size, planned)
