@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from retrieval.devices import physical_memory
 from retrieval.errors import RetrieveError
 from retrieval.units import human_bytes
 
@@ -34,7 +35,7 @@ def resolve_auto(
     if spec.kind != "auto":
         return spec, f"{spec.kind}: chosen explicitly"
     n, d = max(0, int(n_vectors)), spec.reduced_dim or int(dim)
-    budget = memory_budget_bytes if memory_budget_bytes is not None else _half_of_ram()
+    budget = memory_budget_bytes if memory_budget_bytes is not None else physical_memory() // 2
     size = f"{n:,} vectors x {d}-d"
     flat = n * (4 * d + _IDMAP_ROW)
     if flat <= budget and n * d <= FLAT_MAX_SCAN:
@@ -75,12 +76,3 @@ def _auto_nlist(n: int) -> int:
     while nlist > 16 and nlist * POINTS_PER_CENTROID > n:
         nlist //= 2
     return int(nlist)
-
-
-def _half_of_ram() -> int:
-    import os
-
-    try:
-        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") // 2
-    except (ValueError, OSError, AttributeError):
-        return 8 * 2**30

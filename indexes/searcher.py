@@ -17,13 +17,12 @@ lock, then put back, so one request's knobs never leak into another's.
 from __future__ import annotations
 
 import logging
-import os
 import threading
 from typing import Any
 
 import numpy as np
 
-from retrieval.devices import fast_bf16, parse_device
+from retrieval.devices import fast_bf16, parse_device, physical_memory
 from retrieval.errors import RetrieveError
 
 from . import gpu, querying
@@ -161,8 +160,7 @@ def choose_scan(asked: str, flat: MappedFlat | None) -> str:
         return asked
     import torch
 
-    memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    fits = flat.bf16_bytes() <= memory // 4
+    fits = flat.bf16_bytes() <= physical_memory() // 4
     return "bf16" if fits and flat.ntotal and fast_bf16(torch.device("cpu")) else "fp32"
 
 

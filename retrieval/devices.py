@@ -24,6 +24,15 @@ def usable_cores() -> int:
     return os.cpu_count() or 1
 
 
+def physical_memory() -> int:
+    """Bytes of RAM on this machine, for sizing what is kept in memory (16 GiB where the OS
+    does not say)."""
+    try:
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return 16 * 2**30
+
+
 @dataclass(frozen=True)
 class DeviceRequest:
     """What ``--device`` asked for: ``auto``, ``cpu`` or ``cuda``, and a CUDA ordinal."""
