@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 import random
+import shutil
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -24,13 +26,17 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 
 
 @pytest.fixture(autouse=True)
-def _offline_and_seeded(tmp_path_factory: pytest.TempPathFactory, monkeypatch) -> None:
-    """No test reaches a hub: TORCH_HOME is an empty temporary folder."""
-    monkeypatch.setenv("TORCH_HOME", str(tmp_path_factory.mktemp("torch-home")))
+def _offline_and_seeded(tmp_path_factory: pytest.TempPathFactory, monkeypatch) -> Iterator[None]:
+    """No test reaches a hub: TORCH_HOME is an empty temporary folder, removed after the test
+    (weight-cache tests put full checkpoints there: kept, they fill a small CI disk)."""
+    torch_home = tmp_path_factory.mktemp("torch-home")
+    monkeypatch.setenv("TORCH_HOME", str(torch_home))
     monkeypatch.delenv("RETRIEVE_INDEX", raising=False)
     random.seed(0)
     np.random.seed(0)
     torch.manual_seed(0)
+    yield
+    shutil.rmtree(torch_home, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")
