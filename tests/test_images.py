@@ -203,8 +203,9 @@ def test_folder_that_cannot_be_listed_is_reported_even_as_root(tmp_path: Path, m
             raise PermissionError(errno.EACCES, "Permission denied", str(path))
         return real_scandir(path)
 
-    monkeypatch.setattr(os, "scandir", scandir)
-    files, problems = find_images(tmp_path)
+    with monkeypatch.context() as patch:  # undone before tmp_path's own clean-up lists folders
+        patch.setattr(os, "scandir", scandir)
+        files, problems = find_images(tmp_path)
     assert relative(files, tmp_path) == ["ok/a.png"]
     assert problems == [WalkProblem(tmp_path / "locked", "permission denied")]
 
