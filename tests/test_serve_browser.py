@@ -128,12 +128,13 @@ def test_duplicates_view_shows_a_group_and_a_click_queries_by_its_member(
 ) -> None:
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support import expected_conditions as seen
-    from selenium.webdriver.support.ui import WebDriverWait
+    from selenium.webdriver.support.ui import Select, WebDriverWait
 
     from retrieval import Index, IndexOptions
     from tests.test_collection import make_collection
 
     files = make_collection(tmp_path / "photos")
+    os.utime(files["copy"], ns=(10**18, 10**18))  # the copy is the older file (2001)
     Index.create(
         tmp_path / "idx", tmp_path / "photos", IndexOptions(weights=str(small_model))
     ).close()
@@ -154,6 +155,11 @@ def test_duplicates_view_shows_a_group_and_a_click_queries_by_its_member(
             str(files["original"]),
             str(files["copy"]),
         }
+        assert tiles[0].get_attribute("title") == str(files["original"])  # largest, then path
+        Select(browser.find_element(By.ID, "keep")).select_by_value("oldest")
+        lead = "return document.querySelector('#dup-groups .tile').title"
+        wait.until(lambda d: d.execute_script(lead) == str(files["copy"]))
+        tiles = browser.find_elements(By.CSS_SELECTOR, "#dup-groups .tile")
         clicked = tiles[1].get_attribute("data-id")
         tiles[1].send_keys("\n")  # the keyboard works as a click does
         wait.until(seen.text_to_be_present_in_element((By.ID, "query-title"), f"(#{clicked})"))

@@ -119,6 +119,26 @@ def test_duplicate_groups_page_by_offset_and_limit(client, threshold) -> None:
     assert second["cached"] is True  # the same threshold: the pass ran once
 
 
+def test_keep_picks_each_groups_lead_as_retrieve_duplicates_keep_does(
+    client, built, threshold
+) -> None:
+    files, index_dir = built
+    params = {"threshold": threshold}
+    by_size = client.get("/api/duplicates", params=params).json()
+    by_path = client.get("/api/duplicates", params={**params, "keep": "first"}).json()
+    assert (by_size["keep"], by_path["keep"]) == ("largest", "first")
+    assert by_path["cached"] is False  # another question, not the largest-first answer again
+    # The edited copy is a JPEG q20 of the same pixels: fewer bytes, but first by path.
+    near_by_size, near_by_path = by_size["groups"][1], by_path["groups"][1]
+    assert near_by_size["representative"] == str(files["edited_original"])
+    assert near_by_path["representative"] == str(files["edited"])
+    assert near_by_path["members"][0]["distance"] == 0
+    arguments = ["--index", str(index_dir), "--threshold", str(threshold), "--keep", "first"]
+    printed = CliRunner().invoke(cli, ["duplicates", *arguments, "--json"])
+    expected = [json.loads(line) for line in printed.stdout.splitlines()]
+    assert [{**g, "members": strip_links(g["members"])} for g in by_path["groups"]] == expected
+
+
 def test_a_distance_too_small_for_any_edit_leaves_only_the_exact_tier(client) -> None:
     data = client.get("/api/duplicates", params={"threshold": "0"}).json()
     assert [g["kind"] for g in data["groups"]] == ["exact"]
@@ -190,6 +210,7 @@ def test_concurrent_requests_share_one_calibration(client, monkeypatch) -> None:
         ({"threshold": "1", "limit": "0"}, "limit"),
         ({"threshold": "1", "limit": "501"}, "limit"),
         ({"threshold": "1", "offset": "-1"}, "offset"),
+        ({"threshold": "1", "keep": "newest"}, "keep"),
     ],
 )
 def test_bad_duplicate_parameters_get_422_with_a_message(client, params, word) -> None:

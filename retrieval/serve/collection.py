@@ -24,7 +24,7 @@ from anyio import to_thread
 
 from retrieval.collection.calibration import Calibration, CalibrationOptions, calibrate
 from retrieval.collection.clusters import ClusterReport, cluster_index
-from retrieval.collection.duplicates import DuplicateReport, find_duplicates
+from retrieval.collection.duplicates import KEEP, DuplicateReport, find_duplicates
 from retrieval.collection.near import NearOptions, TooManyPairs
 from retrieval.errors import RetrieveError
 from retrieval.serve.params import Refused, int_param
@@ -113,6 +113,7 @@ class CollectionViews:
         threshold = _threshold(params.get("threshold"))
         offset = int_param(params.get("offset"), "offset", 0, 0, None)
         limit = int_param(params.get("limit"), "limit", 50, 1, MAX_GROUPS_PAGE)
+        keep = _keep(params.get("keep"))
         generation = self.index.generation
         calibration: Calibration | None = None
         cached = True
@@ -122,10 +123,11 @@ class CollectionViews:
             )
             threshold = calibration.threshold
         (generation, report), found = await self.results.get(
-            (generation, "duplicates", threshold), self._run(lambda: self._near(threshold))
+            (generation, "duplicates", threshold, keep),
+            self._run(lambda: self._near(threshold, keep)),
         )
         return _duplicates_json(
-            report, calibration, generation, offset, limit, cached and found, started
+            report, calibration, generation, offset, limit, keep, cached and found, started
         )
 
     def _calibrate(self) -> Calibration:
@@ -135,11 +137,11 @@ class CollectionViews:
             message = str(error).replace("give --threshold", "give ?threshold=D")
             raise Refused(422, message) from None
 
-    def _near(self, threshold: float) -> DuplicateReport:
+    def _near(self, threshold: float, keep: str) -> DuplicateReport:
         count = self.index.count
         near = NearOptions(block=BLOCK, max_pairs=max(MIN_PAIRS, PAIRS_PER_IMAGE * count))
         try:
-            return find_duplicates(self.index, threshold, near=near)
+            return find_duplicates(self.index, threshold, keep=keep, near=near)
         except TooManyPairs as error:
             raise Refused(422, str(error)) from None
 
@@ -179,6 +181,15 @@ def _threshold(text: str | None) -> float | None:
     return value
 
 
+def _keep(text: str | None) -> str:
+    """Which member leads a group, as ``retrieve duplicates --keep``."""
+    if text is None or text == "":
+        return "largest"  # as the CLI's
+    if text not in KEEP:
+        raise Refused(422, f"keep must be one of {', '.join(KEEP)}, not {text[:40]!r}")
+    return text
+
+
 def links(row_id: int) -> dict[str, str]:
     return {"thumb_url": f"/thumb/{row_id}", "image_url": f"/image/{row_id}"}
 
@@ -189,6 +200,7 @@ def _duplicates_json(
     generation: int,
     offset: int,
     limit: int,
+    keep: str,
     cached: bool,
     started: float,
 ) -> dict[str, Any]:
@@ -211,6 +223,7 @@ def _duplicates_json(
             "sampled": calibration.sampled,
         },
         "method": report.method,
+        "keep": keep,
         "summary": report.summary(),
         "total": len(report.groups),
         "exact_groups": len(report.of_kind("exact")),

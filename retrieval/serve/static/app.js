@@ -166,7 +166,7 @@ function strip(title, tiles) {
 async function duplicates(offset) {
   const mine = ++asked.duplicates;
   dupOffset = Math.max(0, offset);
-  const params = new URLSearchParams({ offset: dupOffset, limit: GROUPS });
+  const params = new URLSearchParams({ offset: dupOffset, limit: GROUPS, keep: $("#keep").value });
   const threshold = $("#threshold").value.trim();
   if (threshold) params.set("threshold", threshold);
   note("#dup-status", threshold ? "finding duplicates…"
@@ -297,6 +297,7 @@ function start() {
   $("#prev").addEventListener("click", () => browse(browseOffset - PAGE));
   $("#next").addEventListener("click", () => browse(browseOffset + PAGE));
   $("#dup-form").addEventListener("submit", (event) => { event.preventDefault(); duplicates(0); });
+  $("#keep").addEventListener("change", () => duplicates(dupOffset)); // same groups, new leads
   $("#dup-prev").addEventListener("click", () => duplicates(dupOffset - GROUPS));
   $("#dup-next").addEventListener("click", () => duplicates(dupOffset + GROUPS));
   $("#cluster-form").addEventListener("submit", (event) => { event.preventDefault(); clusters(); });
