@@ -138,7 +138,7 @@ from .progress import stage_bars
     "--checkpoint-every",
     type=click.IntRange(min=0),
     default=0,
-    help="Also save every N steps [default: at the end of each epoch].",
+    help="Also save every N steps [default: at the end of an epoch, once a minute at most].",
 )
 @click.option(
     "--max-steps",

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -94,6 +95,72 @@ def test_a_sub_epoch_time_budget_trains_one_pass_of_a_stratified_subset(
     result = train(shapes, tmp_path / "s.pt", make_recipe(image_size=64), options)
     assert (result.recipe.subset, result.recipe.epochs, result.recipe.steps) == (16, 1, 1)
     assert "16-image subset" in result.plan and len(result.history) == 1
+
+
+def test_a_time_budget_the_plan_misjudged_ends_at_the_last_epoch_that_fits(
+    shapes: Path, tmp_path: Path, monkeypatch
+) -> None:
+    # The probe says a step is free, so the plan is the tiny set's default, 100 epochs; the
+    # epochs measured as they run (each well over 0.1 s) say how many of them really fit.
+    monkeypatch.setattr(budget, "time_steps", lambda *a, **k: 1e-6)
+    seconds = 6.0
+    options = RunOptions(workers=0, time_budget=seconds)
+    recipe = make_recipe(image_size=64)
+    result = train(shapes, tmp_path / "b.pt", recipe, options)
+    assert "100 epochs" in result.plan
+    assert result.finished and 1 <= result.epochs < 100 and len(result.history) == result.epochs
+    assert result.recipe.epochs == result.epochs and result.seconds < 2 * seconds
+    saved = read_checkpoint(tmp_path / "b.pt")
+    assert saved["finished"] and saved["recipe"]["epochs"] == result.epochs
+
+
+def test_a_one_cycle_schedule_redrawn_mid_run_anneals_by_the_new_end() -> None:
+    from retrieval.training.recipes import make_scheduler
+
+    def optimizer() -> torch.optim.SGD:
+        return torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1, momentum=0.9)
+
+    recipe = make_recipe(lr=0.01)
+    long = optimizer()
+    scheduler = make_scheduler(replace(recipe, epochs=100), long, 2)
+    for _ in range(4):  # 2 epochs of 2 steps, still warming up to 100 epochs' peak
+        long.step()
+        scheduler.step()
+    short = replace(recipe, epochs=6)
+    redrawn = make_scheduler(short, long, 2, start_step=4)
+    fresh = optimizer()
+    reference = make_scheduler(short, fresh, 2)
+    for _ in range(4):
+        fresh.step()
+        reference.step()
+    used = []
+    for _ in range(4, 12):  # the rest of the 6 epochs: the rates the steps train with
+        assert long.param_groups[0]["lr"] == pytest.approx(fresh.param_groups[0]["lr"])
+        used.append(long.param_groups[0]["lr"])
+        long.step()
+        redrawn.step()
+        fresh.step()
+        reference.step()
+    assert max(used) > 0.005 and used[-1] < 1e-6  # past its peak and annealed at the last step
+
+
+def test_the_resume_checkpoint_is_written_once_a_minute_not_every_short_epoch(
+    shapes: Path, tmp_path: Path, monkeypatch
+) -> None:
+    from retrieval.training import loop
+
+    saves: list[bool] = []
+    real = loop.save_checkpoint
+    monkeypatch.setattr(
+        loop, "save_checkpoint", lambda *a, **k: saves.append(k["finished"]) or real(*a, **k)
+    )
+    recipe = make_recipe(image_size=64, epochs=3, batch_size=9)
+    train(shapes, tmp_path / "a.pt", recipe, RunOptions(workers=0))
+    assert saves == [True]  # three epochs of a second each: only the finished run is written
+    saves.clear()
+    monkeypatch.setattr(loop, "SAVE_SECONDS", 0.0)
+    train(shapes, tmp_path / "b.pt", recipe, RunOptions(workers=0))
+    assert saves == [False, False, True]
 
 
 def test_a_diverging_run_stops_with_one_line_and_writes_no_checkpoint(

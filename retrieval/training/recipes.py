@@ -197,7 +197,11 @@ def build_model(
     return model
 
 
-def make_scheduler(recipe: Recipe, optimizer: torch.optim.Optimizer, steps_per_epoch: int) -> Any:
+def make_scheduler(
+    recipe: Recipe, optimizer: torch.optim.Optimizer, steps_per_epoch: int, start_step: int = 0
+) -> Any:
+    """The recipe's schedule; ``start_step`` > 0 draws a one-cycle schedule for the recipe's
+    (new) length from that step on, for a run whose end moved."""
     if recipe.name == "onecycle":
         # OneCycleLR divides by zero when a phase has no steps: tiny runs get at least 4 steps.
         total = max((recipe.epochs or 1) * steps_per_epoch, 4)
@@ -208,6 +212,7 @@ def make_scheduler(recipe: Recipe, optimizer: torch.optim.Optimizer, steps_per_e
             pct_start=max(0.25, 1.5 / total),
             base_momentum=0.85,
             max_momentum=recipe.momentum,
+            last_epoch=start_step - 1,
         )
     # Paper section 5: divide by 10 when the validation error stops improving.
     return torch.optim.lr_scheduler.ReduceLROnPlateau(

@@ -38,7 +38,7 @@ class RunOptions:
     device: str = "auto"
     precision: str = "auto"  # "auto": bf16 autocast on CUDA, fp32 on the CPU
     workers: int | None = None
-    checkpoint_every: int = 0  # also save every N steps (0: at the end of each epoch only)
+    checkpoint_every: int = 0  # also save every N steps (0: at epoch ends, once a minute at most)
     max_steps: int | None = None  # stop (with a checkpoint) after this many steps in total
     resume: bool = False
     cache_bytes: int = 4 << 30  # decode a folder data set once if it fits in this much memory
