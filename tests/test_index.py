@@ -235,6 +235,21 @@ def test_bad_file_in_collection_is_a_skipped_row(photos, tmp_path, small_model) 
         _index(photos, tmp_path / "strict", small_model, strict=True)
 
 
+def test_the_index_kind_says_whether_it_is_the_default_or_was_asked_for(
+    photos, tmp_path, small_model
+) -> None:
+    from retrieval.indexes.kinds import IndexSpec
+
+    default = _index(photos, tmp_path / "default", small_model)
+    assert default.index_kind == "Flat"
+    assert default.index_kind_reason.startswith("Flat: the default")
+    asked = _index(photos, tmp_path / "asked", small_model, spec=IndexSpec(kind="Flat"))
+    assert asked.index_kind_reason == "Flat: chosen explicitly"
+    (photos / "extra.png").write_bytes((sorted(photos.rglob("*.png"))[0]).read_bytes())
+    updated = _index(photos, tmp_path / "default", small_model)  # an update keeps the reason
+    assert updated.added == 1 and updated.index_kind_reason == default.index_kind_reason
+
+
 def test_default_index_lives_in_dot_retrieve(photos, in_tmp, small_model) -> None:
     shutil.copytree(photos, in_tmp / "images")
     _index(Path("images"), None, small_model)

@@ -23,6 +23,7 @@ from retrieval.model.identity import Identity
 from retrieval.version import __version__
 
 TRAINING_SEED = 1234
+DEFAULT_KIND_REASON = "Flat: the default, exact (--index-type auto chooses by size and memory)"
 
 
 def _label(path: str) -> str:
@@ -56,9 +57,10 @@ def commit_changes(
             for r in records
             if r.reason is None and r.key in wanted
         )
-        spec, why = auto.resolve_auto(
-            options.spec or kinds.IndexSpec(), n_new, dim, options.memory_budget
-        )
+        if options.spec is None:
+            spec, why = kinds.IndexSpec(), DEFAULT_KIND_REASON
+        else:
+            spec, why = auto.resolve_auto(options.spec, n_new, dim, options.memory_budget)
         if not _streams(spec, dim):
             index = kinds.build_index(spec, dim, _training_sample(chunks, wanted, spec, dim, n_new))
     else:
