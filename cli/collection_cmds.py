@@ -6,6 +6,8 @@ from pathlib import Path
 
 import click
 
+from retrieval.units import counted
+
 from .options import (
     device_option,
     display_path,
@@ -295,7 +297,8 @@ def cluster_command(k, index_dir, as_json, output, pca_dim, seed):
         sizes = clustering.sizes()
         space = f"PCA-{clustering.reduced_to}" if clustering.reduced_to else "fc7"
         click.echo(
-            f"{len(report.rows)} images in {k} clusters ({space}, seed {seed}); "
+            f"{counted(len(report.rows), 'image')} in {counted(k, 'cluster')} "
+            f"({space}, seed {seed}); "
             f"sizes {' '.join(str(int(n)) for n in sizes)}"
         )
         for c in range(k):
@@ -306,7 +309,7 @@ def cluster_command(k, index_dir, as_json, output, pca_dim, seed):
             common = ", ".join(
                 f"{name} {n}" for name, n in sorted(labels.items(), key=lambda kv: -kv[1])[:3]
             )
-            click.echo(f"  cluster {c}: {len(members)} images ({common})")
+            click.echo(f"  cluster {c}: {counted(len(members), 'image')} ({common})")
     if report.scores:
         click.echo(
             f"against folder labels: purity {report.scores['purity']:.3f}, "

@@ -72,6 +72,8 @@ def evaluate_command(
     """Top-1/top-5 of --weights on DATA_DIR (idx test split, val/, test/ or the folder), or with
     --retrieval precision@k and mAP of DATA_DIR's images against an index (same label =
     relevant)."""
+    if not weights and index_dir is not None:
+        retrieval = True  # an index and no classifier: there is only one thing to evaluate
     if retrieval:
         from retrieval import api
 
@@ -92,7 +94,10 @@ def evaluate_command(
                 click.echo(f"{key}: {value}")
         return
     if not weights:
-        raise click.UsageError("give --weights (classifier) or --retrieval (index)")
+        raise click.UsageError(
+            "give --weights CHECKPOINT (top-1/top-5 of a classifier) or --retrieval [--index DIR]"
+            " (precision@k and mAP against an index)"
+        )
     from retrieval.training.evaluate import evaluate_classifier
 
     with stage_bars("batch") as bars:

@@ -101,6 +101,17 @@ def test_evaluate_retrieval_reports_precision_and_map(indexed) -> None:
     assert 0 <= data["precision@3"] <= 1 and 0 <= data["mean_average_precision"] <= 1
 
 
+def test_evaluate_with_an_index_and_no_classifier_evaluates_retrieval(indexed) -> None:
+    asked = json.loads(run("evaluate", indexed, "--retrieval", "-k", "3", "--json").stdout)
+    implied = run("evaluate", indexed, "--index", ".retrieve", "-k", "3", "--json")
+    untimed = {key: value for key, value in asked.items() if key != "seconds"}
+    assert {
+        key: value for key, value in json.loads(implied.stdout).items() if key != "seconds"
+    } == untimed
+    neither = run("evaluate", indexed, ok=False)
+    assert neither.exit_code == 2 and "--weights CHECKPOINT" in neither.output
+
+
 def test_recall_compares_an_approximate_index_with_the_exact_one(indexed, small_model) -> None:
     run("index", "images", "--index", "hnsw", "--index-type", "HNSW32", "--weights", small_model)
     data = json.loads(

@@ -52,6 +52,13 @@ def test_cluster_assigns_every_image_exactly_once(indexed, tmp_path) -> None:
     assert again.stdout == result.stdout  # seeded
 
 
+def test_a_small_collection_clusters_without_faiss_asking_for_more_points(indexed, capfd):
+    result = CliRunner().invoke(cli(), ["cluster", "-n", "3", "--index", str(indexed.directory)])
+    assert result.exit_code == 0, result.output
+    assert "15 images in 3 clusters" in result.stdout
+    assert "please provide" not in capfd.readouterr().err  # faiss's own warning, on fd 2
+
+
 def test_kmeans_separates_well_apart_blobs_in_full_and_pca_space() -> None:
     rng = np.random.default_rng(0)
     centres = rng.normal(scale=10, size=(4, 64))

@@ -67,7 +67,11 @@ def kmeans(
         get, dim = source.take, source.dim
     train = get(sample_positions(source.count, min(train_sample, 256 * k), seed))
     # nredo: the best of a few seeded starts; one start lands in a local minimum too often.
-    model = faiss.Kmeans(dim, k, niter=niter, nredo=nredo, seed=seed, verbose=False)
+    # min_points_per_centroid=1: the whole collection is clustered, however small; faiss's
+    # default (39) only prints "please provide at least 156 training points" for 25 photos.
+    model = faiss.Kmeans(
+        dim, k, niter=niter, nredo=nredo, seed=seed, verbose=False, min_points_per_centroid=1
+    )
     model.train(np.ascontiguousarray(train, np.float32))
     assignment = np.empty(source.count, np.int64)
     distance = np.empty(source.count, np.float32)
