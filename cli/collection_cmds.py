@@ -257,7 +257,8 @@ def export_command(index_dir, output, fmt, float16, rows_per_shard):
             ix, output, fmt=fmt, float16=float16, rows_per_shard=rows_per_shard, progress=bar
         )
     click.echo(
-        f"wrote {report.rows} vectors ({report.dtype}) in {report.shards} shards to "
+        f"wrote {counted(report.rows, 'vector')} ({report.dtype}) in "
+        f"{counted(report.shards, 'shard')} to "
         f"{display_path(str(report.folder))}"
     )
 
