@@ -163,6 +163,17 @@ def test_the_resume_checkpoint_is_written_once_a_minute_not_every_short_epoch(
     assert saves == [False, False, True]
 
 
+def test_one_class_folder_is_refused_before_training(tmp_path: Path) -> None:
+    from retrieval.cli.main import cli
+
+    make_labelled_folder(tmp_path / "one", classes=1, per_class=6, size=48)
+    out = tmp_path / "one.pt"
+    args = ["train", str(tmp_path / "one"), "-o", str(out), "--image-size", "64", "--epochs", "1"]
+    result = CliRunner().invoke(cli, args)
+    assert result.exit_code == 1 and "needs at least 2" in result.output.strip().splitlines()[-1]
+    assert not out.exists()
+
+
 def test_a_diverging_run_stops_with_one_line_and_writes_no_checkpoint(
     shapes: Path, tmp_path: Path
 ) -> None:

@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from retrieval.errors import WeightsError
+from retrieval.errors import DataError, WeightsError
 from retrieval.model.alexnet import AlexNet
 from retrieval.model.preprocess import IMAGENET_MEAN, IMAGENET_STD, Preprocessing
 from retrieval.model.weights import GREY_MEAN, GREY_STD, read_checkpoint
@@ -82,6 +82,13 @@ def make_optimizer(model: AlexNet, recipe: Recipe) -> torch.optim.SGD:
 def open_run_data(data_dir: str | Path, recipe: Recipe) -> DataSplits:
     """The splits, subset taken (file lists only: nothing decoded yet)."""
     data = open_training_data(data_dir, val_fraction=recipe.val_fraction, seed=recipe.seed)
+    if len(data.classes) < 2:
+        # One class is a loss of zero from the first step: nothing would be learned.
+        only = f" ({data.classes[0]})" if data.classes else ""
+        raise DataError(
+            f"{data_dir} has one class folder{only}: training tells classes apart, so it needs "
+            "at least 2 (to index without training, use --weights imagenet or random)"
+        )
     if recipe.subset and recipe.subset < len(data.train):
         fraction = recipe.subset / len(data.train)
         _, keep = stratified_split(data.train.labels, fraction, recipe.seed)
