@@ -107,7 +107,8 @@ def test_a_time_budget_the_plan_misjudged_ends_at_the_last_epoch_that_fits(
     options = RunOptions(workers=0, time_budget=seconds)
     recipe = make_recipe(image_size=64)
     result = train(shapes, tmp_path / "b.pt", recipe, options)
-    assert "100 epochs" in result.plan
+    assert "100 epochs" in result.plan and "fit, not 100" in result.plan
+    assert result.history[-1]["epochs"] == result.epochs
     assert result.finished and 1 <= result.epochs < 100 and len(result.history) == result.epochs
     assert result.recipe.epochs == result.epochs and result.seconds < 2 * seconds
     saved = read_checkpoint(tmp_path / "b.pt")

@@ -173,14 +173,12 @@ class _Run:
         self.steps_per_epoch = math.ceil(len(self.data.train) / recipe.batch_size)
         self.scheduler = make_scheduler(recipe, self.optimizer, self.steps_per_epoch)
         self.epoch, self.step, self.history, self.seen, self.loss_sum = 0, 0, [], 0, 0.0
-        self.saved_at = time.perf_counter()  # nothing to lose yet
-        self.first_epoch, self.epochs_started = 0, time.perf_counter()
+        self.saved_at = self.epochs_started = time.perf_counter()  # nothing to lose yet
         if state is not None:
             self.seen, self.loss_sum = state["train_state"]["epoch_loss"]
             self.optimizer.load_state_dict(state["train_state"]["optimizer"])
             self.scheduler.load_state_dict(state["train_state"]["scheduler"])
             self.epoch, self.step, self.history = state["epoch"], state["step"], state["metrics"]
-            self.first_epoch = self.epoch
         self.autocast = autocast_for(self.device, options.precision)
         self.watch = DivergenceWatch(n_classes)
         self.metrics_path = metrics_log_path(output)
@@ -244,9 +242,9 @@ class _Run:
         only guess are most of the time. The one-cycle schedule is redrawn to anneal by the new
         end (from the step it is at, so the learning rate steps down)."""
         if self.deadline is None or self.epoch >= self.recipe.epochs:
-            return
+            return  # (a resumed run has no deadline: the time before it is unknown)
         now = time.perf_counter()
-        per_epoch = (now - self.epochs_started) / max(self.epoch - self.first_epoch, 1)
+        per_epoch = (now - self.epochs_started) / self.epoch
         left = self.deadline - now
         # Within the plan's tolerance the end stays where it is (a cut by one epoch for noise
         # would end the run before its schedule anneals); past it, aim at the deadline.
@@ -254,13 +252,12 @@ class _Run:
             return
         fit = max(math.floor(left / per_epoch), 0)
         epochs = self.epoch + fit
-        log.info(
-            "time budget: %s fit, not %d (%.2f s per epoch with validation and saves, "
-            "measured here)",
-            counted(epochs, "epoch"),
-            self.recipe.epochs,
-            per_epoch,
+        cut = (
+            f"{counted(epochs, 'epoch')} fit, not {self.recipe.epochs} ({per_epoch:.2f} s per "
+            "epoch with validation and saves, measured here)"
         )
+        log.info("time budget: %s", cut)
+        self.plan = f"{self.plan}; then {cut}" if self.plan else cut
         self.recipe = replace(self.recipe, epochs=epochs, steps=epochs * self.steps_per_epoch)
         if fit and self.recipe.name == "onecycle":
             self.scheduler = make_scheduler(
@@ -356,6 +353,7 @@ class _Run:
             self.best = {"epoch": row["epoch"], "select": self.recipe.select, "score": score}
             self.best_state = self.current_state()
         self.keep_to_budget()
+        row["epochs"] = self.recipe.epochs  # the log line says the end as it now stands
         finished = self.epoch >= self.recipe.epochs
         if finished or time.perf_counter() - self.saved_at >= SAVE_SECONDS:
             self.save(finished=finished)
