@@ -97,6 +97,14 @@ def test_a_sub_epoch_time_budget_trains_one_pass_of_a_stratified_subset(
     assert "16-image subset" in result.plan and len(result.history) == 1
 
 
+def test_a_run_keeps_its_planned_end_within_the_tolerance_and_else_ends_where_it_fits() -> None:
+    # 10 of 100 epochs done in 20 s of a 60 s budget: 2 s each, 40 s left.
+    assert budget.epochs_that_fit(10, 100, 2.0, 40.0, 60.0) == 30
+    assert budget.epochs_that_fit(10, 32, 2.0, 40.0, 60.0) == 32  # 44 s: within 10% of 60
+    assert budget.epochs_that_fit(10, 34, 2.0, 40.0, 60.0) == 30  # 48 s: past it
+    assert budget.epochs_that_fit(10, 100, 2.0, -5.0, 60.0) == 10  # already late: end now
+
+
 def test_a_time_budget_the_plan_misjudged_ends_at_the_last_epoch_that_fits(
     shapes: Path, tmp_path: Path, monkeypatch
 ) -> None:

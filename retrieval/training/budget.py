@@ -187,6 +187,17 @@ def fit_steps(recipe: Recipe, fit: int, wanted: int, n_train: int) -> Recipe:
     return resolve_budget(replace(recipe, epochs=passes, subset=subset), subset)
 
 
+def epochs_that_fit(
+    done: int, planned: int, seconds_per_epoch: float, left: float, budget: float
+) -> int:
+    """Where a ``--time-budget`` run ends, by its epochs as measured: where it was planned
+    while the rest fits within ``TOLERANCE`` of the budget (a cut by one epoch for noise would
+    end it before its schedule anneals), else after as many more epochs as fit in ``left``."""
+    if (planned - done) * seconds_per_epoch <= left + TOLERANCE * budget:
+        return planned
+    return done + max(math.floor(left / seconds_per_epoch), 0)
+
+
 def parse_duration(text: str) -> float:
     """``90s``, ``10m``, ``1.5h`` or plain seconds, as seconds."""
     units = {"s": 1, "m": 60, "h": 3600}

@@ -28,7 +28,7 @@ from retrieval.model.preprocess import Preprocessing
 from retrieval.model.weights import save_checkpoint
 from retrieval.progress import silent
 from retrieval.training.augment import BatchTransform, PCAColor, resize_for
-from retrieval.training.budget import TOLERANCE, plan_for_time, resolve_budget
+from retrieval.training.budget import epochs_that_fit, plan_for_time, resolve_budget
 from retrieval.training.evaluate import autocast_for, validate
 from retrieval.training.monitor import (
     DivergenceWatch,
@@ -246,12 +246,9 @@ class _Run:
         now = time.perf_counter()
         per_epoch = (now - self.epochs_started) / self.epoch
         left = self.deadline - now
-        # Within the plan's tolerance the end stays where it is (a cut by one epoch for noise
-        # would end the run before its schedule anneals); past it, aim at the deadline.
-        if (self.recipe.epochs - self.epoch) * per_epoch <= left + TOLERANCE * self.budget:
+        epochs = epochs_that_fit(self.epoch, self.recipe.epochs, per_epoch, left, self.budget)
+        if epochs == self.recipe.epochs:
             return
-        fit = max(math.floor(left / per_epoch), 0)
-        epochs = self.epoch + fit
         cut = (
             f"{counted(epochs, 'epoch')} fit, not {self.recipe.epochs} ({per_epoch:.2f} s per "
             "epoch with validation and saves, measured here)"
@@ -259,7 +256,7 @@ class _Run:
         log.info("time budget: %s", cut)
         self.plan = f"{self.plan}; then {cut}" if self.plan else cut
         self.recipe = replace(self.recipe, epochs=epochs, steps=epochs * self.steps_per_epoch)
-        if fit and self.recipe.name == "onecycle":
+        if epochs > self.epoch and self.recipe.name == "onecycle":
             self.scheduler = make_scheduler(
                 self.recipe, self.optimizer, self.steps_per_epoch, start_step=self.global_step
             )
