@@ -55,6 +55,7 @@ def _register() -> None:
     from . import (
         collection_cmds,
         demo_cmds,
+        duplicates_cmds,
         eval_cmds,
         extract_cmds,
         figure_cmds,
@@ -68,6 +69,7 @@ def _register() -> None:
         index_cmds,
         query_cmds,
         figure_cmds,
+        duplicates_cmds,
         collection_cmds,
         serve_cmds,
         eval_cmds,

@@ -115,3 +115,13 @@ def display_path(path: str) -> str:
 def emit_json(data: object) -> None:
     # ASCII escapes keep any file name (even one that is not valid UTF-8) exact and parseable.
     click.echo(json.dumps(data, ensure_ascii=True))
+
+
+def open_index(index_dir: Path | None, weights: str | None = None, device: str = "cpu") -> Any:
+    """The :class:`retrieval.Index` a whole-collection command reads, embedding (the
+    duplicates' calibration) on every usable core."""
+    from retrieval import Index
+    from retrieval.extraction.types import ExtractOptions
+
+    extract = ExtractOptions(device=device, threads=usable_cores())
+    return Index.open(index_dir, weights=weights, device=device, extract=extract)

@@ -143,10 +143,10 @@ def test_calibration_uses_the_collections_own_edited_copies(collection) -> None:
 def cli():
     import click
 
-    from retrieval.cli import collection_cmds
+    from retrieval.cli import duplicates_cmds
 
     group = click.Group()
-    collection_cmds.register(group)
+    duplicates_cmds.register(group)
     return group
 
 
