@@ -29,6 +29,7 @@ if TYPE_CHECKING:
     from retrieval.indexes.rows import Row
 
 KEEP = ("largest", "oldest", "first")
+DEFAULT_KEEP = "largest"  # also the CLI's --keep default
 
 
 @dataclass
@@ -117,7 +118,7 @@ def find_duplicates(
     index: Index,
     threshold: float,
     *,
-    keep: str = "largest",
+    keep: str = DEFAULT_KEEP,
     near: NearOptions | None = None,
     progress: Callable[[int, int], None] | None = None,
 ) -> DuplicateReport:

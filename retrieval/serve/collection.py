@@ -24,7 +24,12 @@ from anyio import to_thread
 
 from retrieval.collection.calibration import Calibration, CalibrationOptions, calibrate
 from retrieval.collection.clusters import ClusterReport, cluster_index
-from retrieval.collection.duplicates import KEEP, DuplicateReport, find_duplicates
+from retrieval.collection.duplicates import (
+    DEFAULT_KEEP,
+    KEEP,
+    DuplicateReport,
+    find_duplicates,
+)
 from retrieval.collection.near import NearOptions, TooManyPairs
 from retrieval.errors import RetrieveError
 from retrieval.serve.params import Refused, int_param
@@ -184,7 +189,7 @@ def _threshold(text: str | None) -> float | None:
 def _keep(text: str | None) -> str:
     """Which member leads a group, as ``retrieve duplicates --keep``."""
     if text is None or text == "":
-        return "largest"  # as the CLI's
+        return DEFAULT_KEEP
     if text not in KEEP:
         raise Refused(422, f"keep must be one of {', '.join(KEEP)}, not {text[:40]!r}")
     return text
