@@ -47,7 +47,6 @@ from retrieval.extraction.cpu import (
     default_threads,
     default_workers,
 )
-from retrieval.extraction.cuda import cuda_settings
 from retrieval.extraction.mapper import Fc7Mapper
 from retrieval.extraction.types import CPU_BATCH, GPU_BATCH, ExtractOptions
 from retrieval.images.decode import DEFAULT_MAX_MEGAPIXELS
@@ -180,8 +179,7 @@ def int8_mapper(loaded, device: torch.device) -> Fc7Mapper:
         head = torch.ao.quantization.quantize_dynamic(
             copy.deepcopy(mapper.module.head), {nn.Linear}, dtype=torch.qint8
         )
-    mapper.module.head = head
-    mapper._forward = mapper.module
+    mapper.module.head = head  # the mapper's classify step runs it (no fold: not nn.Linear)
     return mapper
 
 
@@ -189,6 +187,7 @@ def retrieve_index(
     folder: Path, index_dir: Path, weights: str, extract: ExtractOptions
 ) -> tuple[float, api.IndexReport]:
     """The real pipeline, timed whole; int8 runs it with the quantised mapper (recorded fp32)."""
+    from retrieval.extraction.embedder import Embedder
     from retrieval.indexing.run import index_folder
 
     int8 = extract.precision == "int8"
@@ -198,9 +197,9 @@ def retrieve_index(
     )
     start = time.perf_counter()
     if int8:
-        loaded = load_model(weights)
-        mapper = int8_mapper(loaded, resolve_device(extract.device))
-        report = index_folder(folder, index_dir, options, model=loaded, mapper=mapper)
+        embedder = Embedder(load_model(weights), "fp32", extract)
+        embedder.mapper = int8_mapper(embedder.loaded, resolve_device(extract.device))
+        report = index_folder(folder, index_dir, options, embedder=embedder)
     else:
         report = api.index_folder(folder, index_dir, options)
     return report.count / (time.perf_counter() - start), report
@@ -245,7 +244,7 @@ class _NoModel:
     def __init__(self, device: torch.device) -> None:
         self.device, self.out_features = device, 4096
 
-    def __call__(self, crops: torch.Tensor, pad_to: int | None = None) -> torch.Tensor:
+    def __call__(self, crops: torch.Tensor) -> torch.Tensor:
         return torch.zeros((crops.shape[0], self.out_features), device=crops.device)
 
 
@@ -270,8 +269,8 @@ def model_ceiling(
     seconds: float = 4.0,
     compiled: bool = False,
 ) -> float:
-    # The pipeline's own CUDA settings: fp32 without TF32, cuDNN autotuning the fixed shape.
-    with _torch_threads(threads), cuda_settings(device, precision):
+    # The mapper applies the pipeline's own numeric policy (fixed shapes, IEEE fp32 on CUDA).
+    with _torch_threads(threads):
         return _model_ceiling(weights, device, precision, batch, seconds, compiled)
 
 

@@ -50,6 +50,17 @@ def parse_device(device: str) -> DeviceRequest:
     return DeviceRequest(match.group(1), int(match.group(2) or 0))
 
 
+def one_device(device: str, also: str) -> str:
+    """The one device of an object given two (an ``Index``'s ``device`` and its extraction
+    options' ``device``): the one that is not ``auto``; both named and different is refused."""
+    parse_device(device), parse_device(also)
+    if device == "auto" or device == also:
+        return also
+    if also != "auto":
+        raise RetrieveError(f"two devices given, {device} and {also}: name one")
+    return device
+
+
 def resolve_device(device: str = "auto") -> torch.device:
     """The torch device for ``device``; asking for CUDA where there is none is a user error."""
     import torch

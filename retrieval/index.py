@@ -17,6 +17,7 @@ reloads.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import itertools
 import os
 import threading
@@ -26,6 +27,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from retrieval.devices import one_device
 from retrieval.errors import RetrieveError
 from retrieval.extraction.types import ExtractOptions
 from retrieval.indexes import store
@@ -78,15 +80,14 @@ class Index:
         search_precision: str = "fp32",
     ) -> None:
         self.directory = directory
-        self.device = device
+        self.device = one_device(device, extract.device)
         self.search_precision = search_precision
         self._lock = threading.Lock()
         self._embedder = QueryEmbedder(
             lambda: self.manifest,
             what=f"the index at {directory}",
             weights=weights,
-            device=device,
-            extract=extract,
+            extract=dataclasses.replace(extract, device=self.device),
         )
         self._view = _View(snapshot, device, search_precision)
         self._closed = False
@@ -133,7 +134,12 @@ class Index:
         from retrieval.indexing.run import index_folder
 
         index_folder(Path(images), Path(directory), options, progress)
-        return cls.open(directory, weights=options.weights, extract=options.extract)
+        return cls.open(
+            directory,
+            weights=options.weights,
+            device=options.extract.device,
+            extract=options.extract,
+        )
 
     # -- what it holds -------------------------------------------------------------------------
 
@@ -426,9 +432,14 @@ class Index:
         """Make the index follow ``folder`` (only what changed is embedded), then reload."""
         from retrieval.indexing.run import index_folder
 
-        reuse = not options.weights and not options.rebuild
-        model, mapper = (self._embedder.loaded() if reuse else None) or (None, None)
-        report = index_folder(Path(folder), self.directory, options, progress, model, mapper)
+        extract = dataclasses.replace(
+            options.extract, device=one_device(self.device, options.extract.device)
+        )
+        options = dataclasses.replace(options, extract=extract)
+        same_place = extract.device == self.device
+        reuse = not options.weights and not options.rebuild and same_place
+        embedder = self._embedder.for_indexing() if reuse else None
+        report = index_folder(Path(folder), self.directory, options, progress, embedder)
         self.reload()
         return report
 

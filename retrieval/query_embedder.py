@@ -3,14 +3,13 @@
 ``retrieval.Index`` holds one :class:`QueryEmbedder`. It loads the model on the first image it
 must embed (not when the index opens: a search by stored vectors needs none), checks it against
 the identity of the generation the index has open *then* (a reload may swap it), and sets it to
-that generation's preprocessing and precision. It sits beside ``retrieval.index``, not in
-``retrieval.search``: it reuses the indexing run's model checks, and search stays independent of
-indexing (pyproject's import-linter layers).
+that generation's preprocessing and precision. Every vector goes through one
+:class:`~retrieval.extraction.embedder.Embedder`; the model checks are the model package's
+(``retrieval.model.recorded``), so the read path imports nothing of the write path.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import os
 import threading
@@ -27,7 +26,7 @@ from retrieval.model.identity import Identity
 if TYPE_CHECKING:
     from PIL import Image
 
-    from retrieval.extraction.mapper import Fc7Mapper
+    from retrieval.extraction.embedder import Embedder
     from retrieval.model.weights import LoadedModel
 
     # A query image: a file (or a folder of them), encoded bytes (an upload), or a PIL image.
@@ -45,30 +44,28 @@ class QueryEmbedder:
         *,
         what: str,
         weights: str | None = None,
-        device: str = "auto",
         extract: ExtractOptions = ExtractOptions(),
     ) -> None:
         """``manifest`` returns the current generation's manifest (read at load time, so a
-        reload's new identity is the one checked); ``what`` names the index in refusals."""
+        reload's new identity is the one checked); ``what`` names the index in refusals;
+        ``extract.device`` is the one device every embedding runs on."""
         self._manifest = manifest
         self._what = what
         self._weights = weights
-        self._device = device
         self._asked = extract  # as the caller gave them: precision may be None or "auto"
-        self._extract = extract  # as resolved against the generation the model was loaded for
         self._lock = threading.Lock()
-        self._model: LoadedModel | None = None
-        self._mapper: Fc7Mapper | None = None
+        self._queries: Embedder | None = None
+        self._indexing: Embedder | None = None
 
-    def _loaded(self) -> tuple[LoadedModel, Fc7Mapper]:
+    def _loaded(self) -> Embedder:
         with self._lock:
-            if self._model is None or self._mapper is None:
-                self._model, self._mapper = self._load()
-            return self._model, self._mapper
+            if self._queries is None:
+                self._queries = self._load()
+            return self._queries
 
-    def _load(self) -> tuple[LoadedModel, Fc7Mapper]:
-        from retrieval.extraction import make_mapper
-        from retrieval.indexing.run import checked_model, load_recorded_model
+    def _load(self) -> Embedder:
+        from retrieval.extraction.embedder import Embedder
+        from retrieval.model.recorded import checked_model, load_recorded_model
         from retrieval.model.weights import load_model
 
         manifest = self._manifest()
@@ -79,18 +76,16 @@ class QueryEmbedder:
         loaded, precision = checked_model(identity, loaded, asked, what=self._what)
         if identity.precision == "bf16" and asked in (None, "auto"):
             precision = self._bf16_or_fp32(manifest)
-        options = dataclasses.replace(self._asked, device=self._device, precision=precision)
-        self._extract = options
-        return loaded, make_mapper(loaded, options)
+        return Embedder(loaded, precision, self._asked)
 
     def _bf16_or_fp32(self, manifest: dict[str, Any]) -> str:
         """A bf16 index's queries: bf16 where it is native (GPUs, CPUs with AVX-512 BF16 / AMX),
         so an indexed image finds itself at distance 0; where it is emulated (~6x slower), fp32
         if the index measured that fp32 finds the same neighbours (``fp32_agreement``)."""
         from retrieval.devices import fast_bf16, resolve_device
-        from retrieval.indexing.agreement import fp32_allowed
+        from retrieval.model.recorded import fp32_allowed
 
-        if fast_bf16(resolve_device(self._device)) or not fp32_allowed(manifest):
+        if fast_bf16(resolve_device(self._asked.device)) or not fp32_allowed(manifest):
             return "bf16"
         log.info(
             "embedding queries in fp32: bf16 is not native here, and the index measured a "
@@ -102,43 +97,47 @@ class QueryEmbedder:
     @property
     def model(self) -> LoadedModel:
         """Loaded on first use, checked against the identity, set to its preprocessing."""
-        return self._loaded()[0]
+        return self._loaded().loaded
 
-    def loaded(self) -> tuple[LoadedModel, Fc7Mapper] | None:
-        """The model and its mapper if already loaded (an update reuses them), else None."""
+    @property
+    def queries(self) -> Embedder:
+        """What queries are embedded with (loads the model)."""
+        return self._loaded()
+
+    def for_indexing(self) -> Embedder | None:
+        """The loaded model at the index's own precision, for an update (which must store what
+        a run of ``retrieve index`` stores, never a query's fp32); None if not loaded yet."""
         with self._lock:
-            if self._model is None or self._mapper is None:
+            if self._queries is None:
                 return None
-            return self._model, self._mapper
+            if self._indexing is None:
+                recorded = self._manifest()["identity"]["precision"]
+                self._indexing = self._queries.at_precision(recorded)
+            return self._indexing
 
     def forget(self) -> None:
         """Drop the model: the index was rebuilt with another, loaded when next needed."""
         with self._lock:
-            self._model = self._mapper = None
+            self._queries = self._indexing = None
 
     @property
     def precision(self) -> str:
         """What queries are embedded at, as resolved when the model loaded (so it loads it)."""
-        self._loaded()
-        return self._extract.precision
+        return self._loaded().precision
 
     def embed(
         self, queries: Sequence[Query], *, flip: bool = False
     ) -> tuple[np.ndarray, list[Any]]:
         """Files go through the extraction reader; bytes, PIL images and flipped files are
         decoded here, with an unreadable file a record, not an error."""
-        from retrieval.extraction import embed_decoded, extract_images
-
-        model, mapper = self._loaded()
+        embedder = self._loaded()
         files = [q for q in queries if isinstance(q, str | os.PathLike)]
         if files and len(files) != len(queries):
             raise RetrieveError("give files, or images in memory, not both in one call")
         if files and not flip:
-            return extract_images([Path(q) for q in files], model, self._extract, mapper)
+            return embedder.all_files([Path(q) for q in files])
         read = [_read(q) for q in queries] if files else [(q, None) for q in queries]
-        features, records = embed_decoded(
-            [data for data, _ in read], mapper, self._extract.max_megapixels, flip=flip
-        )
+        features, records = embedder.images([data for data, _ in read], flip=flip)
         for record, query, (_, why) in zip(records, queries, read):
             if files:
                 record.path = str(query)
@@ -148,10 +147,7 @@ class QueryEmbedder:
 
     def embed_files(self, paths: Sequence[Path]) -> Iterator[Any]:
         """Batches of ``ExtractedBatch``, streamed (memory flat for any number of files)."""
-        from retrieval.extraction import extract_fc7
-
-        model, mapper = self._loaded()
-        yield from extract_fc7([Path(p) for p in paths], model, self._extract, mapper)
+        yield from self._loaded().files(paths)
 
     def predict(self, features: np.ndarray, top: int = 5) -> list[list[tuple[str, float]]]:
         """The model's own head on fc7 rows, softmaxed: ``top`` (class, probability) a row."""

@@ -26,7 +26,6 @@ from retrieval.extraction.cuda import (
     _Jpeg,
     _launch,
     assemble,
-    cuda_settings,
     decode_items,
     extract_on_device,
     read_for_device,
@@ -260,18 +259,6 @@ def test_crops_are_assembled_without_index_tensors(tmp_path: Path, monkeypatch) 
     got = assemble(images, crops, SMALL, CPU)
     monkeypatch.undo()
     assert torch.equal(got, want) and got.shape == (6, 3, 56, 56)
-
-
-def test_fp32_on_cuda_turns_tf32_off_and_autotunes_then_restores() -> None:
-    cudnn, matmul = torch.backends.cudnn, torch.backends.cuda.matmul
-    before = (cudnn.benchmark, cudnn.allow_tf32, matmul.allow_tf32)
-    with cuda_settings(torch.device("cuda"), "fp32"):
-        assert (cudnn.benchmark, cudnn.allow_tf32, matmul.allow_tf32) == (True, False, False)
-    assert (cudnn.benchmark, cudnn.allow_tf32, matmul.allow_tf32) == before
-    with cuda_settings(torch.device("cuda"), "bf16"):
-        assert cudnn.benchmark and cudnn.allow_tf32 == before[1]
-    with cuda_settings(CPU, "fp32"):
-        assert (cudnn.benchmark, cudnn.allow_tf32, matmul.allow_tf32) == before
 
 
 def test_unknown_decode_ordering_is_refused() -> None:

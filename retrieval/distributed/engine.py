@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from retrieval.devices import choose_precision, usable_cores
+from retrieval.devices import choose_precision, parse_device, usable_cores
 from retrieval.distributed.manifest import PART_FILES, Manifest, Part, Source, plan, read_part
 from retrieval.errors import RetrieveError
 from retrieval.images.decode import DEFAULT_MAX_MEGAPIXELS
@@ -110,8 +110,12 @@ def extract_with_ray(
     options: RayOptions = RayOptions(),
     on_part: Callable[[int, int], None] | None = None,
     on_batch: Callable[[int], None] | None = None,
+    preprocessing: dict | None = None,
 ) -> RunReport:
-    """Extract every file of ``source`` into fc7 shards in ``out`` (resuming a run there)."""
+    """Extract every file of ``source`` into fc7 shards in ``out`` (resuming a run there).
+    ``preprocessing``: the one an index recorded (an update embeds as its index did), else the
+    weights' own."""
+    from retrieval.model.preprocess import Preprocessing
     from retrieval.model.weights import load_model
 
     try:
@@ -121,6 +125,8 @@ def extract_with_ray(
         raise RetrieveError("--engine ray needs Ray: pip install 'retrieve[ray]'") from None
     started = time.perf_counter()
     loaded = load_model(weights)
+    if preprocessing is not None:
+        loaded.preprocessing = Preprocessing.from_dict(preprocessing)
     out = Path(out)
     connect(options)
     device, num_gpus, actors = _placement(options, ray.cluster_resources())
@@ -158,7 +164,9 @@ def extract_with_ray(
 def _placement(options: RayOptions, resources: dict) -> tuple[str, float, int]:
     gpus = int(resources.get("GPU", 0))
     cpus = int(resources.get("CPU", 1))
-    use_gpu = options.device == "cuda" or (options.device == "auto" and gpus > 0)
+    # Ray gives each GPU actor its own device: an ordinal (cuda:N) names no GPU of the cluster.
+    kind = parse_device(options.device).kind
+    use_gpu = kind == "cuda" or (kind == "auto" and gpus > 0)
     if use_gpu and gpus == 0:
         raise RetrieveError("--device cuda: the Ray cluster has no GPUs")
     if options.actors is not None:
@@ -213,6 +221,7 @@ def _pipeline(dataset, job: _Job):
                 "weights": job.weights,
                 "sha256": job.sha256,
                 "device": job.device,
+                "preprocessing": job.preprocessing,
                 "precision": options.precision,
                 "threads": None if job.num_gpus else max(1, int(options.actor_cpus)),
                 "max_megapixels": options.max_megapixels,

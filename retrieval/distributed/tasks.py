@@ -130,6 +130,7 @@ class Fc7Actor:
         precision: str,
         threads: int | None,
         max_megapixels: float = 175.0,
+        preprocessing: dict[str, Any] | None = None,
     ) -> None:
         import torch
 
@@ -144,6 +145,8 @@ class Fc7Actor:
                 f"{weights} on {os.uname().nodename} has weights {loaded.sha256[:12]}, the run "
                 f"planned with {sha256[:12]}: every node must see the same weights file"
             )
+        if preprocessing is not None:  # the run's (an index's recorded one), not the file's
+            loaded.preprocessing = Preprocessing.from_dict(preprocessing)
         self.torch = torch
         self.mapper = Fc7Mapper(loaded, torch.device(device), precision)
         self.dim = loaded.fc7_dim

@@ -119,7 +119,7 @@ def extract_on_cpu(
                 features = np.zeros((0, mapper.out_features), dtype=np.float32)
             else:
                 start = time.perf_counter()
-                features = mapper(pixels, pad_to=options.batch_size).numpy()
+                features = mapper(pixels).numpy()
                 times.model = time.perf_counter() - start
             times.images = len(features)
             times.skipped = len(records) - len(features)

@@ -17,8 +17,8 @@ between decoding and the model waits for the device (no index tensors, no pageab
 
 Stage times: decoding on the host clock (it returns when the pixels are ready, so waiting for
 the previous batch is not counted), cropping and the model from CUDA events; reader times are
-summed over the threads. "fp32" on CUDA is IEEE fp32 (TF32 off) and cuDNN autotunes the fixed
-batch shape (:func:`cuda_settings`).
+summed over the threads. The numeric policy ("fp32" is IEEE fp32, deterministic cuDNN, fixed
+shapes) is the mapper's, the same for every road a vector takes.
 
 The same code runs on the CPU (torchvision decodes with libjpeg-turbo there), which is how
 ``tests/test_gpu_decode.py`` checks its order, records and fallbacks without a GPU; its tests
@@ -27,7 +27,6 @@ marked ``cuda`` run it with nvjpeg.
 
 from __future__ import annotations
 
-import contextlib
 import time
 from collections import deque
 from collections.abc import Iterator, Sequence
@@ -267,7 +266,7 @@ def _launch(
     marks.mark()
     host = None
     if crops is not None:
-        fc7 = mapper(crops, pad_to=options.batch_size or GPU_BATCH)
+        fc7 = mapper(crops)
         if device.type == "cuda":
             host = torch.empty(fc7.shape, dtype=torch.float32, pin_memory=True)
             host.copy_(fc7, non_blocking=True)
@@ -278,28 +277,6 @@ def _launch(
     for _, _, item_times in items:  # after decode_items, which may add CPU fallbacks
         times.add(item_times)
     return _InFlight([record for record, _, _ in items], host, marks, times)
-
-
-@contextlib.contextmanager
-def cuda_settings(device: torch.device, precision: str) -> Iterator[None]:
-    """cuDNN autotuning on (every batch has one shape), and "fp32" that is IEEE fp32.
-
-    PyTorch lets cuDNN run fp32 convolutions in TF32 by default (10-bit mantissa), so a run
-    labelled fp32 was not; here fp32 turns TF32 off for convolutions and matmuls, and bf16 is
-    the fast path. Both settings are put back afterwards.
-    """
-    if device.type != "cuda":
-        yield
-        return
-    cudnn, matmul = torch.backends.cudnn, torch.backends.cuda.matmul
-    before = (cudnn.benchmark, cudnn.allow_tf32, matmul.allow_tf32)
-    cudnn.benchmark = True
-    if precision == "fp32":
-        cudnn.allow_tf32 = matmul.allow_tf32 = False
-    try:
-        yield
-    finally:
-        cudnn.benchmark, cudnn.allow_tf32, matmul.allow_tf32 = before
 
 
 def extract_on_device(
@@ -343,25 +320,22 @@ def extract_on_device(
     # nvjpeg's rare refusals are decoded by Pillow here, not behind the read-ahead queue.
     fallback = ThreadPoolExecutor(FALLBACK_THREADS, "retrieve-fallback")
     try:
-        with cuda_settings(mapper.device, mapper.precision):
-            for _ in range(READ_AHEAD):
+        for _ in range(READ_AHEAD):
+            read_next_batch()
+        in_flight: _InFlight | None = None
+        resumed = time.perf_counter()
+        while reads or in_flight is not None:
+            launched = None
+            if reads:
+                items = [item for future in reads.popleft() for item in future.result()]
                 read_next_batch()
-            in_flight: _InFlight | None = None
-            resumed = time.perf_counter()
-            while reads or in_flight is not None:
-                launched = None
-                if reads:
-                    items = [item for future in reads.popleft() for item in future.result()]
-                    read_next_batch()
-                    launched = _launch(
-                        items, loaded.preprocessing, mapper, options, fallback, ordering
-                    )
-                if in_flight is not None:
-                    finished = _finish(in_flight, mapper.out_features)
-                    finished.times.wall = time.perf_counter() - resumed
-                    yield finished
-                    resumed = time.perf_counter()
-                in_flight = launched
+                launched = _launch(items, loaded.preprocessing, mapper, options, fallback, ordering)
+            if in_flight is not None:
+                finished = _finish(in_flight, mapper.out_features)
+                finished.times.wall = time.perf_counter() - resumed
+                yield finished
+                resumed = time.perf_counter()
+            in_flight = launched
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
         fallback.shutdown(wait=True, cancel_futures=True)

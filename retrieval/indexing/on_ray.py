@@ -68,7 +68,13 @@ def extract_on_ray(
     )
     # Ray's own warnings go to stdout, which carries results: send them to stderr meanwhile.
     with contextlib.redirect_stdout(sys.stderr):
-        done = extract_with_ray(Source("list", (str(listing),)), model.source, run / "shards", ray)
+        done = extract_with_ray(
+            Source("list", (str(listing),)),
+            model.source,
+            run / "shards",
+            ray,
+            preprocessing=identity.preprocessing,
+        )
     if done.actor_work:
         log.info("%s", done.describe_actors())
     planned = {f.path: f for f in files}

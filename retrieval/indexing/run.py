@@ -12,7 +12,6 @@ the part that differs otherwise), the preprocessing and precision are the manife
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import os
 import time
@@ -23,7 +22,6 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from retrieval.errors import IndexMismatchError, RetrieveError
-from retrieval.extraction import extract_fc7
 from retrieval.extraction.types import StageTimes
 from retrieval.images.walk import IMAGE_SUFFIXES, describe_other_types, walk
 from retrieval.indexes import generation, kinds, store
@@ -35,9 +33,10 @@ from retrieval.indexing.commit import commit_changes
 from retrieval.indexing.on_ray import clear_run, extract_on_ray
 from retrieval.indexing.options import IndexOptions, IndexReport
 from retrieval.model.identity import Identity
+from retrieval.model.recorded import checked_model, load_recorded_model
 
 if TYPE_CHECKING:
-    from retrieval.extraction.mapper import Fc7Mapper
+    from retrieval.extraction.embedder import Embedder
     from retrieval.model.weights import LoadedModel
 
 log = logging.getLogger(__name__)
@@ -48,12 +47,11 @@ def index_folder(
     index_dir: Path | None = None,
     options: IndexOptions = IndexOptions(),
     progress: Callable[[int, int], None] | None = None,
-    model: LoadedModel | None = None,
-    mapper: Fc7Mapper | None = None,
+    embedder: Embedder | None = None,
 ) -> IndexReport:
     """Index every image under ``images_dir`` (or that one file); on an existing index, apply
-    only the changes. ``model`` / ``mapper``: already loaded and checked by the caller
-    (``Index.update``), so they are not loaded again."""
+    only the changes. ``embedder``: the index's model at its own precision, already loaded and
+    checked by the caller (``Index.update``), so it is not loaded again."""
     started = time.perf_counter()
     index_dir = Path(index_dir or store.default_index_dir())
     root = Path(os.path.abspath(images_dir))
@@ -79,9 +77,12 @@ def index_folder(
             disk, stat_problems = stat_files(paths)
             report.walk_problems += [{"path": p, "reason": why} for p, why in stat_problems]
             plan = plan_sync(disk, [] if fresh else _rows_under(base, root))
+            model = embedder.loaded if embedder is not None else None
             if plan.extract or fresh or options.weights:
                 model = model or _load(base, fresh, options)
                 identity, model = _identity_for_run(base, fresh, model, options)
+                if embedder is None or embedder.precision != identity.precision:
+                    embedder = _embedder(model, identity, options)
             if not fresh and not plan.extract:
                 identity = Identity.from_dict(base.manifest["identity"])
                 source = _moved_source(base, model)
@@ -92,9 +93,8 @@ def index_folder(
             if plan.extract and options.engine == "ray":
                 extract_on_ray(plan.extract, model, identity, index_dir, options, staging, report)
             elif plan.extract:
-                extract = dataclasses.replace(options.extract, precision=identity.precision)
                 times = _extract_to_staging(
-                    plan.extract, model, extract, mapper, options, staging, report, progress
+                    plan.extract, embedder, options, staging, report, progress
                 )
             record = model.describe() if model is not None else base.manifest["model"]
             result = commit_changes(index_dir, base, record, identity, options, plan, staging)
@@ -102,7 +102,7 @@ def index_folder(
             staging.clear()
             clear_run(index_dir)
             if identity.precision == "bf16" and plan.extract and (fresh or _unmeasured(index_dir)):
-                measure_fp32_agreement(index_dir, model, options.extract)
+                measure_fp32_agreement(index_dir, embedder)
         finally:
             if base is not None:
                 base.close()
@@ -157,27 +157,6 @@ def _load(base: store.Snapshot | None, fresh: bool, options: IndexOptions) -> Lo
     return load_model("imagenet")
 
 
-def load_recorded_model(manifest: dict[str, Any]) -> LoadedModel:
-    """The model a manifest names, with a clear line when its file has moved."""
-    from retrieval.errors import WeightsError
-    from retrieval.model.weights import load_model
-
-    source = manifest["model"]["source"]
-    known = ("imagenet", "random")
-    if not str(source).startswith(known) and not Path(source).exists():
-        sha = manifest["identity"]["weights_sha256"][:12]
-        raise WeightsError(
-            f"the weights this index was built with are no longer at {source} (moved or "
-            f"deleted?); pass --weights PATH of a file with the same weights (sha256 {sha}...)"
-        )
-    try:
-        return load_model(source)
-    except WeightsError as exc:
-        raise WeightsError(
-            f"cannot load the model this index was built with ({exc}); pass it with --weights"
-        ) from exc
-
-
 def _identity_for_run(
     base: store.Snapshot | None, fresh: bool, model: LoadedModel, options: IndexOptions
 ) -> tuple[Identity, LoadedModel]:
@@ -194,32 +173,11 @@ def _identity_for_run(
     return recorded, model
 
 
-def checked_model(
-    recorded: Identity,
-    model: LoadedModel,
-    precision: str | None,
-    *,
-    what: str,
-) -> tuple[LoadedModel, str]:
-    """``model`` set up to embed as ``recorded`` says (its preprocessing), and the precision to
-    embed at; or refused with the one part that differs (weights, architecture, layer, width,
-    precision)."""
-    from retrieval.model.preprocess import Preprocessing
+def _embedder(model: LoadedModel, identity: Identity, options: IndexOptions) -> Embedder:
+    """What this run embeds with: the model at the identity's precision on the run's device."""
+    from retrieval.extraction.embedder import Embedder
 
-    if precision == "auto":
-        precision = None
-    candidate = model.identity(
-        precision or recorded.precision, reduce=recorded.reduce, normalize=recorded.normalize
-    )
-    candidate = dataclasses.replace(candidate, preprocessing=recorded.preprocessing)
-    why = recorded.difference(candidate)
-    if why:
-        hint = "add --rebuild to rebuild it with this model"
-        if why.startswith("precision"):
-            hint = "leave out --precision (or add --rebuild to rebuild it)"
-        raise IndexMismatchError(f"{model.source} does not fit {what}: {why}; {hint}")
-    model.preprocessing = Preprocessing.from_dict(recorded.preprocessing)
-    return model, candidate.precision
+    return Embedder(model, identity.precision, options.extract)
 
 
 def _unmeasured(index_dir: Path) -> bool:
@@ -254,9 +212,7 @@ def _staging_identity(identity: Identity, options: IndexOptions) -> dict[str, An
 
 def _extract_to_staging(
     files: list[DiskFile],
-    model: LoadedModel,
-    extract: Any,
-    mapper: Fc7Mapper | None,
+    embedder: Embedder,
     options: IndexOptions,
     staging: Staging,
     report: IndexReport,
@@ -274,7 +230,7 @@ def _extract_to_staging(
     done = report.resumed
     if progress:
         progress(done, len(files))
-    for batch in extract_fc7([Path(f.path) for f in todo], model, extract, mapper):
+    for batch in embedder.files([Path(f.path) for f in todo]):
         times.add(batch.times)
         row = sum(len(x) for x in pending_features)
         for record in batch.records:
