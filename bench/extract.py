@@ -38,7 +38,7 @@ from torch.utils.data import DataLoader, Dataset
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from retrieval import api
+from retrieval import Index, IndexOptions, IndexReport, IndexSpec
 from retrieval.devices import fast_bf16, resolve_device
 from retrieval.extraction.cpu import (
     _collate,
@@ -185,23 +185,20 @@ def int8_mapper(loaded, device: torch.device) -> Fc7Mapper:
 
 def retrieve_index(
     folder: Path, index_dir: Path, weights: str, extract: ExtractOptions
-) -> tuple[float, api.IndexReport]:
+) -> tuple[float, IndexReport]:
     """The real pipeline, timed whole; int8 runs it with the quantised mapper (recorded fp32)."""
     from retrieval.extraction.embedder import Embedder
     from retrieval.indexing.run import index_folder
 
     int8 = extract.precision == "int8"
     extract = replace(extract, precision="fp32") if int8 else extract
-    options = api.IndexOptions(
-        weights=weights, spec=api.IndexSpec("Flat"), extract=extract, rebuild=True
-    )
+    options = IndexOptions(weights=weights, spec=IndexSpec("Flat"), extract=extract, rebuild=True)
     start = time.perf_counter()
+    embedder = None
     if int8:
         embedder = Embedder(load_model(weights), "fp32", extract)
         embedder.mapper = int8_mapper(embedder.loaded, resolve_device(extract.device))
-        report = index_folder(folder, index_dir, options, embedder=embedder)
-    else:
-        report = api.index_folder(folder, index_dir, options)
+    report = index_folder(folder, index_dir, options, embedder=embedder)
     return report.count / (time.perf_counter() - start), report
 
 
@@ -212,17 +209,17 @@ def agreement(
     if extract.precision == "int8":
         from retrieval.extraction import extract_images
 
-        with api.Index.open(index_dir) as ix:
+        with Index.open(index_dir) as ix:
             fp32 = replace(extract, precision="fp32")
             mapper = int8_mapper(ix.model, resolve_device(extract.device))
             features, _ = extract_images(queries, ix.model, fp32, mapper)
             names = [os.path.abspath(q) for q in queries]
-            results = ix.search_features(features, K + 1, names=names)
+            results = ix.search(features, K + 1, names=names)
         for result in results:  # leave each query out of its own list, as exclude_self does
             result.neighbors = [n for n in result.neighbors if n.path != result.query][:K]
     else:
-        options = api.SearchOptions(k=K, exclude_self=True, extract=extract)
-        results = api.search_images(queries, index_dir, options)
+        with Index.open(index_dir, extract=extract) as ix:
+            results = ix.search(queries, K, exclude_self=True)
     found = [[os.path.abspath(n.path) for n in r.neighbors] for r in results]
     overlap = np.mean([len(set(f) & set(e)) / K for f, e in zip(found, expected, strict=True)])
     same = np.mean([f == e for f, e in zip(found, expected, strict=True)])
@@ -351,7 +348,7 @@ def main(argv: list[str] | None = None) -> None:
         workers = default_workers(len(paths)) if cpu else min(8, len(os.sched_getaffinity(0)))
         batch = CPU_BATCH if cpu else GPU_BATCH
         best: dict[str, float] = {}
-        reports: dict[str, api.IndexReport] = {}
+        reports: dict[str, IndexReport] = {}
         features = None
         for round_ in range(args.rounds):
             rate, found = naive(paths, args.weights, device)

@@ -104,13 +104,13 @@ def build(work: Path, rows: int, precision: str = "auto") -> tuple[Path, Path]:
 
 def in_process_stages(ix: Index, data: bytes, repeats: int = 20) -> dict:
     """Where a query's time goes, without HTTP: decode + fc7 (embed), then search + rows."""
-    ix.search_features(ix.embed([data])[0], 6)  # model loaded, vectors file paged in
+    ix.search(ix.embed([data])[0], 6)  # model loaded, vectors file paged in
     embed, search = [], []
     for _ in range(repeats):
         start = time.perf_counter()
         features, _ = ix.embed([data])
         middle = time.perf_counter()
-        ix.search_features(features, 6)
+        ix.search(features, 6)
         embed.append(middle - start)
         search.append(time.perf_counter() - middle)
     return {

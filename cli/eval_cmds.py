@@ -14,6 +14,7 @@ from .options import (
     emit_json,
     index_option,
     json_option,
+    open_index,
     precision_option,
     search_options,
     with_options,
@@ -75,17 +76,16 @@ def evaluate_command(
     if not weights and index_dir is not None:
         retrieval = True  # an index and no classifier: there is only one thing to evaluate
     if retrieval:
-        from retrieval import api
+        from retrieval.search.quality import evaluate_retrieval
 
-        extract = api.ExtractOptions(
+        with open_index(
+            index_dir,
             device=device,
             batch_size=batch_size,
             workers=workers,
             precision=None if precision == "auto" else precision,  # auto: the index's own
-        )
-        report = api.evaluate_retrieval(
-            index_dir, data_dir, k=k, map_depth=map_depth, extract=extract
-        )
+        ) as index:
+            report = evaluate_retrieval(index, data_dir, k=k, map_depth=map_depth)
         data = report.to_dict()
         if as_json:
             emit_json(data)
@@ -149,17 +149,18 @@ def evaluate_command(
 @json_option
 def recall_command(index_dir, exact_dir, k, queries, seed, nprobe, ef_search, as_json):
     """recall@k, speed and size of an approximate index against an exact one."""
-    from retrieval import api
+    from retrieval.search.quality import evaluate_recall
 
-    report = api.evaluate_recall(
-        index_dir or api.default_index_dir(),
-        exact_dir,
-        k=k,
-        queries=queries,
-        seed=seed,
-        nprobe=nprobe,
-        ef_search=ef_search,
-    )
+    with open_index(index_dir) as approximate, open_index(exact_dir) as exact:
+        report = evaluate_recall(
+            approximate,
+            exact,
+            k=k,
+            queries=queries,
+            seed=seed,
+            nprobe=nprobe,
+            ef_search=ef_search,
+        )
     if as_json:
         emit_json(report.__dict__)
         return

@@ -11,7 +11,7 @@ from .options import (
     display_path,
     index_option,
     k_option,
-    make_search_options,
+    open_index,
     search_options,
     weights_option,
     with_options,
@@ -44,12 +44,10 @@ from .options import (
 @with_options(search_options)
 def grid_command(queries, output, k, n, seed, tile, index_dir, weights, device, nprobe, ef_search):
     """Draw the paper's Figure 4: each query beside its K nearest images."""
-    from retrieval import api
-
-    options = make_search_options(k, weights, device, nprobe, ef_search)
-    path, results = api.draw_grid(
-        queries, output, index_dir, n=n, seed=seed, tile=tile, options=options
-    )
+    with open_index(index_dir, weights, device) as index:
+        path, results = index.grid(
+            queries, output, k=k, n=n, seed=seed, tile=tile, nprobe=nprobe, ef_search=ef_search
+        )
     for result in results:
         if result.error:
             query = display_path(result.query)

@@ -15,6 +15,7 @@ from .options import (
     emit_json,
     index_option,
     json_option,
+    open_index,
     weights_option,
 )
 from .progress import progress_bar
@@ -131,10 +132,10 @@ def index_command(
     --from-embeddings shards."""
     if (images_dir is None) == (embeddings_dir is None):
         raise click.UsageError("give IMAGES_DIR or --from-embeddings DIR (one of them)")
-    from retrieval import api
+    from retrieval import ExtractOptions, Index, IndexOptions, IndexSpec
     from retrieval.images.decode import DEFAULT_MAX_MEGAPIXELS
 
-    extract = api.ExtractOptions(
+    extract = ExtractOptions(
         device=device,
         batch_size=batch_size,
         workers=workers,
@@ -143,9 +144,9 @@ def index_command(
         max_megapixels=max_megapixels or DEFAULT_MAX_MEGAPIXELS,
         compile=compile_model,
     )
-    options = api.IndexOptions(
+    options = IndexOptions(
         weights=weights,
-        spec=_spec(api.IndexSpec, index_type, reduce, normalize),
+        spec=_spec(IndexSpec, index_type, reduce, normalize),
         memory_budget=_memory_budget(memory),
         rebuild=rebuild,
         strict=strict,
@@ -155,10 +156,12 @@ def index_command(
         ray_address=address,
     )
     if embeddings_dir is not None:
-        report = api.index_embeddings(embeddings_dir, index_dir, options)
+        index = Index.create(index_dir, embeddings_dir, options, embeddings=True)
     else:
         with progress_bar("indexing", unit="img") as update:
-            report = api.index_folder(images_dir, index_dir, options, progress=update)
+            index = Index.create(index_dir, images_dir, options, progress=update)
+    index.close()
+    report = index.report
     if as_json:
         emit_json(report.__dict__)
         return
@@ -204,9 +207,8 @@ def _stage_line(times: dict) -> str:
 @json_option
 def info_command(index_dir, as_json):
     """Say what an index holds."""
-    from retrieval import api
-
-    info = api.index_info(index_dir)
+    with open_index(index_dir) as index:
+        info = index.info()
     if as_json:
         emit_json(info)
         return
@@ -246,9 +248,8 @@ def info_command(index_dir, as_json):
 @json_option
 def remove_command(paths, index_dir, as_json):
     """Remove files (or everything under folders) from the index."""
-    from retrieval import api
-
-    result = api.remove_paths(paths, index_dir)
+    with open_index(index_dir) as index:
+        result = index.remove(paths)
     if as_json:
         emit_json(result)
         return

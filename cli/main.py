@@ -1,4 +1,4 @@
-"""The ``retrieve`` command: parse, call ``retrieval.api``, print.
+"""The ``retrieve`` command: parse, call ``retrieval.Index`` (or a stage below it), print.
 
 Results go to stdout (``--json`` for machines); logs and progress bars go to stderr. Library
 errors become one line and exit 1; bad arguments exit 2 (click's usage errors). Heavy modules are

@@ -26,12 +26,30 @@ index_option = click.option(
     default=None,
     help="Index directory [default: $RETRIEVE_INDEX or ./.retrieve].",
 )
+
+
+class DeviceType(click.ParamType):
+    """auto, cpu, cuda or cuda:N, read by the one parser of device strings."""
+
+    name = "auto|cpu|cuda[:N]"
+
+    def convert(self, value: Any, param: Any, ctx: Any) -> str:
+        from retrieval.devices import parse_device
+        from retrieval.errors import RetrieveError
+
+        try:
+            parse_device(value)
+        except RetrieveError as exc:
+            self.fail(str(exc), param, ctx)
+        return str(value)
+
+
 device_option = click.option(
     "--device",
-    type=click.Choice(["auto", "cpu", "cuda"]),
+    type=DeviceType(),
     default="auto",
     show_default=True,
-    help="Where to run the model.",
+    help="Where to run the model: auto, cpu, cuda or cuda:N.",
 )
 json_option = click.option("--json", "as_json", is_flag=True, help="Print JSON for machines.")
 
@@ -79,21 +97,6 @@ workers_option = click.option(
 )
 
 
-def make_search_options(
-    k: int, weights: str | None, device: str, nprobe: int | None, ef_search: int | None
-) -> Any:
-    """The library's SearchOptions from the options ``query`` and ``grid`` share."""
-    from retrieval import api
-
-    return api.SearchOptions(
-        k=k,
-        weights=weights,
-        nprobe=nprobe,
-        ef_search=ef_search,
-        extract=api.ExtractOptions(device=device, threads=usable_cores()),
-    )
-
-
 def with_options(options: list) -> Callable:
     """Apply a list of options as one decorator, in the order listed (as ``--help`` shows them)."""
 
@@ -117,11 +120,23 @@ def emit_json(data: object) -> None:
     click.echo(json.dumps(data, ensure_ascii=True))
 
 
-def open_index(index_dir: Path | None, weights: str | None = None, device: str = "cpu") -> Any:
-    """The :class:`retrieval.Index` a whole-collection command reads, embedding (the
-    duplicates' calibration) on every usable core."""
+def open_index(
+    index_dir: Path | None,
+    weights: str | None = None,
+    device: str = "auto",
+    search_precision: str = "fp32",
+    **extract: Any,
+) -> Any:
+    """The one way a command opens its :class:`retrieval.Index`: embedding on ``device`` with
+    every usable core (``extract``: other :class:`ExtractOptions` fields, e.g. batch_size)."""
     from retrieval import Index
     from retrieval.extraction.types import ExtractOptions
 
-    extract = ExtractOptions(device=device, threads=usable_cores())
-    return Index.open(index_dir, weights=weights, device=device, extract=extract)
+    options = ExtractOptions(device=device, threads=usable_cores(), **extract)
+    return Index.open(
+        index_dir,
+        weights=weights,
+        device=device,
+        extract=options,
+        search_precision=search_precision,
+    )

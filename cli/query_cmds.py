@@ -13,7 +13,7 @@ from .options import (
     index_option,
     json_option,
     k_option,
-    make_search_options,
+    open_index,
     search_options,
     weights_option,
     with_options,
@@ -30,10 +30,8 @@ from .options import (
 @json_option
 def query_command(images, k, index_dir, weights, device, nprobe, ef_search, as_json):
     """List the K nearest indexed images of each query image (files or folders)."""
-    from retrieval import api
-
-    options = make_search_options(k, weights, device, nprobe, ef_search)
-    results = api.search_images(images, index_dir, options)
+    with open_index(index_dir, weights, device) as index:
+        results = index.search(images, k, nprobe=nprobe, ef_search=ef_search)
     for result in results:
         if as_json:
             emit_json(result.to_dict())

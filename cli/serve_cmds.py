@@ -7,7 +7,7 @@ import socket
 
 import click
 
-from .options import device_option, index_option, weights_option
+from .options import device_option, index_option, open_index, weights_option
 
 LOOPBACK_NAMES = {"localhost", "localhost.localdomain", "ip6-localhost"}
 
@@ -78,7 +78,6 @@ def serve_command(
     """Serve the index: a page to search it by image and browse it, and a JSON API."""
     import uvicorn
 
-    from retrieval import Index
     from retrieval.serve import ServeOptions, create_app
 
     if not token and not is_loopback(host):
@@ -88,9 +87,7 @@ def serve_command(
             err=True,
         )
     options = ServeOptions(max_upload=max_upload, token=token, allow_url=allow_url)
-    with Index.open(
-        index_dir, weights=weights, device=device, search_precision=search_precision
-    ) as index:
+    with open_index(index_dir, weights, device, search_precision) as index:
         app = create_app(index, options)
         shown = f"[{host}]" if ":" in host else host
         suffix = "/#token=" + token if token else "/"

@@ -176,7 +176,10 @@ def run_demo(
     bars: Progress | None = None,
 ) -> DemoReport:
     """Train on Fashion-MNIST, index its training images, query with its test images."""
-    from retrieval import api
+    from retrieval.extraction.types import ExtractOptions
+    from retrieval.index import Index
+    from retrieval.indexing.options import IndexOptions
+    from retrieval.search.quality import evaluate_retrieval
 
     started = time.perf_counter()
     seconds: dict[str, float] = {}
@@ -233,19 +236,16 @@ def run_demo(
     tested = trained.history[kept - 1]
     mark = lap("train", mark)
     index_dir = out / "index"
-    extract = api.ExtractOptions(device=settings.device, precision=_extract_precision(settings))
-    index_options = api.IndexOptions(weights=str(checkpoint), rebuild=True, extract=extract)
+    extract = ExtractOptions(device=settings.device, precision=_extract_precision(settings))
+    index_options = IndexOptions(weights=str(checkpoint), rebuild=True, extract=extract)
     say(f"indexing the training images by fc7 into {index_dir}")
-    api.index_folder(folders["train"], index_dir, index_options)
-    mark = lap("index_train", mark)
-    # map_depth=K: mAP over the full 60,000-image ranking would cost more than the whole demo.
-    say(f"querying with every test image for precision@{K}")
-    quality = api.evaluate_retrieval(index_dir, folders["test"], k=K, map_depth=K, extract=extract)
-    mark = lap("precision_at_6", mark)
-    search = api.SearchOptions(k=K, extract=extract)
-    grid, _ = api.draw_grid(
-        [folders["test"]], out / "figure4.png", index_dir, n=GRID_QUERIES, seed=0, options=search
-    )
+    with Index.create(index_dir, folders["train"], index_options) as index:
+        mark = lap("index_train", mark)
+        # map_depth=K: mAP over the full 60,000-image ranking would cost more than the demo.
+        say(f"querying with every test image for precision@{K}")
+        quality = evaluate_retrieval(index, folders["test"], k=K, map_depth=K)
+        mark = lap("precision_at_6", mark)
+        grid, _ = index.grid([folders["test"]], out / "figure4.png", k=K, n=GRID_QUERIES, seed=0)
     lap("grid", mark)
     seconds["total"] = time.perf_counter() - started
     return DemoReport(

@@ -89,8 +89,9 @@ class Index:
             weights=weights,
             extract=dataclasses.replace(extract, device=self.device),
         )
-        self._view = _View(snapshot, device, search_precision)
+        self._view = _View(snapshot, self.device, search_precision)
         self._closed = False
+        self.report: IndexReport | None = None  # what the last create or update did
 
     # -- opening -------------------------------------------------------------------------------
 
@@ -124,22 +125,34 @@ class Index:
     @classmethod
     def create(
         cls,
-        directory: str | os.PathLike,
+        directory: str | os.PathLike | None,
         images: str | os.PathLike,
         options: IndexOptions = IndexOptions(),
         *,
+        embeddings: bool = False,
         progress: Callable[[int, int], None] | None = None,
     ) -> Index:
-        """Index the images under ``images`` into ``directory`` (new, or updated) and open it."""
-        from retrieval.indexing.run import index_folder
+        """Index the images under ``images`` into ``directory`` (default ``$RETRIEVE_INDEX`` or
+        ``./.retrieve``; new, or updated with only what changed) and open it; ``report`` says
+        what the run did. ``embeddings``: ``images`` is a folder of fc7 shards (``retrieve
+        export`` / ``retrieve extract``), made into a new index without running the model."""
+        directory = Path(directory or store.default_index_dir())
+        if embeddings:
+            from retrieval.indexing.embeddings import index_from_embeddings
 
-        index_folder(Path(images), Path(directory), options, progress)
-        return cls.open(
+            report = index_from_embeddings(Path(images), directory, options)
+        else:
+            from retrieval.indexing.run import index_folder
+
+            report = index_folder(Path(images), directory, options, progress)
+        index = cls.open(
             directory,
             weights=options.weights,
             device=options.extract.device,
             extract=options.extract,
         )
+        index.report = report
+        return index
 
     # -- what it holds -------------------------------------------------------------------------
 
@@ -247,15 +260,20 @@ class Index:
 
     def search(
         self,
-        queries: Sequence[Query],
+        queries: Sequence[Query] | np.ndarray,
         k: int = 6,
         *,
         nprobe: int | None = None,
         ef_search: int | None = None,
         exclude_self: bool = False,
+        names: Sequence[str] | None = None,
     ) -> list[QueryResult]:
-        """The ``k`` nearest indexed images of each query (files, folders, bytes, PIL images), by
-        Euclidean distance of fc7, nearest first. A query that cannot be used gets ``error``."""
+        """The ``k`` nearest indexed images of each query, by Euclidean distance of fc7, nearest
+        first. Queries are image files or folders, encoded bytes, PIL images, or an ``(n, d)``
+        array of fc7 vectors (``names`` labels them). A query that cannot be used gets
+        ``error``. ``exclude_self``: an indexed query file leaves itself out of its list."""
+        if isinstance(queries, np.ndarray):
+            return self._search_vectors(queries, k, names, nprobe, ef_search)
         queries = list(queries)
         if all(isinstance(q, str | os.PathLike) for q in queries):
             queries = [Path(os.path.abspath(p)) for p in expand_queries(queries)]
@@ -263,6 +281,9 @@ class Index:
             check_k(k, view.snapshot.count)
             features, records = self.embed(queries)
             results = [QueryResult(query=str(r.path)) for r in records]
+            if names is not None:
+                for result, name in zip(results, names):
+                    result.query = name
             for result, record in zip(results, records):
                 if not record.ok:
                     result.error = record.reason + (f" ({record.detail})" if record.detail else "")
@@ -297,17 +318,16 @@ class Index:
             self._fill(view, results, list(range(len(ids))), vectors, ids, k, nprobe, ef_search)
             return results
 
-    def search_features(
+    def _search_vectors(
         self,
         features: np.ndarray,
-        k: int = 6,
-        *,
-        names: Sequence[str] | None = None,
-        nprobe: int | None = None,
-        ef_search: int | None = None,
+        k: int,
+        names: Sequence[str] | None,
+        nprobe: int | None,
+        ef_search: int | None,
     ) -> list[QueryResult]:
-        """Results for fc7 rows already embedded (``embed``): searched and joined to their rows
-        in one generation, so a reload in between cannot mix two."""
+        """Results for fc7 rows already embedded: searched and joined to their rows in one
+        generation, so a reload in between cannot mix two."""
         features = np.asarray(features, dtype=np.float32)
         names = (
             list(names) if names is not None else [f"<vector {i}>" for i in range(len(features))]
@@ -379,6 +399,28 @@ class Index:
         with self._use() as view:
             return view.searcher.backend
 
+    def grid(
+        self,
+        queries: Sequence[str | os.PathLike],
+        output: str | os.PathLike,
+        *,
+        k: int = 6,
+        n: int = 5,
+        seed: int = 0,
+        tile: int = 128,
+        nprobe: int | None = None,
+        ef_search: int | None = None,
+    ) -> tuple[Path, list[QueryResult]]:
+        """The paper's Figure 4 for these query files (or ``n`` random images of each query
+        folder, reproducibly by ``seed``), written to ``output``. A query that is itself indexed
+        is left out of its own row, as the paper's test images are not among the training
+        images they are shown beside."""
+        from retrieval.figures.grid import pick_queries, render_grid
+
+        picked = pick_queries([Path(q) for q in queries], n, seed)
+        results = self.search(picked, k, nprobe=nprobe, ef_search=ef_search, exclude_self=True)
+        return render_grid(results, Path(output), tile=tile), results
+
     # -- rows ----------------------------------------------------------------------------------
 
     def rows(
@@ -441,6 +483,7 @@ class Index:
         embedder = self._embedder.for_indexing() if reuse else None
         report = index_folder(Path(folder), self.directory, options, progress, embedder)
         self.reload()
+        self.report = report
         return report
 
     def remove(self, paths: Sequence[str | os.PathLike]) -> dict[str, list[str]]:

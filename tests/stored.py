@@ -19,3 +19,11 @@ def stored_vectors(index_dir: Path) -> dict[str, np.ndarray]:
         return {row.path: index.reconstruct(row.id) for row in rows}
     finally:
         snapshot.close()
+
+
+def search(index_dir: Path | None, queries: list, k: int = 6, **open_with) -> list:
+    """Open the index, search these queries, close it: what a one-shot script does."""
+    from retrieval import Index
+
+    with Index.open(index_dir, **open_with) as index:
+        return index.search(queries, k)

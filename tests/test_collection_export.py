@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from retrieval import Index, api
+from retrieval import Index
 from retrieval.collection.export import export
 from retrieval.errors import RetrieveError
 from retrieval.indexes.shards import open_shards
@@ -57,7 +57,7 @@ def test_export_then_from_embeddings_answers_queries_as_the_original(indexed, tm
         ],
     )
     assert result.exit_code == 0, result.output
-    api.index_embeddings(tmp_path / "out", tmp_path / "copy")
+    Index.create(tmp_path / "copy", tmp_path / "out", embeddings=True).close()
     queries = sorted((root / "photos").rglob("*.png"))[::4]
     with Index.open(tmp_path / "copy") as copy:
         assert copy.count == ix.count and copy.identity == ix.identity

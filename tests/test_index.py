@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from retrieval import api
+from retrieval import Index, IndexReport
 from retrieval.errors import (
     IndexCorruptError,
     IndexLockedError,
@@ -22,17 +22,18 @@ from retrieval.extraction import extract_images
 from retrieval.extraction.types import ExtractOptions
 from retrieval.indexes import generation, store
 from retrieval.indexing.options import IndexOptions
+from retrieval.indexing.run import index_folder
 from retrieval.model.weights import load_model
 from tests.corpus import make_image
-from tests.stored import stored_vectors
+from tests.stored import search, stored_vectors
 
 
-def _index(folder: Path, index_dir: Path, weights: Path | str | None, **kw) -> api.IndexReport:
+def _index(folder: Path, index_dir: Path, weights: Path | str | None, **kw) -> IndexReport:
     """fp32 unless told otherwise: these tests compare stored vectors with fp32 references (the
     default, auto, is bf16 where it is native; tests/test_precision.py covers that)."""
     kw.setdefault("extract", ExtractOptions(precision="fp32"))
     options = IndexOptions(weights=str(weights) if weights else None, **kw)
-    return api.index_folder(folder, index_dir, options)
+    return index_folder(folder, index_dir, options)
 
 
 def test_query_equals_numpy_brute_force(photos: Path, tmp_path: Path, small_model: Path) -> None:
@@ -44,7 +45,7 @@ def test_query_equals_numpy_brute_force(photos: Path, tmp_path: Path, small_mode
     database = np.stack([stored[p] for p in paths])
 
     queries = [Path(paths[0]), Path(paths[5]), Path(paths[11])]
-    results = api.search_images(queries, index_dir, api.SearchOptions(k=6))
+    results = search(index_dir, queries, 6)
     query_features, _ = extract_images(
         queries, load_model(small_model), ExtractOptions(device="cpu")
     )
@@ -62,7 +63,7 @@ def test_indexed_image_finds_itself_first(photos, tmp_path, small_model) -> None
     index_dir = tmp_path / "idx"
     _index(photos, index_dir, small_model)
     query = sorted(photos.rglob("*.png"))[3]
-    (result,) = api.search_images([query], index_dir, api.SearchOptions(k=3))
+    (result,) = search(index_dir, [query], 3)
     assert os.path.samefile(result.neighbors[0].path, query)
     assert result.neighbors[0].distance < 1e-3
     assert result.neighbors[0].label == query.parent.name
@@ -153,7 +154,8 @@ def test_remove_drops_rows_and_vectors(photos, tmp_path, small_model) -> None:
     index_dir = tmp_path / "idx"
     _index(photos, index_dir, small_model)
     first_class = sorted(p for p in photos.iterdir())[0]
-    result = api.remove_paths([first_class, tmp_path / "not-there.png"], index_dir)
+    with Index.open(index_dir) as index:
+        result = index.remove([first_class, tmp_path / "not-there.png"])
     assert len(result["removed"]) == 4 and len(result["not_in_index"]) == 1
     stored = stored_vectors(index_dir)
     assert len(stored) == 8 and not any(p.startswith(str(first_class)) for p in stored)
@@ -163,9 +165,7 @@ def test_query_with_other_weights_is_refused(photos, tmp_path, small_model) -> N
     index_dir = tmp_path / "idx"
     _index(photos, index_dir, small_model)
     with pytest.raises(IndexMismatchError, match=r"does not fit the index .*weights: the index"):
-        api.search_images(
-            [next(photos.rglob("*.png"))], index_dir, api.SearchOptions(k=2, weights="random:9")
-        )
+        search(index_dir, [next(photos.rglob("*.png"))], 2, weights="random:9")
 
 
 def test_reindex_with_other_weights_needs_rebuild(photos, tmp_path, small_model) -> None:
@@ -179,12 +179,12 @@ def test_k_larger_than_the_index_says_how_many(photos, tmp_path, small_model) ->
     index_dir = tmp_path / "idx"
     _index(photos, index_dir, small_model)
     with pytest.raises(RetrieveError, match="holds 12 images; use -k 12"):
-        api.search_images([next(photos.rglob("*.png"))], index_dir, api.SearchOptions(k=13))
+        search(index_dir, [next(photos.rglob("*.png"))], 13)
 
 
 def test_missing_index_is_reported(tmp_path) -> None:
     with pytest.raises(IndexNotFoundError, match="retrieve index"):
-        api.index_info(tmp_path / "nothing")
+        Index.open(tmp_path / "nothing")
 
 
 @pytest.mark.parametrize(
@@ -211,7 +211,7 @@ def test_damaged_index_is_one_clear_error(photos, tmp_path, small_model, damage)
     else:
         (index_dir / "manifest.json").write_text("{not json")
     with pytest.raises(IndexCorruptError, match=r"rebuild|missing") as info:
-        api.search_images([next(photos.rglob("*.png"))], index_dir, api.SearchOptions(k=2))
+        search(index_dir, [next(photos.rglob("*.png"))], 2)
     assert "\n" not in str(info.value)
 
 
@@ -255,7 +255,7 @@ def test_default_index_lives_in_dot_retrieve(photos, in_tmp, small_model) -> Non
     _index(Path("images"), None, small_model)
     assert (in_tmp / ".retrieve" / "manifest.json").exists()
     query = sorted(Path("images").rglob("*.png"))[0]
-    (result,) = api.search_images([query], None, api.SearchOptions(k=1))
+    (result,) = search(None, [query], 1)
     assert result.neighbors[0].path == str(query.resolve())  # the library's paths are absolute
 
 

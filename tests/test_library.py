@@ -273,11 +273,11 @@ def test_moved_weights_are_named_and_the_same_weights_elsewhere_are_accepted(
 
 
 def test_index_folder_on_one_already_indexed_file_is_a_no_op(built) -> None:
-    from retrieval import api
+    from retrieval.indexing.run import index_folder
 
     photos, index_dir = built
     one = sorted(photos.rglob("*.png"))[0]
-    report = api.index_folder(one, index_dir)
+    report = index_folder(one, index_dir)
     assert report.added == 0 and report.unchanged == 1 and report.count == 12
 
 
@@ -318,12 +318,12 @@ def test_create_indexes_a_folder_and_opens_it(tmp_path: Path, small_model: Path)
         assert ix.count == 3 and ix.backend == "exact-mapped-cpu"
 
 
-def test_search_features_answers_as_search_for_the_same_fc7(built) -> None:
+def test_search_of_an_fc7_array_answers_as_search_of_its_image(built) -> None:
     photos, index_dir = built
     query = sorted(photos.rglob("*.png"))[4]
     with Index.open(index_dir) as ix:
         features, _ = ix.embed([query])
-        (by_features,) = ix.search_features(features, k=3, names=["q"])
+        (by_features,) = ix.search(features, k=3, names=["q"])
         (by_file,) = ix.search([query], k=3)
     assert by_features.query == "q" and by_features.neighbors == by_file.neighbors
 

@@ -296,3 +296,23 @@ def test_on_cuda_a_query_by_path_and_by_bytes_is_at_distance_exactly_0(
         by_bytes = index.search([target.read_bytes()], k=1)[0].neighbors[0]
     assert by_path.path == by_bytes.path == str(target)
     assert by_path.distance == 0.0 and by_bytes.distance == 0.0
+
+
+def test_the_cli_takes_cuda_n_and_refuses_an_unknown_device(folder, small_model, tmp_path):
+    cli("index", folder, "--index", tmp_path / "ix", "--weights", small_model)
+    query = sorted(folder.rglob("*.png"))[0]
+    wrong = cli("query", query, "--index", tmp_path / "ix", "--device", "gpu", ok=False)
+    assert wrong.exit_code == 2 and "unknown device 'gpu'" in wrong.output
+    if not torch.cuda.is_available():
+        missing = cli("query", query, "--index", tmp_path / "ix", "--device", "cuda:1", ok=False)
+        assert missing.exit_code == 1 and "no CUDA device" in missing.output
+        assert "Traceback" not in missing.output
+
+
+def test_index_create_says_what_its_run_did_and_update_too(folder, small_model, tmp_path):
+    with Index.create(tmp_path / "ix", folder, IndexOptions(weights=str(small_model))) as index:
+        assert index.report.added == 24 and index.count == 24
+        (folder / "extra").mkdir()
+        shutil.copy(sorted(folder.rglob("*.png"))[0], folder / "extra" / "copy.png")
+        index.update(folder)
+        assert index.report.added == 1 and index.count == 25

@@ -7,11 +7,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from retrieval import api
+from retrieval import Index
 from retrieval.indexes import store
 from retrieval.indexes.kinds import IndexSpec
 from retrieval.indexing.options import IndexOptions
+from retrieval.indexing.run import index_folder
 from retrieval.metrics import mean_average_precision, precision_at_k
+from retrieval.search.quality import evaluate_recall, evaluate_retrieval
 from tests.corpus import make_labelled_folder
 
 
@@ -23,8 +25,9 @@ def labelled(tmp_path: Path) -> Path:
 
 def test_retrieval_quality_matches_a_hand_ranking(labelled, tmp_path, small_model) -> None:
     index_dir = tmp_path / "idx"
-    api.index_folder(labelled, index_dir, IndexOptions(weights=str(small_model)))
-    quality = api.evaluate_retrieval(index_dir, labelled, k=3)
+    index_folder(labelled, index_dir, IndexOptions(weights=str(small_model)))
+    with Index.open(index_dir) as index:
+        quality = evaluate_retrieval(index, labelled, k=3)
     assert quality.queries == 15 and quality.map_depth == 15
 
     # The same numbers by brute force over the stored vectors, each query left out of its ranking.
@@ -47,10 +50,11 @@ def test_retrieval_quality_matches_a_hand_ranking(labelled, tmp_path, small_mode
 
 def test_recall_of_an_approximate_index_against_the_exact_one(labelled, tmp_path, small_model):
     exact, approx = tmp_path / "exact", tmp_path / "hnsw"
-    api.index_folder(labelled, exact, IndexOptions(weights=str(small_model)))
-    api.index_folder(
+    index_folder(labelled, exact, IndexOptions(weights=str(small_model)))
+    index_folder(
         labelled, approx, IndexOptions(weights=str(small_model), spec=IndexSpec(kind="HNSW32"))
     )
-    report = api.evaluate_recall(approx, exact, k=5, queries=15)
+    with Index.open(approx) as approximate, Index.open(exact) as exact_index:
+        report = evaluate_recall(approximate, exact_index, k=5, queries=15)
     assert report.queries == 15 and report.recall_at_k >= 0.9
     assert report.exact_bytes > 0 and report.approximate_bytes > 0

@@ -12,11 +12,13 @@ import pytest
 from click.testing import CliRunner
 from PIL import Image
 
-from retrieval import Index, api
+from retrieval import Index, IndexSpec
 from retrieval.cli.main import cli
 from retrieval.errors import IndexMismatchError
 from retrieval.indexes import store
 from retrieval.indexing.options import IndexOptions
+from retrieval.indexing.run import index_folder
+from retrieval.search.quality import evaluate_retrieval
 from tests.corpus import make_image
 
 
@@ -42,10 +44,11 @@ def test_evaluate_retrieval_gives_the_exact_numbers_of_a_hand_built_case(
     twins: Path, tmp_path: Path, small_model: Path
 ) -> None:
     index_dir = tmp_path / "idx"
-    api.index_folder(twins, index_dir, IndexOptions(weights=str(small_model)))
+    index_folder(twins, index_dir, IndexOptions(weights=str(small_model)))
     # Each query (its own row left out) has 2 relevant rows, ranked first: p@2 = 1, p@4 = 2/4.
-    assert api.evaluate_retrieval(index_dir, twins, k=2).precision_at_k == 1.0
-    quality = api.evaluate_retrieval(index_dir, twins, k=4)
+    with Index.open(index_dir) as index:
+        assert evaluate_retrieval(index, twins, k=2).precision_at_k == 1.0
+        quality = evaluate_retrieval(index, twins, k=4)
     assert quality.precision_at_k == 0.5 and quality.mean_average_precision == 1.0
 
 
@@ -53,7 +56,7 @@ def test_map_depth_smaller_than_k_ranks_k_for_precision_and_depth_for_map(
     twins: Path, tmp_path: Path, small_model: Path
 ) -> None:
     index_dir = tmp_path / "idx"
-    api.index_folder(twins, index_dir, IndexOptions(weights=str(small_model)))
+    index_folder(twins, index_dir, IndexOptions(weights=str(small_model)))
     data = json.loads(
         run(
             "evaluate", twins, "--retrieval", "--index", index_dir, "-k", "4",
@@ -69,11 +72,10 @@ def test_grid_has_one_row_per_query_and_leaves_each_query_out_of_its_row(
     twins: Path, tmp_path: Path, small_model: Path
 ) -> None:
     index_dir = tmp_path / "idx"
-    api.index_folder(twins, index_dir, IndexOptions(weights=str(small_model)))
+    index_folder(twins, index_dir, IndexOptions(weights=str(small_model)))
     queries = sorted(twins.rglob("*.png"))[:3]
-    out, results = api.draw_grid(
-        queries, tmp_path / "grid.png", index_dir, tile=32, options=api.SearchOptions(k=3)
-    )
+    with Index.open(index_dir) as index:
+        out, results = index.grid(queries, tmp_path / "grid.png", k=3, tile=32)
     assert [r.query for r in results] == [str(q.resolve()) for q in queries]
     for result in results:
         assert len(result.neighbors) == 3
@@ -98,7 +100,7 @@ def test_an_index_of_format_1_is_read_queried_and_upgraded_on_update(
     photos: Path, tmp_path: Path, small_model: Path
 ) -> None:
     index_dir = tmp_path / "idx"
-    api.index_folder(photos, index_dir, IndexOptions(weights=str(small_model)))
+    index_folder(photos, index_dir, IndexOptions(weights=str(small_model)))
     _downgrade_to_format_1(index_dir)
     text = run("info", "--index", index_dir).stdout
     assert "fp32 (precision assumed" in text
@@ -106,14 +108,14 @@ def test_an_index_of_format_1_is_read_queried_and_upgraded_on_update(
     with Index.open(index_dir) as ix:
         assert ix.search([query], k=1)[0].neighbors[0].path == str(query)
     make_image(photos / "new" / "x.png", size=(40, 40), seed=9)
-    api.index_folder(photos, index_dir)
+    index_folder(photos, index_dir)
     manifest = json.loads((index_dir / store.MANIFEST).read_text())
     assert manifest["version"] == store.FORMAT_VERSION and manifest["identity"]["precision"]
 
 
 def test_a_newer_format_is_refused_with_one_line(photos, tmp_path, small_model) -> None:
     index_dir = tmp_path / "idx"
-    api.index_folder(photos, index_dir, IndexOptions(weights=str(small_model)))
+    index_folder(photos, index_dir, IndexOptions(weights=str(small_model)))
     path = index_dir / store.MANIFEST
     manifest = json.loads(path.read_text())
     manifest["version"] = store.FORMAT_VERSION + 1
@@ -128,7 +130,7 @@ def test_rows_file_retired_between_the_two_opens_is_retried_not_called_damaged(
     """A writer may delete generation g's rows file after a reader read the manifest naming
     it: the reader must retry with the new manifest, not report a healthy index as damaged."""
     index_dir = tmp_path / "idx"
-    api.index_folder(photos, index_dir, IndexOptions(weights=str(small_model)))
+    index_folder(photos, index_dir, IndexOptions(weights=str(small_model)))
     real_connect = store._connect_read_only
     calls = []
 
@@ -166,10 +168,10 @@ def _open_files_under(directory: Path) -> list[str]:
 @pytest.mark.skipif(not Path("/proc/self/fd").exists(), reason="needs /proc")
 def test_a_refused_update_leaves_no_file_of_the_index_open(photos, tmp_path, small_model) -> None:
     index_dir = tmp_path / "idx"
-    api.index_folder(photos, index_dir, IndexOptions(weights=str(small_model)))
+    index_folder(photos, index_dir, IndexOptions(weights=str(small_model)))
     assert _open_files_under(index_dir) == []
     with pytest.raises(IndexMismatchError):
-        api.index_folder(photos, index_dir, IndexOptions(weights="random:5"))
+        index_folder(photos, index_dir, IndexOptions(weights="random:5"))
     with pytest.raises(IndexMismatchError):
-        api.index_folder(photos, index_dir, IndexOptions(spec=api.IndexSpec("HNSW32")))
+        index_folder(photos, index_dir, IndexOptions(spec=IndexSpec("HNSW32")))
     assert _open_files_under(index_dir) == []

@@ -16,12 +16,13 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from retrieval import api
+from retrieval import IndexOptions
 from retrieval.cli.main import cli
 from retrieval.indexes import generation, store
 from retrieval.indexes.staging import STAGING, read_records
+from retrieval.indexing.run import index_folder
 from tests.corpus import expected_walk_problems, make_image, make_problem_corpus
-from tests.stored import stored_vectors
+from tests.stored import search, stored_vectors
 
 
 def test_problem_corpus_indexes_every_good_file_and_skips_every_bad_one(
@@ -75,7 +76,7 @@ def test_unicode_names_round_trip_through_json(tmp_path, small_model) -> None:
     for i, name in enumerate(names):
         make_image(tmp_path / "imgs" / "x" / name, seed=i)
     index_dir = tmp_path / "idx"
-    api.index_folder(tmp_path / "imgs", index_dir, api.IndexOptions(weights=str(small_model)))
+    index_folder(tmp_path / "imgs", index_dir, IndexOptions(weights=str(small_model)))
     query = tmp_path / "imgs" / "x" / "line\nbreak.png"
     result = CliRunner().invoke(
         cli, ["query", str(query), "-k", "5", "--index", str(index_dir), "--json"]
@@ -205,10 +206,9 @@ def test_queries_during_a_rebuild_always_see_a_whole_index(tmp_path, small_model
     for i in range(48):
         make_image(folder / f"c{i % 3}" / f"{i:03d}.png", seed=i)
     index_dir = tmp_path / "idx"
-    api.index_folder(folder, index_dir, api.IndexOptions(weights=str(small_model)))
+    index_folder(folder, index_dir, IndexOptions(weights=str(small_model)))
     query = sorted(folder.rglob("*.png"))[5]
-    options = api.SearchOptions(k=5)
-    (expected,) = api.search_images([query], index_dir, options)
+    (expected,) = search(index_dir, [query], 5)
     want = [(n.path, round(n.distance, 3)) for n in expected.neighbors]
 
     stop = threading.Event()
@@ -229,7 +229,7 @@ def test_queries_during_a_rebuild_always_see_a_whole_index(tmp_path, small_model
     try:
         deadline = time.monotonic() + 25
         while time.monotonic() < deadline or len(generations) < 2:
-            (result,) = api.search_images([query], index_dir, options)
+            (result,) = search(index_dir, [query], 5)
             assert [(n.path, round(n.distance, 3)) for n in result.neighbors] == want
             answered += 1
             if time.monotonic() > deadline + 60:

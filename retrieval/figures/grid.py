@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import random
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -11,6 +12,7 @@ from PIL import Image, ImageDraw, ImageFont, ImageOps
 from retrieval.atomic import atomic_write
 from retrieval.errors import ImageReadError, RetrieveError
 from retrieval.images.decode import load_image
+from retrieval.images.walk import find_images
 from retrieval.search.query import QueryResult
 
 log = logging.getLogger(__name__)
@@ -38,6 +40,21 @@ def _fit_text(draw: ImageDraw.ImageDraw, text: str, font: ImageFont.ImageFont, w
     while text and draw.textlength(text + "…", font=font) > width:
         text = text[:-1]
     return text + "…"
+
+
+def pick_queries(queries: Sequence[Path], n: int, seed: int) -> list[Path]:
+    """Files as given; from each folder, ``n`` images picked at random (reproducibly by seed)."""
+    picked: list[Path] = []
+    rng = random.Random(seed)
+    for query in map(Path, queries):
+        if query.is_dir():
+            found, _ = find_images(query)
+            if not found:
+                raise RetrieveError(f"no images found in {query}")
+            picked.extend(sorted(rng.sample(found, min(n, len(found)))))
+        else:
+            picked.append(query)
+    return picked
 
 
 def render_grid(results: Sequence[QueryResult], output: Path, *, tile: int = 128) -> Path:

@@ -15,7 +15,6 @@ from pathlib import Path
 import numpy as np
 
 from retrieval.errors import RetrieveError
-from retrieval.extraction.types import ExtractOptions
 from retrieval.images.walk import find_images
 from retrieval.indexes.rows import Row
 
@@ -50,16 +49,6 @@ class QueryResult:
         if self.error:
             data["error"] = self.error
         return data
-
-
-@dataclass(frozen=True)
-class SearchOptions:
-    k: int = 6
-    weights: str | None = None  # None: the model the index records
-    nprobe: int | None = None
-    ef_search: int | None = None
-    exclude_self: bool = False  # drop a query's own row (for evaluation on indexed images)
-    extract: ExtractOptions = field(default_factory=ExtractOptions)
 
 
 def expand_queries(queries: Sequence[Path | str]) -> list[Path]:

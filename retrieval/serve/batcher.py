@@ -55,7 +55,7 @@ def answer_uploads(index: Index, uploads: list[Upload]) -> list[Answer]:
         answers[slot].classes = classes
     k = max(uploads[i].k for i in good)
     names = [uploads[i].name for i in good]
-    found = index.search_features(features, min(k, index.count), names=names)
+    found = index.search(features, min(k, index.count), names=names)
     for slot, result in zip(good, found):
         result.neighbors = result.neighbors[: uploads[slot].k]  # nearest first: a prefix
         answers[slot].result = result
