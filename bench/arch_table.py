@@ -50,11 +50,11 @@ from small_folder import pick, pixel_rows, quality, queries  # noqa: E402
 from retrieval.model.weights import load_model  # noqa: E402
 from retrieval.training.augment import BatchTransform  # noqa: E402
 from retrieval.training.datasets import open_training_data, stratified_split  # noqa: E402
-from retrieval.training.evaluate import classify  # noqa: E402
 from retrieval.training.imagesets import ImageSet  # noqa: E402
 from retrieval.training.loop import epoch_order  # noqa: E402
+from retrieval.training.prepare import open_run_data  # noqa: E402
 from retrieval.training.recipes import Recipe, build_model, scale_to_unit  # noqa: E402
-from retrieval.training.setup import open_run_data  # noqa: E402
+from retrieval.training.validation import classify  # noqa: E402
 
 K = 6
 P_AT_K = f"precision@{K}"

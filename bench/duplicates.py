@@ -32,12 +32,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from search import machine
 
 from retrieval import Index
+from retrieval.build.options import IndexOptions
 from retrieval.collection.calibration import CalibrationOptions, calibrate
 from retrieval.collection.duplicates import find_duplicates
 from retrieval.collection.near import near_pairs
 from retrieval.collection.vectors import IndexVectors
 from retrieval.images.walk import find_images
-from retrieval.indexing.options import IndexOptions
 
 PHASH_THRESHOLD = 10  # imagededup PHash.find_duplicates default
 

@@ -6,7 +6,7 @@
     image at a time under ``no_grad``;
 (b) a plain ``DataLoader`` with batches (PIL + transforms in workers, float tensors across
     processes, fp32, default layout);
-(c) ``retrieve index``: the real pipeline, ``retrieval.indexing.index_folder`` into a fresh Flat
+(c) ``retrieve index``: the real pipeline, ``retrieval.build.index_folder`` into a fresh Flat
     index, timed whole (walk, model load, extraction, commit).
 Every method is timed whole: (a) and (b) from loading the model to the last feature, as a
 script doing that work would run. Ceilings: decode-only (read + decode + resize/crop, every
@@ -187,8 +187,8 @@ def retrieve_index(
     folder: Path, index_dir: Path, weights: str, extract: ExtractOptions
 ) -> tuple[float, IndexReport]:
     """The real pipeline, timed whole; int8 runs it with the quantised mapper (recorded fp32)."""
+    from retrieval.build.run import index_folder
     from retrieval.extraction.embedder import Embedder
-    from retrieval.indexing.run import index_folder
 
     int8 = extract.precision == "int8"
     extract = replace(extract, precision="fp32") if int8 else extract

@@ -34,9 +34,9 @@ from retrieval.metrics import mean_average_precision, precision_at_k  # noqa: E4
 from retrieval.model.weights import load_model  # noqa: E402
 from retrieval.training.augment import BatchTransform, resize_for  # noqa: E402
 from retrieval.training.datasets import open_training_data  # noqa: E402
-from retrieval.training.evaluate import classify  # noqa: E402
 from retrieval.training.imagesets import FileImages  # noqa: E402
 from retrieval.training.recipes import Recipe, build_model  # noqa: E402
+from retrieval.training.validation import classify  # noqa: E402
 
 K = 6
 

@@ -76,7 +76,7 @@ def evaluate_command(
     if not weights and index_dir is not None:
         retrieval = True  # an index and no classifier: there is only one thing to evaluate
     if retrieval:
-        from retrieval.search.quality import evaluate_retrieval
+        from retrieval.evaluation.retrieval_quality import evaluate_retrieval
 
         with open_index(
             index_dir,
@@ -98,7 +98,7 @@ def evaluate_command(
             "give --weights CHECKPOINT (top-1/top-5 of a classifier) or --retrieval [--index DIR]"
             " (precision@k and mAP against an index)"
         )
-    from retrieval.training.evaluate import evaluate_classifier
+    from retrieval.evaluation.classifier import evaluate_classifier
 
     with stage_bars("batch") as bars:
         report = evaluate_classifier(
@@ -149,7 +149,7 @@ def evaluate_command(
 @json_option
 def recall_command(index_dir, exact_dir, k, queries, seed, nprobe, ef_search, as_json):
     """recall@k, speed and size of an approximate index against an exact one."""
-    from retrieval.search.quality import evaluate_recall
+    from retrieval.evaluation.retrieval_quality import evaluate_recall
 
     with open_index(index_dir) as approximate, open_index(exact_dir) as exact:
         report = evaluate_recall(

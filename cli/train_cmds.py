@@ -191,7 +191,7 @@ def train_command(
     from retrieval.training.augment import Augmentation
     from retrieval.training.budget import parse_duration
     from retrieval.training.loop import describe_epoch, make_recipe, train
-    from retrieval.training.setup import RunOptions
+    from retrieval.training.prepare import RunOptions
 
     if freeze and not finetune:
         raise click.UsageError("--freeze needs --finetune")

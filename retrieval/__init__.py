@@ -7,13 +7,13 @@ model; the first image to embed does.
 
 from __future__ import annotations
 
+from retrieval.build.options import IndexOptions, IndexReport
 from retrieval.errors import RetrieveError
 from retrieval.extraction.types import ExtractOptions
-from retrieval.index import Index
 from retrieval.indexes.kinds import IndexSpec
-from retrieval.indexing.options import IndexOptions, IndexReport
 from retrieval.model.identity import Identity
-from retrieval.search.query import Neighbor, QueryResult
+from retrieval.results import Neighbor, QueryResult
+from retrieval.search.index import Index
 from retrieval.version import __version__
 
 __all__ = [

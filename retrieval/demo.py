@@ -27,7 +27,7 @@ from retrieval.training.augment import Augmentation
 from retrieval.training.datasets import folder_name
 from retrieval.training.idx_files import has_idx_files, load_idx_split
 from retrieval.training.loop import describe_epoch, make_recipe, train
-from retrieval.training.setup import RunOptions
+from retrieval.training.prepare import RunOptions
 
 log = logging.getLogger(__name__)
 
@@ -176,10 +176,10 @@ def run_demo(
     bars: Progress | None = None,
 ) -> DemoReport:
     """Train on Fashion-MNIST, index its training images, query with its test images."""
+    from retrieval.build.options import IndexOptions
+    from retrieval.evaluation.retrieval_quality import evaluate_retrieval
     from retrieval.extraction.types import ExtractOptions
-    from retrieval.index import Index
-    from retrieval.indexing.options import IndexOptions
-    from retrieval.search.quality import evaluate_retrieval
+    from retrieval.search.index import Index
 
     started = time.perf_counter()
     seconds: dict[str, float] = {}

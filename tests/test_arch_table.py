@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from retrieval.training.loop import _Run
+from retrieval.training.prepare import RunOptions
 from retrieval.training.recipes import make_recipe
-from retrieval.training.setup import RunOptions
 from tests.corpus import make_labelled_folder
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))

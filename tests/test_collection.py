@@ -13,6 +13,7 @@ from click.testing import CliRunner
 from PIL import Image
 
 from retrieval import Index
+from retrieval.build.options import IndexOptions
 from retrieval.collection import actions
 from retrieval.collection.calibration import (
     CalibrationOptions,
@@ -23,7 +24,6 @@ from retrieval.collection.calibration import (
 from retrieval.collection.duplicates import find_duplicates, representative_order
 from retrieval.collection.near import NearOptions, near_pairs
 from retrieval.collection.vectors import ArrayVectors
-from retrieval.indexing.options import IndexOptions
 from tests.corpus import structured_rgb
 
 DISTINCT = 16

@@ -7,10 +7,10 @@ import pytest
 from click.testing import CliRunner
 
 from retrieval import Index
+from retrieval.build.options import IndexOptions
 from retrieval.collection.export import export
 from retrieval.errors import RetrieveError
 from retrieval.indexes.shards import open_shards
-from retrieval.indexing.options import IndexOptions
 
 
 @pytest.fixture(scope="module")

@@ -10,10 +10,10 @@ from click.testing import CliRunner
 from PIL import Image
 
 from retrieval import Index
+from retrieval.build.options import IndexOptions
 from retrieval.collection.clusters import kmeans, label_scores, purity
 from retrieval.collection.layout import snap_to_grid
 from retrieval.collection.vectors import ArrayVectors
-from retrieval.indexing.options import IndexOptions
 
 
 @pytest.fixture(scope="module")

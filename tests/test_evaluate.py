@@ -10,14 +10,15 @@ import torch
 from click.testing import CliRunner
 from torchvision import transforms
 
+from retrieval.evaluation.classifier import evaluate_classifier
 from retrieval.images.decode import load_image
 from retrieval.model.alexnet import ModelArgs, build_alexnet
 from retrieval.model.preprocess import Preprocessing
 from retrieval.model.weights import load_model, save_checkpoint
 from retrieval.training.augment import BatchTransform
 from retrieval.training.datasets import open_eval_data
-from retrieval.training.evaluate import classify, evaluate_classifier
 from retrieval.training.imagesets import decode_square
+from retrieval.training.validation import classify
 from tests.corpus import make_labelled_folder
 
 CLASSES = ["circles", "squares", "stripes"]

@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 
 from retrieval import api
+from retrieval.build.options import IndexOptions
 from retrieval.errors import IndexCorruptError
 from retrieval.indexes import flat_file, kinds, store
-from retrieval.indexing.options import IndexOptions
 from tests.corpus import make_image
 
 

@@ -11,6 +11,8 @@ import numpy as np
 import pytest
 
 from retrieval import Index, IndexReport
+from retrieval.build.options import IndexOptions
+from retrieval.build.run import index_folder
 from retrieval.errors import (
     IndexCorruptError,
     IndexLockedError,
@@ -21,8 +23,6 @@ from retrieval.errors import (
 from retrieval.extraction import extract_images
 from retrieval.extraction.types import ExtractOptions
 from retrieval.indexes import generation, store
-from retrieval.indexing.options import IndexOptions
-from retrieval.indexing.run import index_folder
 from retrieval.model.weights import load_model
 from tests.corpus import make_image
 from tests.stored import search, stored_vectors

@@ -35,3 +35,12 @@ def test_the_source_tree_links_cli_and_indexes_in_as_they_install() -> None:
     for name in ("cli", "indexes"):
         link = ROOT / "retrieval" / name
         assert link.is_symlink() and link.resolve() == (ROOT / name).resolve(), link
+
+
+def test_no_package_holds_more_than_about_twelve_modules() -> None:
+    """A folder a newcomer can read at a glance: past a dozen modules it holds two jobs."""
+    packages = [ROOT / "cli", ROOT / "indexes", *(p for p in (ROOT / "retrieval").iterdir())]
+    for package in packages:
+        if package.is_dir() and not package.is_symlink() and (package / "__init__.py").exists():
+            modules = [p for p in package.glob("*.py") if p.name != "__init__.py"]
+            assert len(modules) <= 13, f"{package.relative_to(ROOT)}: {len(modules)} modules"

@@ -273,7 +273,7 @@ def test_moved_weights_are_named_and_the_same_weights_elsewhere_are_accepted(
 
 
 def test_index_folder_on_one_already_indexed_file_is_a_no_op(built) -> None:
-    from retrieval.indexing.run import index_folder
+    from retrieval.build.run import index_folder
 
     photos, index_dir = built
     one = sorted(photos.rglob("*.png"))[0]

@@ -14,13 +14,13 @@ import torch
 from click.testing import CliRunner
 
 from retrieval import Index
+from retrieval.build.options import IndexOptions
+from retrieval.build.run import index_folder
 from retrieval.devices import fast_bf16, one_device
 from retrieval.errors import RetrieveError
 from retrieval.extraction import ExtractOptions
 from retrieval.extraction.embedder import Embedder
 from retrieval.extraction.mapper import Fc7Mapper
-from retrieval.indexing.options import IndexOptions
-from retrieval.indexing.run import index_folder
 from retrieval.model.weights import load_model
 from tests.corpus import make_labelled_folder
 from tests.stored import stored_vectors
@@ -254,8 +254,8 @@ def test_the_query_path_does_not_import_the_write_path(folder, small_model, tmp_
         "from retrieval import Index\n"
         f"with Index.open({str(tmp_path / 'ix')!r}) as ix:\n"
         f"    ix.search([{str(sorted(folder.rglob('*.png'))[0])!r}], k=2)\n"
-        "print(sorted(m for m in sys.modules if m.startswith(('retrieval.indexing.run',"
-        " 'retrieval.indexing.commit', 'retrieval.indexes.staging'))))\n"
+        "print(sorted(m for m in sys.modules if m.startswith(('retrieval.build.run',"
+        " 'retrieval.build.commit', 'retrieval.indexes.staging'))))\n"
     )
     out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"

@@ -8,12 +8,12 @@ import numpy as np
 import pytest
 
 from retrieval import Index
+from retrieval.build.options import IndexOptions
+from retrieval.build.run import index_folder
+from retrieval.evaluation.retrieval_quality import evaluate_recall, evaluate_retrieval
 from retrieval.indexes import store
 from retrieval.indexes.kinds import IndexSpec
-from retrieval.indexing.options import IndexOptions
-from retrieval.indexing.run import index_folder
 from retrieval.metrics import mean_average_precision, precision_at_k
-from retrieval.search.quality import evaluate_recall, evaluate_retrieval
 from tests.corpus import make_labelled_folder
 
 

@@ -13,12 +13,12 @@ from click.testing import CliRunner
 from PIL import Image
 
 from retrieval import Index, IndexSpec
+from retrieval.build.options import IndexOptions
+from retrieval.build.run import index_folder
 from retrieval.cli.main import cli
 from retrieval.errors import IndexMismatchError
+from retrieval.evaluation.retrieval_quality import evaluate_retrieval
 from retrieval.indexes import store
-from retrieval.indexing.options import IndexOptions
-from retrieval.indexing.run import index_folder
-from retrieval.search.quality import evaluate_retrieval
 from tests.corpus import make_image
 
 

@@ -17,10 +17,10 @@ import pytest
 from click.testing import CliRunner
 
 from retrieval import IndexOptions
+from retrieval.build.run import index_folder
 from retrieval.cli.main import cli
 from retrieval.indexes import generation, store
 from retrieval.indexes.staging import STAGING, read_records
-from retrieval.indexing.run import index_folder
 from tests.corpus import expected_walk_problems, make_image, make_problem_corpus
 from tests.stored import search, stored_vectors
 

@@ -19,8 +19,8 @@ from retrieval.training.datasets import open_training_data, stratified_split
 from retrieval.training.idx_files import FASHION_MNIST_CLASSES
 from retrieval.training.imagesets import FileImages
 from retrieval.training.loop import train
+from retrieval.training.prepare import RunOptions
 from retrieval.training.recipes import build_model, make_recipe
-from retrieval.training.setup import RunOptions
 from tests.corpus import make_labelled_folder
 
 SIZE = 64  # AlexNet's smallest convenient input (it needs >= 63 px)

@@ -17,8 +17,8 @@ from PIL import Image
 from retrieval.model.weights import load_model, read_checkpoint
 from retrieval.training import budget
 from retrieval.training.loop import TrainingDiverged, train
+from retrieval.training.prepare import RunOptions
 from retrieval.training.recipes import make_recipe, warmup_factor
-from retrieval.training.setup import RunOptions
 from tests.corpus import make_labelled_folder
 
 
@@ -247,7 +247,7 @@ def test_each_variant_trains_evaluates_indexes_and_queries_with_no_other_option(
     shapes: Path, tmp_path: Path, options: list[str], recorded: dict, size: int, width: int
 ) -> None:
     from retrieval.cli.main import cli
-    from retrieval.training.evaluate import evaluate_classifier
+    from retrieval.evaluation.classifier import evaluate_classifier
 
     out = tmp_path / "m.pt"
     args = ["train", str(shapes), "-o", str(out), "--epochs", "1", "--batch-size", "9"]

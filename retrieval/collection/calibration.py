@@ -28,7 +28,7 @@ from retrieval.errors import ImageReadError, RetrieveError
 from retrieval.images.decode import load_image
 
 if TYPE_CHECKING:
-    from retrieval.index import Index
+    from retrieval.search.index import Index
 
 log = logging.getLogger(__name__)
 

@@ -20,7 +20,7 @@ from retrieval.collection.vectors import IndexVectors, VectorSource, blocks, sam
 from retrieval.errors import RetrieveError
 
 if TYPE_CHECKING:
-    from retrieval.index import Index
+    from retrieval.search.index import Index
 
 # Above this many floats (N x D; 512 MiB of float32) k-means runs on a PCA copy.
 PCA_ABOVE = 1 << 27

@@ -25,8 +25,8 @@ from retrieval.collection.near import NearOptions, Pairs, near_pairs
 from retrieval.collection.vectors import IndexVectors
 
 if TYPE_CHECKING:
-    from retrieval.index import Index
     from retrieval.indexes.rows import Row
+    from retrieval.search.index import Index
 
 KEEP = ("largest", "oldest", "first")
 DEFAULT_KEEP = "largest"  # also the CLI's --keep default

@@ -22,7 +22,7 @@ from retrieval.errors import RetrieveError
 from retrieval.indexes.shards import ROWS_PER_SHARD, ShardRows, ShardWriter, write_identity
 
 if TYPE_CHECKING:
-    from retrieval.index import Index
+    from retrieval.search.index import Index
 
 PAGE = 4096
 FORMATS = ("npy", "parquet")
@@ -39,7 +39,7 @@ class ExportReport:
 
 def model_record(index: Index) -> dict[str, Any]:
     """What identity.json's ``model`` holds: the manifest's model record and identity, the pair
-    ``--from-embeddings`` reads back (``indexing/embeddings.identity_of_shards``)."""
+    ``--from-embeddings`` reads back (``build/embeddings.identity_of_shards``)."""
     return {"model": index.manifest["model"], "identity": index.manifest["identity"]}
 
 

@@ -18,7 +18,7 @@ from retrieval.collection.vectors import IndexVectors, sample_positions
 from retrieval.errors import RetrieveError
 
 if TYPE_CHECKING:
-    from retrieval.index import Index
+    from retrieval.search.index import Index
 
 
 @dataclass

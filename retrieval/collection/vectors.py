@@ -14,8 +14,8 @@ from typing import TYPE_CHECKING, Protocol
 import numpy as np
 
 if TYPE_CHECKING:
-    from retrieval.index import Index
     from retrieval.indexes.rows import Row
+    from retrieval.search.index import Index
 
 BLOCK = 8192  # 8192 x 4096 float32 = 128 MiB per block
 

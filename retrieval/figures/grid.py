@@ -13,7 +13,7 @@ from retrieval.atomic import atomic_write
 from retrieval.errors import ImageReadError, RetrieveError
 from retrieval.images.decode import load_image
 from retrieval.images.walk import find_images
-from retrieval.search.query import QueryResult
+from retrieval.results import QueryResult
 
 log = logging.getLogger(__name__)
 

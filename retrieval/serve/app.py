@@ -29,7 +29,7 @@ from starlette.routing import Route
 
 from retrieval import Index, QueryResult, RetrieveError
 from retrieval.errors import ImageReadError
-from retrieval.search.query import MAX_K
+from retrieval.results import MAX_K
 from retrieval.serve.batcher import QueryBatcher, Upload, top_classes
 from retrieval.serve.collection import CollectionViews, links
 from retrieval.serve.fetch import FetchError, fetch_image

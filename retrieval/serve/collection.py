@@ -35,7 +35,7 @@ from retrieval.errors import RetrieveError
 from retrieval.serve.params import Refused, int_param
 
 if TYPE_CHECKING:
-    from retrieval.index import Index
+    from retrieval.search.index import Index
 
 MAX_K = 1000  # clusters
 MAX_GROUPS_PAGE = 500

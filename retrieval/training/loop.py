@@ -29,7 +29,6 @@ from retrieval.model.weights import save_checkpoint
 from retrieval.progress import silent
 from retrieval.training.augment import BatchTransform, PCAColor, resize_for
 from retrieval.training.budget import epochs_that_fit, plan_for_time, resolve_budget
-from retrieval.training.evaluate import autocast_for, validate
 from retrieval.training.monitor import (
     DivergenceWatch,
     FrozenWeights,
@@ -37,6 +36,16 @@ from retrieval.training.monitor import (
     describe_epoch,
     describe_start,
     selection_score,
+)
+from retrieval.training.prepare import (
+    RunOptions,
+    cache_run_data,
+    make_optimizer,
+    measure_preprocessing,
+    open_run_data,
+    read_resume_state,
+    retrieval_sample,
+    run_workers,
 )
 from retrieval.training.recipes import (
     RECIPES,
@@ -47,16 +56,7 @@ from retrieval.training.recipes import (
     scale_to_unit,
     warmup_factor,
 )
-from retrieval.training.setup import (
-    RunOptions,
-    cache_run_data,
-    make_optimizer,
-    measure_preprocessing,
-    open_run_data,
-    read_resume_state,
-    retrieval_sample,
-    run_workers,
-)
+from retrieval.training.validation import autocast_for, validate
 from retrieval.units import counted
 
 __all__ = [

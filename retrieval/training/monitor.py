@@ -14,8 +14,8 @@ import torch
 
 from retrieval.errors import RetrieveError
 from retrieval.training.datasets import DataSplits
-from retrieval.training.evaluate import RETRIEVAL_K
 from retrieval.training.recipes import Recipe
+from retrieval.training.validation import RETRIEVAL_K
 from retrieval.units import counted
 
 # A mean loss over the last DIVERGED_WINDOW steps this many times ln(classes) (a guess's loss)

@@ -21,6 +21,10 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from retrieval.build.agreement import measure_fp32_agreement
+from retrieval.build.commit import commit_changes
+from retrieval.build.on_ray import clear_run, extract_on_ray
+from retrieval.build.options import IndexOptions, IndexReport
 from retrieval.errors import IndexMismatchError, RetrieveError
 from retrieval.extraction.types import StageTimes
 from retrieval.images.walk import IMAGE_SUFFIXES, describe_other_types, walk
@@ -28,10 +32,6 @@ from retrieval.indexes import generation, kinds, store
 from retrieval.indexes.rows import Row
 from retrieval.indexes.staging import StagedFile, Staging
 from retrieval.indexes.sync import DiskFile, plan_sync, stat_files
-from retrieval.indexing.agreement import measure_fp32_agreement
-from retrieval.indexing.commit import commit_changes
-from retrieval.indexing.on_ray import clear_run, extract_on_ray
-from retrieval.indexing.options import IndexOptions, IndexReport
 from retrieval.model.identity import Identity
 from retrieval.model.recorded import checked_model, load_recorded_model
 

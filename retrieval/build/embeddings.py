@@ -17,12 +17,12 @@ from typing import Any
 
 import numpy as np
 
+from retrieval.build.commit import commit_changes
+from retrieval.build.options import IndexOptions, IndexReport
 from retrieval.errors import IndexMismatchError, RetrieveError
 from retrieval.indexes import generation, shards, store
 from retrieval.indexes.staging import StagedFile, Staging
 from retrieval.indexes.sync import DiskFile, SyncPlan, file_sha256
-from retrieval.indexing.commit import commit_changes
-from retrieval.indexing.options import IndexOptions, IndexReport
 from retrieval.model.identity import Identity
 
 

@@ -18,7 +18,7 @@ import numpy as np
 from retrieval.errors import RetrieveError
 from retrieval.indexes.rows import Row
 from retrieval.metrics import mean_average_precision, precision_at_k, recall_at_k
-from retrieval.search.query import expand_queries
+from retrieval.results import expand_queries
 
 SEARCH_BATCH = 256
 

@@ -27,20 +27,20 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from retrieval.build.options import IndexOptions, IndexReport
 from retrieval.devices import one_device
 from retrieval.errors import RetrieveError
 from retrieval.extraction.types import ExtractOptions
 from retrieval.indexes import store
 from retrieval.indexes.rows import Row
 from retrieval.indexes.searcher import Searcher
-from retrieval.indexing.options import IndexOptions, IndexReport
 from retrieval.model.identity import Identity
-from retrieval.query_embedder import QueryEmbedder
-from retrieval.search.query import QueryResult, check_k, expand_queries, neighbors_of
+from retrieval.results import QueryResult, check_k, expand_queries, neighbors_of
+from retrieval.search.query_model import QueryEmbedder
 
 if TYPE_CHECKING:
     from retrieval.model.weights import LoadedModel
-    from retrieval.query_embedder import Query
+    from retrieval.search.query_model import Query
 
 
 class _View:
@@ -138,11 +138,11 @@ class Index:
         export`` / ``retrieve extract``), made into a new index without running the model."""
         directory = Path(directory or store.default_index_dir())
         if embeddings:
-            from retrieval.indexing.embeddings import index_from_embeddings
+            from retrieval.build.embeddings import index_from_embeddings
 
             report = index_from_embeddings(Path(images), directory, options)
         else:
-            from retrieval.indexing.run import index_folder
+            from retrieval.build.run import index_folder
 
             report = index_folder(Path(images), directory, options, progress)
         index = cls.open(
@@ -472,7 +472,7 @@ class Index:
         progress: Callable[[int, int], None] | None = None,
     ) -> IndexReport:
         """Make the index follow ``folder`` (only what changed is embedded), then reload."""
-        from retrieval.indexing.run import index_folder
+        from retrieval.build.run import index_folder
 
         extract = dataclasses.replace(
             options.extract, device=one_device(self.device, options.extract.device)
@@ -489,7 +489,7 @@ class Index:
     def remove(self, paths: Sequence[str | os.PathLike]) -> dict[str, list[str]]:
         """Drop these files (or everything under these folders) from the index (the files
         themselves are never touched), then reload. Returns removed and not-indexed paths."""
-        from retrieval.indexing.commit import remove_from_index
+        from retrieval.build.commit import remove_from_index
 
         result = remove_from_index([Path(os.path.abspath(p)) for p in paths], self.directory)
         self.reload()

@@ -14,11 +14,11 @@ from typing import Any
 
 import numpy as np
 
+from retrieval.build.options import CommitCounts, IndexOptions
 from retrieval.indexes import auto, flat_file, generation, kinds, store
 from retrieval.indexes.rows import Row, RowUpdate
 from retrieval.indexes.staging import Staging, iter_chunk_features
 from retrieval.indexes.sync import SyncPlan
-from retrieval.indexing.options import CommitCounts, IndexOptions
 from retrieval.model.identity import Identity
 from retrieval.version import __version__
 

@@ -17,12 +17,12 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from retrieval.build.embeddings import pour_shard
+from retrieval.build.options import IndexOptions, IndexReport
 from retrieval.devices import usable_cores
 from retrieval.indexes.shards import open_shards
 from retrieval.indexes.staging import Staging
 from retrieval.indexes.sync import DiskFile
-from retrieval.indexing.embeddings import pour_shard
-from retrieval.indexing.options import IndexOptions, IndexReport
 from retrieval.model.identity import Identity
 
 if TYPE_CHECKING:

@@ -1,0 +1,98 @@
+"""``retrieve evaluate DATA --weights M``: top-1 / top-5 of a checkpoint's own classifier on a
+labelled folder, with one and with ten crops, and accuracy per class.
+
+It runs the training package's batched classification (``training.validation.classify``), the
+same code that validates while training, so a number here and a number in a training log mean
+the same thing.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from retrieval.devices import resolve_device
+from retrieval.metrics import topk_correct
+from retrieval.model.weights import load_model
+from retrieval.progress import Progress
+from retrieval.training.augment import BatchTransform
+from retrieval.training.datasets import open_eval_data
+from retrieval.training.imagesets import default_workers
+from retrieval.training.validation import classify
+
+
+@dataclass
+class ClassifierReport:
+    """Top-k accuracy with one and with ten crops, and accuracy per class (centre crop)."""
+
+    weights: str
+    data: str
+    images: int
+    top1: float
+    top5: float
+    top1_ten_crop: float | None
+    top5_ten_crop: float | None
+    per_class: dict[str, float]
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def evaluate_classifier(
+    weights: str | Path,
+    data_dir: str | Path,
+    *,
+    device: str = "auto",
+    batch_size: int = 128,
+    ten_crop: bool = True,
+    precision: str = "auto",
+    workers: int | None = None,
+    progress: Progress | None = None,
+) -> ClassifierReport:
+    """Top-1/top-5 of a checkpoint on ``data_dir`` (idx test split, ``val/``, ``test/``, or the
+    folder itself), with the preprocessing the checkpoint records."""
+    torch_device = resolve_device(device)
+    loaded = load_model(weights, torch_device)
+    prep = loaded.preprocessing
+    images = open_eval_data(data_dir, loaded.classes, prep.channels)
+    classes = loaded.classes or images.classes
+    transform = BatchTransform(prep.crop, prep.mean, prep.std)
+    n_workers = default_workers() if workers is None else workers
+    kwargs = {"precision": precision, "workers": n_workers, "progress": progress}
+    logits, labels = classify(
+        loaded.model, images, transform, prep.resize, batch_size, torch_device, **kwargs
+    )
+    ks = (1, 5)
+    centre = topk_correct(logits, labels, ks)
+    n = max(len(labels), 1)
+    ten = None
+    if ten_crop:
+        probs, _ = classify(
+            loaded.model,
+            images,
+            transform,
+            prep.resize,
+            batch_size,
+            torch_device,
+            ten_crop=True,
+            desc="ten crops",
+            **kwargs,
+        )
+        ten = topk_correct(probs, labels, ks)
+    predicted = logits.argmax(dim=1) if len(labels) else labels
+    per_class = {}
+    for index, name in enumerate(classes):
+        members = labels == index
+        if members.any():
+            per_class[name] = float((predicted[members] == index).float().mean())
+    return ClassifierReport(
+        weights=str(weights),
+        data=str(data_dir),
+        images=len(labels),
+        top1=centre[1] / n,
+        top5=centre[5] / n,
+        top1_ten_crop=ten[1] / n if ten else None,
+        top5_ten_crop=ten[5] / n if ten else None,
+        per_class=per_class,
+    )
