@@ -6,8 +6,9 @@ For each kind: build time (train + add), memory (serialized bytes = disk; RAM es
 faiss builds on load), recall@10 against exact Flat search, single-query latency (median ms over
 ``--single`` queries) and batched queries/s, with ratios against Flat. IVF kinds get the
 smallest nprobe reaching the target recall on a separate set of tuning queries (not the ones
-scored). Then projections for 10 M and 100 M vectors. Everything goes through
-``retrieval.indexes.kinds`` and ``retrieval.indexes.querying``, the code the CLI uses.
+scored). Then projections for 10 M and 100 M vectors. Indexes are built by
+``retrieval.indexes.kinds`` and searched by ``searcher.search_faiss``, what the product's
+``Searcher`` runs for these kinds (the Flat row is faiss's own exact search, the reference).
 
 The data (see :func:`fc7_like`): fc7 is non-negative (ReLU), about half zeros, and its PCA
 spectrum decays steeply; neighbours are meaningful because images come in classes. So each
@@ -32,8 +33,9 @@ from pathlib import Path
 import faiss
 import numpy as np
 
-from retrieval.indexes import kinds, querying
+from retrieval.indexes import kinds
 from retrieval.indexes.kinds import IndexSpec
+from retrieval.indexes.searcher import search_faiss, set_search_params
 from retrieval.metrics import recall_at_k
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -115,14 +117,14 @@ def machine() -> list[str]:
 
 def timed_search(index, q: np.ndarray, n_single: int) -> tuple[float, float, np.ndarray]:
     """(median single-query ms, batched queries/s, ids of the batched run), on CPU."""
-    querying.search(index, q[:2], K, device="cpu")  # warm-up: lazy allocations, tables
+    search_faiss(index, q[:2], K)  # warm-up: lazy allocations, tables
     lat = []
     for i in range(n_single):
         t = time.perf_counter()
-        querying.search(index, q[i : i + 1], K, device="cpu")
+        search_faiss(index, q[i : i + 1], K)
         lat.append(time.perf_counter() - t)
     t = time.perf_counter()
-    _, ids = querying.search(index, q, K, device="cpu")
+    _, ids = search_faiss(index, q, K)
     return 1000 * float(np.median(lat)), len(q) / (time.perf_counter() - t), ids
 
 
@@ -150,13 +152,10 @@ def tune(
 ) -> tuple[int, float]:
     """Smallest knob value reaching ``target`` recall on the tuning queries (or, when the sweep
     cannot, within 0.005 of the best it reaches)."""
-    recalls = [
-        recall_at_k(querying.search(index, tq, K, device="cpu", **{knob: v})[1], truth, K)
-        for v in values
-    ]
+    recalls = [recall_at_k(search_faiss(index, tq, K, **{knob: v})[1], truth, K) for v in values]
     target = min(target, max(recalls) - 0.005)
     v, r = next((v, r) for v, r in zip(values, recalls, strict=True) if r >= target)
-    querying.set_search_params(index, **{knob: v})  # the sweep left the last value set
+    set_search_params(index, **{knob: v})  # the sweep's knobs applied to one search each
     return v, r
 
 
@@ -350,7 +349,7 @@ def main(argv: list[str] | None = None) -> int:
     log("Flat: exact reference")
     flat_index, build_s, fixed = build(IndexSpec("Flat"), xb, args.seed)
     single_ms, qps, truth = timed_search(flat_index, xq, n_single=min(20, nq))
-    tune_truth = querying.search(flat_index, tq, K, device="cpu")[1]
+    tune_truth = search_faiss(flat_index, tq, K)[1]
     same_class = (labels[truth] == labels[n : n + nq, None]).mean()
     lines.append(
         f"- zeros: {(xb[:10_000] == 0).mean():.0%} of fc7 units; {same_class:.0%} of the exact "

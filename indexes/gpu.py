@@ -1,29 +1,28 @@
-"""Where a search runs: the faiss GPU build when it imports, else exact torch search on CUDA,
-else faiss on CPU; plus the small faiss plumbing (unwrapping IDMap / PreTransform) it needs.
+"""Search on a GPU: a faiss index moved to the faiss GPU build, or the exact Flat rows held by
+torch on a CUDA device; plus the small faiss plumbing (unwrapping IDMap / PreTransform) they need.
 
 Why a separate module: the GPU paths are optional extras with their own failure modes (no CUDA,
-a faiss build without GPUs, an index kind the GPU cannot hold). ``querying.search`` asks
-:func:`pick_searcher` and gets the best place that works. torch is imported only inside
-functions, so importing ``retrieval.indexes`` never pays for it.
+a faiss build without GPUs, an index kind the GPU cannot hold). ``searcher.Searcher`` decides
+where a snapshot's searches run and calls these. torch is imported only inside functions, so
+importing ``retrieval.indexes`` never pays for it.
 
-The torch path is exact L2 search written as ``||q||^2 + ||x||^2 - 2 q.x``: one matmul per
-(query batch, database chunk), a top-k per chunk and a merge of the running best k across chunks,
-so GPU memory for distances stays bounded whatever the database size. It runs on any torch
-device, which is how the tests cover its logic on CPU.
+:class:`TorchExactSearcher` is exact L2 search written as ``||q||^2 + ||x||^2 - 2 q.x``: one
+matmul per (query batch, database chunk), a top-k per chunk and a merge of the running best k
+across chunks (``exact.nearest``, the same scan the CPU search runs), so GPU memory for
+distances stays bounded whatever the database size. It runs on any torch device, which is how
+the tests cover its logic on CPU.
 """
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
 
-from retrieval.devices import parse_device
 from retrieval.errors import RetrieveError
 
-log = logging.getLogger(__name__)
+from .exact import nearest
 
 # Elements in one (query batch x database chunk) distance matrix: 2**27 fp32 = 512 MiB.
 _DISTANCE_ELEMENTS = 2**27
@@ -46,13 +45,18 @@ def faiss_gpu_count() -> int:
         return 0
 
 
-def torch_cuda_available() -> bool:
-    """True when torch imports and sees a CUDA device (torch is optional for ``indexes``)."""
+def torch_cuda_count() -> int:
+    """CUDA devices torch sees: 0 without one, or without torch (optional for ``indexes``)."""
     try:
         import torch
     except ImportError:
-        return False
-    return bool(torch.cuda.is_available())
+        return 0
+    return int(torch.cuda.device_count()) if torch.cuda.is_available() else 0
+
+
+def torch_cuda_available() -> bool:
+    """True when torch imports and sees a CUDA device."""
+    return torch_cuda_count() > 0
 
 
 # faiss GPU IVF-PQ keeps a query's lookup tables in shared memory: past 48 bytes a code
@@ -142,25 +146,6 @@ def faiss_index_to_gpu(index: Any, device: int = 0) -> Any:
     return faiss.index_cpu_to_gpu(_gpu_resources, device, portable, gpu_cloner_options(portable))
 
 
-def flat_database(index: Any) -> tuple[np.ndarray, Any, np.ndarray | None] | None:
-    """(vectors, pre-transform or None, ids or None) when ``index`` is an exact L2 Flat index.
-
-    The vectors are a zero-copy view of faiss's storage; ids are the IDMap's row -> id table.
-    Returns None for any other kind, which the torch path cannot answer exactly.
-    """
-    import faiss
-
-    idmap, pre, core = unwrap(index)
-    if (
-        type(core) not in (faiss.IndexFlat, faiss.IndexFlatL2)
-        or core.metric_type != faiss.METRIC_L2
-    ):
-        return None
-    xb = faiss.rev_swig_ptr(core.get_xb(), core.ntotal * core.d).reshape(core.ntotal, core.d)
-    ids = faiss.vector_to_array(idmap.id_map) if idmap is not None else None
-    return xb, pre, ids
-
-
 def unwrap(index: Any) -> tuple[Any, Any, Any]:
     """(IDMap or None, IndexPreTransform or None, core index), each downcast to its real class.
 
@@ -179,23 +164,14 @@ def unwrap(index: Any) -> tuple[Any, Any, Any]:
     return idmap, pre, node
 
 
-def apply_pretransform(pre: Any, x: np.ndarray) -> np.ndarray:
-    """Queries through the same chain (L2norm, PCA, OPQ...) the index applies before storing."""
-    import faiss
-
-    for i in range(pre.chain.size()):
-        x = faiss.downcast_VectorTransform(pre.chain.at(i)).apply_py(np.ascontiguousarray(x))
-    return x
-
-
 class TorchExactSearcher:
     """Exact L2 k-NN over a fixed database held on a torch device.
 
-    Build it once and call :meth:`search` many times to keep the database resident (the benchmark
-    and ``searcher.Searcher`` do this; ``querying.search`` builds one per call).
+    Build it once and call :meth:`search` many times: the database stays resident (as
+    ``searcher.Searcher`` keeps it for a snapshot on ``cuda:N``).
     ``precision="float16"`` halves memory and uses tensor cores: vectors are divided by the
     largest norm before the cast so that dot products cannot overflow fp16, norms stay fp32, and
-    the products accumulate in and come back as fp32 (:func:`inner_products`), so the ranking is
+    the products accumulate in and come back as fp32 (``exact.inner_products``), so the ranking is
     exact up to the fp16 rounding of the stored vectors. ``"auto"`` keeps fp32 when it fits in
     free GPU memory, else fp16.
     """
@@ -263,43 +239,18 @@ class TorchExactSearcher:
         return dist, rows
 
     def _search_batch(self, q: Any, k: int) -> tuple[Any, Any]:
-        import torch
-
         q_sq = (q * q).sum(dim=1, keepdim=True)
         qm = (q / self._scale).to(self._db.dtype)
-        factor = self._scale**2
         step = self.chunk_rows or max(1024, _DISTANCE_ELEMENTS // max(1, q.shape[0]))
-        best_d = best_r = None
-        for start in range(0, self.ntotal, step):
-            ip = inner_products(qm, self._db[start : start + step]) * factor
-            d = (q_sq + self._db_sq[start : start + step].unsqueeze(0) - 2.0 * ip).clamp_min_(0)
-            kc = min(k, d.shape[1])
-            d, r = torch.topk(d, kc, dim=1, largest=False, sorted=True)
-            r = r + start
-            if best_d is not None:
-                d, pick = torch.topk(torch.cat([best_d, d], 1), k, dim=1, largest=False)
-                r = torch.gather(torch.cat([best_r, r], 1), 1, pick)
-            best_d, best_r = d, r
-        return best_d, best_r
-
-
-def inner_products(queries: Any, chunk: Any) -> Any:
-    """``queries @ chunk.T`` as float32, accumulated in float32 also when both are float16.
-
-    On CUDA ``torch.mm(..., out_dtype=torch.float32)`` (torch >= 2.8) keeps the fp32
-    accumulator's result instead of rounding it to fp16 (3 significant digits, which reordered
-    near neighbours); elsewhere, or on an older torch, the operands are upcast first.
-    """
-    import torch
-
-    if queries.dtype == torch.float32:
-        return queries @ chunk.T
-    if queries.device.type == "cuda":
-        try:
-            return torch.mm(queries, chunk.T, out_dtype=torch.float32)
-        except (TypeError, RuntimeError, NotImplementedError):
-            pass
-    return queries.float() @ chunk.float().T
+        return nearest(
+            qm,
+            lambda s, e: self._db[s:e],
+            self._db_sq,
+            k,
+            block_rows=step,
+            query_norms=q_sq,
+            product_scale=self._scale**2,
+        )
 
 
 def _choose_precision(precision: str, database: np.ndarray, device: Any) -> str:
@@ -323,63 +274,7 @@ def _choose_precision(precision: str, database: np.ndarray, device: Any) -> str:
     )
 
 
-def torch_exact_search(
-    database: np.ndarray,
-    queries: np.ndarray,
-    k: int,
-    *,
-    device: str = "cuda",
-    precision: str = "auto",
-    batch_size: int = 4096,
-    chunk_rows: int | None = None,
-) -> tuple[np.ndarray, np.ndarray]:
-    """One-shot exact search: (squared L2 distances, row positions), see TorchExactSearcher."""
-    searcher = TorchExactSearcher(
-        database, device=device, precision=precision, chunk_rows=chunk_rows
-    )
-    return searcher.search(queries, k, batch_size=batch_size)
-
-
 def faiss_message(e: BaseException) -> str:
     """The useful tail of a faiss C++ exception ('Error in ... at file:line: <this>')."""
     text = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
     return text.rsplit(": ", 1)[-1] if "Error in" in text else text
-
-
-def pick_searcher(index: Any, device: str, k: int) -> tuple[Any, str]:
-    """A function batch -> (squared distances, ids) on the best place ``device`` allows."""
-    request = parse_device(device)
-    if request.kind == "cpu":
-        return (lambda b: index.search(b, k)), "faiss-cpu"
-    ordinal = request.ordinal
-    if faiss_gpu_count() > ordinal and k <= FAISS_GPU_MAX_K:
-        try:
-            g = faiss_index_to_gpu(index, ordinal)
-            return (lambda b: g.search(b, k)), "faiss-gpu"
-        except RuntimeError as e:
-            log.warning(
-                "faiss-gpu cannot hold this index (%s); searching elsewhere", faiss_message(e)
-            )
-    has_cuda = torch_cuda_available()
-    flat = flat_database(index) if has_cuda else None
-    if flat is not None:
-        xb, pre, row_ids = flat
-        try:
-            torch_dev = f"cuda:{ordinal}"
-            searcher = TorchExactSearcher(xb, device=torch_dev)
-        except RetrieveError as e:
-            log.warning("exact GPU search unavailable (%s); searching on CPU", e)
-        else:
-
-            def run(b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-                d2, rows = searcher.search(apply_pretransform(pre, b) if pre else b, k)
-                if row_ids is not None:
-                    rows = np.where(rows >= 0, row_ids[np.maximum(rows, 0)], -1)
-                return d2, rows
-
-            return run, f"torch-{torch_dev}-{searcher.precision}"
-    if request.kind == "cuda":
-        if not has_cuda and faiss_gpu_count() == 0:
-            raise RetrieveError(f"device {device!r} requested but no CUDA device is visible")
-        log.warning("no GPU search for this index kind without faiss-gpu; searching on CPU")
-    return (lambda b: index.search(b, k)), "faiss-cpu"

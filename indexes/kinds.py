@@ -3,7 +3,7 @@
 Why here: the store records an :class:`IndexSpec` in its manifest and calls these functions; it
 never names a FAISS class. Every kind is built from an ``index_factory`` string, so a manifest
 entry rebuilds the same structure. The metric is always L2, the paper's Euclidean distance on fc7
-(with ``normalize`` the ranking equals cosine). Searching a built index is ``querying.py``'s job.
+(with ``normalize`` the ranking equals cosine). Searching a built index is ``searcher.py``'s job.
 
 Ids: IVF kinds store int64 ids natively; every other kind is wrapped in ``IDMap2`` so that
 ``add_with_ids`` works and rows can be reconstructed by id. faiss 1.15 parses ``IDMap2,`` in

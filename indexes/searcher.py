@@ -1,21 +1,21 @@
 """A resident searcher for one snapshot: where its searches run, chosen once and kept.
 
-``querying.search`` decides per call and, on a GPU, uploads the index each time; a long-lived
-:class:`retrieval.Index` (a server, a notebook, a duplicate finder) instead keeps one
+A long-lived :class:`retrieval.Index` (a server, a notebook, a duplicate finder) keeps one
 :class:`Searcher` per generation. It picks, once:
 
-- the default exact ``IDMap2,Flat`` kind: the memory-mapped exact search of ``exact.py`` on the
-  CPU (``scan="bf16"`` or ``auto``: its candidates from a bf16 copy in memory, re-ranked exactly),
-  or a resident copy on a CUDA device (``gpu.TorchExactSearcher``);
+- the default exact ``IDMap2,Flat`` kind: the exact search of ``exact.py`` over the vectors in
+  the file's mapping, on the CPU (``scan="bf16"`` or ``auto``: its candidates from a bf16 copy
+  in memory, re-ranked exactly), or a resident copy on a CUDA device (``gpu.TorchExactSearcher``);
 - any other kind: the faiss index memory-mapped read-only, or a resident faiss GPU copy.
 
 ``backend`` says which one runs. Searches are safe from several threads: the mapped search shares
 nothing mutable, and a faiss index's query-time knobs (nprobe, efSearch) are set and used under a
-lock, then put back, so one request's knobs never leak into another's.
+lock, then put back (:func:`search_faiss`), so one request's knobs never leak into another's.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 from typing import Any
@@ -25,9 +25,9 @@ import numpy as np
 from retrieval.devices import fast_bf16, parse_device, physical_memory
 from retrieval.errors import RetrieveError
 
-from . import gpu, querying
+from . import gpu
 from .exact import SCANS, MappedFlat
-from .kinds import _as_matrix
+from .kinds import _as_matrix, _first
 from .store import Snapshot
 
 log = logging.getLogger(__name__)
@@ -61,9 +61,14 @@ class Searcher:
     def _place(self, device: str) -> str:
         ordinal = _cuda_ordinal(device)
         flat = self._flat
-        if ordinal is not None and flat is not None and flat.ntotal and gpu.torch_cuda_available():
+        if (
+            ordinal is not None
+            and flat is not None
+            and flat.ntotal
+            and gpu.torch_cuda_count() > ordinal
+        ):
             try:
-                self._torch = gpu.TorchExactSearcher(flat.vectors, device=f"cuda:{ordinal}")
+                self._torch = gpu.TorchExactSearcher(flat.as_tensor(), device=f"cuda:{ordinal}")
                 return f"torch-cuda:{ordinal}-{self._torch.precision}"
             except RetrieveError as exc:
                 log.warning("exact GPU search unavailable (%s); searching on the CPU", exc)
@@ -100,26 +105,14 @@ class Searcher:
         if self._torch is not None:
             d2, rows = self._torch.search(q, k)
             ids = np.where(rows >= 0, self._flat.ids[np.maximum(rows, 0)], -1)
-        elif self._flat is not None:
-            d2, ids = self._flat.search(q, k, scan=self.scan)
-        else:
-            d2, ids = self._faiss_search(q, k, nprobe, ef_search)
-        dist = np.sqrt(np.maximum(d2, 0.0)).astype(np.float32)
-        dist[ids < 0] = np.inf
-        return dist, ids
-
-    def _faiss_search(
-        self, q: np.ndarray, k: int, nprobe: int | None, ef_search: int | None
-    ) -> tuple[np.ndarray, np.ndarray]:
-        if len(q) == 0 or self.ntotal == 0:
-            return np.full((len(q), k), np.inf, np.float32), np.full((len(q), k), -1, np.int64)
+            return _euclidean(d2, ids)
+        if self._flat is not None:
+            return _euclidean(*self._flat.search(q, k, scan=self.scan))
+        index = self._faiss
+        if k > gpu.FAISS_GPU_MAX_K and self.backend.startswith("faiss-gpu"):
+            index = self.snapshot.search_index()  # more neighbours than faiss-gpu answers
         with self._lock:
-            before = querying.search_params(self._faiss)
-            querying.set_search_params(self._faiss, nprobe=nprobe, ef_search=ef_search)
-            try:
-                return self._faiss.search(q, k)
-            finally:
-                querying.set_search_params(self._faiss, **before)
+            return search_faiss(index, q, k, nprobe=nprobe, ef_search=ef_search)
 
     def reconstruct(self, ids: np.ndarray) -> np.ndarray:
         """The stored vectors of ``ids``, in the space queries are given in (for a reduced or
@@ -165,12 +158,91 @@ def choose_scan(asked: str, flat: MappedFlat | None) -> str:
 
 
 def _cuda_ordinal(device: str) -> int | None:
-    """The CUDA device a search should use, or None for the CPU."""
+    """The CUDA device a search should use, or None for the CPU; RetrieveError for a device
+    string :func:`parse_device` refuses, for ``cuda`` where none is visible, and for an
+    ordinal past the GPUs there are."""
     request = parse_device(device)
     if request.kind == "cpu":
         return None
-    if not (gpu.torch_cuda_available() or gpu.faiss_gpu_count()):
+    visible = max(gpu.torch_cuda_count(), gpu.faiss_gpu_count())
+    if not visible:
         if request.kind == "cuda":
             raise RetrieveError(f"device {device!r} requested but no CUDA device is visible")
         return None
+    if request.ordinal >= visible:
+        raise RetrieveError(f"device {device!r} requested but there are {visible} GPUs here")
     return request.ordinal
+
+
+def search_faiss(
+    index: Any,
+    queries: np.ndarray,
+    k: int,
+    *,
+    nprobe: int | None = None,
+    ef_search: int | None = None,
+    refine_k_factor: float | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """k-NN with a faiss index, as :class:`Searcher` answers for every kind but the exact Flat:
+    (Euclidean distances, ids), each n x k, nearest first, inf / -1 past the end, measured after
+    the index's pre-transforms (in the PCA space with ``reduce``). The knobs given apply to
+    this call and are then put back; calls on one index must not overlap (Searcher locks)."""
+    q = _as_matrix(queries, index.d, "queries")
+    if int(k) < 1:
+        raise RetrieveError(f"k must be at least 1, not {k}")
+    k = int(k)
+    if len(q) == 0 or index.ntotal == 0:
+        return np.full((len(q), k), np.inf, np.float32), np.full((len(q), k), -1, np.int64)
+    asked = {"nprobe": nprobe, "ef_search": ef_search, "refine_k_factor": refine_k_factor}
+    asked = {name: value for name, value in asked.items() if value is not None}
+    before = search_params(index) if asked else {}
+    set_search_params(index, **asked)
+    try:
+        return _euclidean(*index.search(q, k))
+    finally:
+        set_search_params(index, **{name: before[name] for name in asked})
+
+
+def _euclidean(d2: np.ndarray, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Squared L2 distances as Euclidean ones, inf where no row was found."""
+    dist = np.sqrt(np.maximum(d2, 0.0)).astype(np.float32)
+    dist[ids < 0] = np.inf
+    return dist, ids
+
+
+def set_search_params(
+    index: Any,
+    *,
+    nprobe: int | None = None,
+    ef_search: int | None = None,
+    refine_k_factor: float | None = None,
+) -> None:
+    """Set query-time knobs through any IDMap / PreTransform / Refine wrappers; they stick."""
+    import faiss
+
+    space = faiss.ParameterSpace()
+    for name, value in (("nprobe", nprobe), ("efSearch", ef_search), ("k_factor", refine_k_factor)):
+        if value is None:
+            continue
+        if value < 1:
+            raise RetrieveError(f"{name} must be at least 1, got {value}")
+        try:
+            space.set_index_parameter(index, name if name != "k_factor" else "k_factor_rf", value)
+        except RuntimeError:
+            log.warning("%s does not apply to this kind of index; ignored", name)
+
+
+def search_params(index: Any) -> dict[str, Any]:
+    """The query-time knobs an index has now (None where a knob does not apply)."""
+    import faiss
+
+    found: dict[str, Any] = {"nprobe": None, "ef_search": None, "refine_k_factor": None}
+    with contextlib.suppress(RuntimeError, AttributeError):  # not an IVF kind
+        found["nprobe"] = int(faiss.extract_index_ivf(index).nprobe)
+    hnsw = _first(index, faiss.IndexHNSW)
+    if hnsw is not None:
+        found["ef_search"] = int(hnsw.hnsw.efSearch)
+    refine = _first(index, faiss.IndexRefine)
+    if refine is not None:
+        found["refine_k_factor"] = float(refine.k_factor)
+    return found

@@ -29,7 +29,6 @@ import json
 import os
 import re
 import struct
-import tempfile
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,7 +36,7 @@ from typing import Any
 
 import numpy as np
 
-from retrieval.atomic import atomic_path, fsync_dir
+from retrieval.atomic import atomic_write, atomic_write_text, replace_durably, temporary_beside
 from retrieval.errors import RetrieveError
 
 FORMAT = "retrieve-shards/1"
@@ -82,7 +81,7 @@ def write_identity(folder: Path, model: dict[str, Any], dim: int) -> None:
                 f"{folder} holds embeddings of another model or width; use an empty folder"
             )
         return
-    _atomic_bytes(path, json.dumps(wanted, indent=2, sort_keys=True).encode())
+    atomic_write_text(path, json.dumps(wanted, indent=2, sort_keys=True))
 
 
 def read_identity(folder: Path) -> dict[str, Any]:
@@ -172,8 +171,8 @@ def _commit_tables(
         }
     )
     for kind, data in (("skipped", bad), ("metadata", table)):
-        _atomic_write(
-            folder / shard_name(kind, number), lambda tmp, data=data: pq.write_table(data, tmp)
+        atomic_write(
+            folder / shard_name(kind, number), lambda tmp, data=data: pq.write_table(data, str(tmp))
         )
 
 
@@ -364,12 +363,8 @@ class _NpyStream:
         self.handle = None
 
     def __enter__(self) -> _NpyStream:
-        self.target.parent.mkdir(parents=True, exist_ok=True)
-        fd, name = tempfile.mkstemp(
-            prefix=f".{self.target.name}.", suffix=".tmp", dir=self.target.parent
-        )
-        self.tmp = Path(name)
-        self.handle = os.fdopen(fd, "wb")
+        self.tmp = temporary_beside(self.target)
+        self.handle = open(self.tmp, "wb")
         self.handle.write(_npy_header(0, self.dim))
         return self
 
@@ -392,31 +387,12 @@ class _NpyStream:
             return
         self.handle.seek(0)
         self.handle.write(_npy_header(self.count, self.dim))
-        self.handle.flush()
-        os.fsync(self.handle.fileno())
         self.handle.close()
         self.handle = None
-        os.chmod(self.tmp, 0o666 & ~_umask())
-        os.replace(self.tmp, self.target)
-        fsync_dir(self.target.parent)
+        replace_durably(self.tmp, self.target)
 
 
 def _npy_header(rows: int, dim: int) -> bytes:
     text = f"{{'descr': '<f4', 'fortran_order': False, 'shape': ({rows}, {dim}), }}"
     body = text.encode("latin1").ljust(_HEADER_BYTES - 10 - 1) + b"\n"
     return b"\x93NUMPY\x01\x00" + struct.pack("<H", len(body)) + body
-
-
-def _atomic_write(target: Path, write) -> None:
-    with atomic_path(target) as tmp:
-        write(str(tmp))
-
-
-def _atomic_bytes(target: Path, data: bytes) -> None:
-    _atomic_write(target, lambda tmp: Path(tmp).write_bytes(data))
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask

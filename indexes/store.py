@@ -25,7 +25,7 @@ import numpy as np
 
 from retrieval.errors import IndexCorruptError, IndexNotFoundError
 
-from . import exact, flat_file
+from . import exact
 from .rows import ROW_COLUMNS, Row, name_to_db, row_from_db
 
 log = logging.getLogger(__name__)
@@ -108,10 +108,19 @@ class Snapshot:
 
     @property
     def index(self) -> faiss.Index:
-        """The FAISS index, read on first use (``info`` and ``remove`` may never need it)."""
+        """The FAISS index read whole, on first use (``info`` and ``remove`` may never need it).
+        Read with ``pread`` from this snapshot's open file, so no file offset is shared."""
         if self._index is None:
+            fd, read_at = self._vectors_file.fileno(), 0
+
+            def read(size: int) -> bytes:
+                nonlocal read_at
+                data = os.pread(fd, size, read_at)
+                read_at += len(data)
+                return data
+
             try:
-                index = faiss.read_index(faiss.PyCallbackIOReader(self._vectors_file.read))
+                index = faiss.read_index(faiss.PyCallbackIOReader(read))
             except RuntimeError as exc:
                 first = str(exc).strip().splitlines()[0] if str(exc).strip() else "unreadable"
                 raise self._damaged(first) from exc
@@ -142,34 +151,20 @@ class Snapshot:
         return index
 
     def mapped_flat(self) -> exact.MappedFlat | None:
-        """The mapped exact searcher when the file is the default ``IDMap2,Flat``, else None."""
+        """The exact searcher's view of the vectors and ids in :meth:`search_index`'s mapping
+        when the file is the default ``IDMap2,Flat``, else None. Reads no vectors."""
+        index = self.search_index()
         with self._open_lock:
             if self._exact is False:
-                try:
-                    found = exact.MappedFlat(self._vectors_file)
-                except flat_file.FlatLayoutError:
-                    found = None
-                if found is not None:
-                    self._check_holds(found.d, found.ntotal)
-                self._exact = found
+                self._exact = exact.flat_view(index)
             return self._exact
 
     def flat_vector_blocks(self) -> Iterator[tuple[np.ndarray, np.ndarray]] | None:
-        """``(vectors, ids)`` blocks when the file is an ``IDMap2,Flat`` index, else None:
-        copying them into the next generation then costs one block of RAM, not the index."""
-        shape = flat_file.flat_shape(self._vectors_file)
-        if shape is None:
-            return None
-        self._check_holds(*shape)
-        return self._checked(flat_file.read_flat_blocks(self._vectors_file))
-
-    def _checked(
-        self, blocks: Iterator[tuple[np.ndarray, np.ndarray]]
-    ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-        try:
-            yield from blocks
-        except flat_file.FlatLayoutError as exc:
-            raise self._damaged(str(exc)) from exc
+        """``(vectors, ids)`` blocks, read-only views of the mapping, when the file is an
+        ``IDMap2,Flat`` index, else None: copying them into the next generation then costs one
+        block of RAM, not the index."""
+        flat = self.mapped_flat()
+        return None if flat is None else flat.blocks()
 
     def _damaged(self, why: str) -> IndexCorruptError:
         return IndexCorruptError(f"{self.vectors_path} is damaged ({why}); {REBUILD}")

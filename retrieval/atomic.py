@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
-import tempfile
+import secrets
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -18,37 +18,41 @@ def fsync_dir(directory: Path) -> None:
         os.close(fd)
 
 
-def current_umask() -> int:
-    """The process's umask, read without changing it (``os.umask`` can only set it: setting 0
-    and back would let another thread create a world-writable file in between)."""
-    try:
-        with open("/proc/self/status", encoding="ascii") as status:
-            for line in status:
-                if line.startswith("Umask:"):
-                    return int(line.split()[1], 8)
-    except (OSError, ValueError):
-        pass
-    umask = os.umask(0o022)  # no /proc (macOS): the old way, briefly a safe mask
-    os.umask(umask)
-    return umask
+def temporary_beside(target: Path) -> Path:
+    """A new empty hidden file in ``target``'s folder (made if missing), for
+    :func:`replace_durably` to move over ``target``. Created with mode 0o666 and the process's
+    umask applied by the kernel, so it gets the permissions a plain ``open()`` would give
+    without the umask ever being read or set (``os.umask`` can only set it: setting and
+    restoring it would let another thread create a world-writable file in between)."""
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0)
+    while True:
+        tmp = target.with_name(f".{target.name}.{secrets.token_hex(4)}.tmp")
+        try:
+            os.close(os.open(tmp, flags, 0o666))
+            return tmp
+        except FileExistsError:  # a name another writer holds: draw again
+            continue
+
+
+def replace_durably(tmp: Path, target: Path) -> None:
+    """fsync ``tmp``, rename it over ``target``, fsync the folder: after this returns, a crash
+    leaves the new file under ``target``."""
+    with open(tmp, "rb+") as handle:
+        os.fsync(handle.fileno())
+    os.replace(tmp, target)
+    fsync_dir(Path(target).parent)
 
 
 @contextlib.contextmanager
 def atomic_path(target: Path) -> Iterator[Path]:
     """Yield a temporary path beside ``target``; on success it is fsynced and renamed over it."""
     target = Path(target)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-    os.close(fd)
-    tmp = Path(tmp_name)
-    # mkstemp makes the file private (0600); give it the permissions a plain open() would.
-    os.chmod(tmp, 0o666 & ~current_umask())
+    tmp = temporary_beside(target)
     try:
         yield tmp
-        with open(tmp, "rb+") as handle:
-            os.fsync(handle.fileno())
-        os.replace(tmp, target)
-        fsync_dir(target.parent)
+        replace_durably(tmp, target)
     finally:
         tmp.unlink(missing_ok=True)
 

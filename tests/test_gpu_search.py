@@ -2,19 +2,18 @@
 
 The rewrite of fast-scan IVF-PQ into plain IVF-PQ and the fp16 path's arithmetic run on the CPU
 (faiss-cpu has both index classes; torch runs the searcher anywhere); moving to a GPU and the
-CUDA matmul with an fp32 result are the ``cuda`` tests.
+CUDA matmul with an fp32 result are the ``cuda`` tests. Where a snapshot's search is placed is
+``test_searcher_placement.py``.
 """
 
 from __future__ import annotations
-
-import logging
 
 import faiss
 import numpy as np
 import pytest
 import torch
 
-from retrieval.indexes import gpu
+from retrieval.indexes import exact, gpu
 
 
 def _data(n: int = 4000, d: int = 64, queries: int = 40, seed: int = 0):
@@ -23,6 +22,13 @@ def _data(n: int = 4000, d: int = 64, queries: int = 40, seed: int = 0):
     xb = centres[rng.integers(0, 20, n)] + rng.standard_normal((n, d)).astype(np.float32)
     xq = xb[rng.choice(n, queries, replace=False)] + 0.1 * rng.standard_normal((queries, d))
     return xb.astype(np.float32), xq.astype(np.float32)
+
+
+def _pretransform(node, x: np.ndarray) -> np.ndarray:
+    """Vectors through an IndexPreTransform's chain (L2norm, PCA...), as the index stores them."""
+    for i in range(node.chain.size()):
+        x = faiss.downcast_VectorTransform(node.chain.at(i)).apply(np.ascontiguousarray(x))
+    return x
 
 
 def _overlap(a: np.ndarray, b: np.ndarray) -> float:
@@ -48,9 +54,9 @@ def test_fast_scan_ivfpq_is_rewritten_as_plain_ivfpq_over_the_same_codes(factory
     inner = xb
     node = faiss.downcast_index(index)
     if isinstance(node, faiss.IndexPreTransform):
-        inner = gpu.apply_pretransform(node, xb)
+        inner = _pretransform(node, xb)
     fresh.add_with_ids(inner, ids)
-    query = gpu.apply_pretransform(node, xq) if isinstance(node, faiss.IndexPreTransform) else xq
+    query = _pretransform(node, xq) if isinstance(node, faiss.IndexPreTransform) else xq
     want_d, want_i = fresh.search(query, 10)
     got_d, got_i = plain.search(xq, 10)
     np.testing.assert_array_equal(got_i, want_i)
@@ -74,34 +80,15 @@ def test_ivfpq_with_codes_over_48_bytes_moves_with_float16_lookup_tables() -> No
     assert not gpu.gpu_cloner_options(narrow).useFloat16
 
 
-def test_a_failed_move_to_the_gpu_is_a_warning_naming_the_backend(monkeypatch, caplog) -> None:
-    xb, xq = _data(n=300)
-    index = faiss.index_factory(xb.shape[1], "IVF4,Flat")
-    index.train(xb)
-    index.add(xb)
-
-    def refuse(index, device=0):
-        raise RuntimeError("Error in f at GpuCloner.cpp:1: not implemented on the GPU")
-
-    monkeypatch.setattr(gpu, "faiss_gpu_count", lambda: 1)
-    monkeypatch.setattr(gpu, "faiss_index_to_gpu", refuse)
-    monkeypatch.setattr(gpu, "torch_cuda_available", lambda: False)
-    with caplog.at_level(logging.WARNING, logger=gpu.__name__):
-        run, where = gpu.pick_searcher(index, "auto", 5)
-    assert where == "faiss-cpu"
-    assert "faiss-gpu cannot hold this index (not implemented on the GPU)" in caplog.text
-    assert run(xq)[1].shape == (len(xq), 5)
-
-
 def test_fp16_products_come_back_as_fp32_accumulated_in_fp32() -> None:
     rng = np.random.default_rng(1)
     q = torch.from_numpy(rng.standard_normal((8, 2048)).astype(np.float32) / 50).half()
     x = torch.from_numpy(rng.standard_normal((16, 2048)).astype(np.float32) / 50).half()
-    got = gpu.inner_products(q, x)
-    exact = q.double() @ x.double().T
+    got = exact.inner_products(q, x)
+    reference = q.double() @ x.double().T
     assert got.dtype == torch.float32
     # fp16 results keep ~3 significant digits; fp32 accumulation of fp16 operands is exact here
-    assert torch.allclose(got.double(), exact, rtol=1e-5, atol=1e-7)
+    assert torch.allclose(got.double(), reference, rtol=1e-5, atol=1e-7)
 
 
 def test_resident_fp16_searcher_ranks_as_the_fp32_one() -> None:
@@ -125,11 +112,11 @@ def test_cuda_fp16_products_use_an_fp32_result() -> None:
     q = torch.from_numpy(rng.standard_normal((64, 4096)).astype(np.float32) / 64)
     x = torch.from_numpy(rng.standard_normal((4096, 4096)).astype(np.float32) / 64)
     qh, xh = q.half().cuda(), x.half().cuda()
-    got = gpu.inner_products(qh, xh)
-    exact = qh.double() @ xh.double().T
+    got = exact.inner_products(qh, xh)
+    reference = qh.double() @ xh.double().T
     rounded = (qh @ xh.T).double()  # fp16 out: what the searcher used to do
     assert got.dtype == torch.float32
-    assert (got.double() - exact).abs().max() < (rounded - exact).abs().max() / 4
+    assert (got.double() - reference).abs().max() < (rounded - reference).abs().max() / 4
 
 
 @pytest.mark.cuda

@@ -20,10 +20,8 @@ from retrieval.indexes.kinds import (
     remove_ids,
     training_sample_size,
 )
-from retrieval.indexes.querying import (
-    search,
-    set_search_params,
-)
+from retrieval.indexes.searcher import search_faiss as search
+from retrieval.indexes.searcher import set_search_params
 from retrieval.metrics import recall_at_k
 
 DIM = 64
@@ -99,7 +97,7 @@ def test_fc7_like_test_data_is_sparse_and_non_negative(data):
 
 def test_flat_equals_numpy_brute_force_including_euclidean_distances(data, built):
     index = built("Flat")
-    dist, ids = search(index, data["xq"], K, device="cpu")
+    dist, ids = search(index, data["xq"], K)
     np.testing.assert_array_equal(ids, data["true_ids"])
     np.testing.assert_allclose(dist, data["dist"], rtol=1e-4)
 
@@ -129,7 +127,7 @@ RECALL_CASES = [
 @pytest.mark.parametrize(("kind", "knobs", "minimum"), RECALL_CASES)
 def test_approximate_kind_reaches_its_recall_against_brute_force(data, built, kind, knobs, minimum):
     index = built(kind)
-    _, ids = search(index, data["xq"], K, device="cpu", **knobs)
+    _, ids = search(index, data["xq"], K, **knobs)
     assert recall_at_k(ids, data["true_ids"], K) >= minimum
 
 
@@ -151,7 +149,7 @@ def test_removed_ids_never_come_back_and_the_rest_keep_their_ids(data, built, ki
     gone = data["ids"][::3]
     index = remove_ids(index, gone)
     assert index.ntotal == N - len(gone)
-    _, ids = search(index, data["xq"], 50, device="cpu", nprobe=64, ef_search=128)
+    _, ids = search(index, data["xq"], 50, nprobe=64, ef_search=128)
     assert not np.isin(ids, gone).any()
     assert np.isin(ids[ids >= 0], data["ids"]).all()
     # A kept database vector still finds itself under its own id (PQ codes are lossy, so
@@ -234,8 +232,16 @@ def test_empty_index_and_batching(data, built):
     assert (ids == -1).all() and np.isinf(dist).all()
     index = built("Flat")
     one = search(index, data["xq"], K)
-    small = search(index, data["xq"], K, batch_size=7)
-    np.testing.assert_array_equal(one[1], small[1])
+    small = [search(index, data["xq"][s : s + 7], K)[1] for s in range(0, len(data["xq"]), 7)]
+    np.testing.assert_array_equal(one[1], np.concatenate(small))
+
+
+def test_knobs_given_to_a_search_apply_to_that_search_only(data, built):
+    index = built("IVF64,Flat")
+    default = search(index, data["xq"], K)[1]
+    assert recall_at_k(search(index, data["xq"], K, nprobe=64)[1], data["true_ids"], K) == 1.0
+    assert faiss.extract_index_ivf(index).nprobe == 2  # put back
+    np.testing.assert_array_equal(search(index, data["xq"], K)[1], default)
 
 
 def test_bad_factory_string_and_bad_specs_raise_retrieve_error():
@@ -299,8 +305,6 @@ def test_queries_of_the_wrong_dimension_are_refused(data, built):
         search(index, np.zeros((2, 32), np.float32), K)
     with pytest.raises(RetrieveError):
         search(index, data["xq"], 0)
-    with pytest.raises(RetrieveError, match="device"):
-        search(index, data["xq"], K, device="tpu")
 
 
 def test_spec_round_trips_through_its_manifest_dict():
@@ -342,9 +346,10 @@ def test_auto_refuses_an_impossible_budget_and_passes_explicit_kinds_through():
 def test_torch_exact_search_merges_chunks_correctly_on_cpu(data, precision):
     torch = pytest.importorskip("torch")
     torch.manual_seed(0)
-    d2, rows = gpu.torch_exact_search(
-        data["xb"], data["xq"], K, device="cpu", precision=precision, chunk_rows=1000, batch_size=64
+    searcher = gpu.TorchExactSearcher(
+        data["xb"], device="cpu", precision=precision, chunk_rows=1000
     )
+    d2, rows = searcher.search(data["xq"], K, batch_size=64)
     dist, true_rows = brute_force(data["xb"], data["xq"], K)
     if precision == "float32":
         np.testing.assert_array_equal(rows, true_rows)
@@ -357,30 +362,16 @@ def test_torch_exact_search_merges_chunks_correctly_on_cpu(data, precision):
 def test_torch_exact_search_pads_when_k_exceeds_rows():
     pytest.importorskip("torch")
     xb = np.eye(3, 4, dtype=np.float32)
-    d2, rows = gpu.torch_exact_search(xb, xb[:1], 5, device="cpu", chunk_rows=2)
+    d2, rows = gpu.TorchExactSearcher(xb, device="cpu", chunk_rows=2).search(xb[:1], 5)
     assert rows[0, :3].tolist() == [0, 1, 2] and (rows[0, 3:] == -1).all()
     assert np.isinf(d2[0, 3:]).all()
 
 
-def test_explicit_cuda_without_a_gpu_is_a_clear_error(data, built):
-    if gpu.torch_cuda_available() or gpu.faiss_gpu_count():
-        pytest.skip("a GPU is present")
-    index = built("Flat")
-    with pytest.raises(RetrieveError, match="no CUDA device"):
-        search(index, data["xq"], K, device="cuda")
-
-
 @pytest.mark.cuda
-def test_gpu_search_matches_cpu_for_flat_and_ivf(data):
-    if not (gpu.torch_cuda_available() or gpu.faiss_gpu_count()):
-        pytest.skip("no CUDA device")
-    for spec in (IndexSpec("Flat"), IndexSpec("Flat", reduce="PCA32", normalize=True)):
-        index = make(spec, data)
-        cpu_d, cpu_ids = search(index, data["xq"], K, device="cpu")
-        gpu_d, gpu_ids = search(index, data["xq"], K, device="cuda")
-        assert recall_at_k(gpu_ids, cpu_ids, K) >= 0.99
-        np.testing.assert_allclose(gpu_d, cpu_d, rtol=1e-2, atol=1e-2)
+def test_resident_gpu_search_matches_brute_force(data):
     searcher = gpu.TorchExactSearcher(data["xb"], device="cuda", precision="float16")
     _, rows = searcher.search(data["xq"], K)
     _, true_rows = brute_force(data["xb"], data["xq"], K)
     assert recall_at_k(rows, true_rows, K) >= 0.97
+    exact32 = gpu.TorchExactSearcher(data["xb"], device="cuda", precision="float32")
+    assert recall_at_k(exact32.search(data["xq"], K)[1], true_rows, K) >= 0.99

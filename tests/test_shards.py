@@ -148,3 +148,44 @@ def test_a_folder_of_another_model_is_not_appended_to(tmp_path: Path) -> None:
 def test_folder_without_identity_is_not_a_shard_folder(tmp_path: Path) -> None:
     with pytest.raises(ShardError, match=r"no identity.json"):
         open_shards(tmp_path)
+
+
+def test_shard_files_get_a_plain_files_permissions_and_the_umask_is_never_touched(
+    tmp_path: Path, monkeypatch
+) -> None:
+    import os
+
+    def no_umask(mask: int) -> int:
+        raise AssertionError("os.umask sets the process umask (not thread-safe): never call it")
+
+    monkeypatch.setattr(os, "umask", no_umask)
+    folder = tmp_path / "x"
+    with ShardWriter(folder, MODEL, DIM, rows_per_shard=2) as writer:
+        writer.add(_vectors(3), _rows(range(3)))
+    plain = folder / "plain"
+    plain.write_bytes(b"")  # what the process's umask gives an ordinary new file
+    want = plain.stat().st_mode & 0o777
+    plain.unlink()
+    written = sorted(p.name for p in folder.iterdir())
+    assert written == [
+        "fc7-00000.npy",
+        "fc7-00001.npy",
+        "identity.json",
+        "metadata-00000.parquet",
+        "metadata-00001.parquet",
+        "skipped-00000.parquet",
+        "skipped-00001.parquet",
+    ]  # no temporary file left behind
+    assert {name: (folder / name).stat().st_mode & 0o777 for name in written} == dict.fromkeys(
+        written, want
+    )
+
+
+def test_an_aborted_shard_leaves_no_file(tmp_path: Path) -> None:
+    with (
+        pytest.raises(RuntimeError),
+        ShardWriter(tmp_path, MODEL, DIM, rows_per_shard=10) as writer,
+    ):
+        writer.add(_vectors(3), _rows(range(3)))
+        raise RuntimeError("the extraction failed")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["identity.json"]
