@@ -12,6 +12,7 @@ the part that differs otherwise), the preprocessing and precision are the manife
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import time
@@ -50,8 +51,8 @@ def index_folder(
     embedder: Embedder | None = None,
 ) -> IndexReport:
     """Index every image under ``images_dir`` (or that one file); on an existing index, apply
-    only the changes. ``embedder``: the index's model at its own precision, already loaded and
-    checked by the caller (``Index.update``), so it is not loaded again."""
+    only the changes. ``embedder``: the index's model, already loaded and checked by the caller
+    (``Index.update``), so it is not loaded again."""
     started = time.perf_counter()
     index_dir = Path(index_dir or store.default_index_dir())
     root = Path(os.path.abspath(images_dir))
@@ -81,8 +82,6 @@ def index_folder(
             if plan.extract or fresh or options.weights:
                 model = model or _load(base, fresh, options)
                 identity, model = _identity_for_run(base, fresh, model, options)
-                if embedder is None or embedder.precision != identity.precision:
-                    embedder = _embedder(model, identity, options)
             if not fresh and not plan.extract:
                 identity = Identity.from_dict(base.manifest["identity"])
                 source = _moved_source(base, model)
@@ -93,6 +92,7 @@ def index_folder(
             if plan.extract and options.engine == "ray":
                 extract_on_ray(plan.extract, model, identity, index_dir, options, staging, report)
             elif plan.extract:
+                embedder = _embedder(model, identity, options, embedder)
                 times = _extract_to_staging(
                     plan.extract, embedder, options, staging, report, progress
                 )
@@ -102,7 +102,7 @@ def index_folder(
             staging.clear()
             clear_run(index_dir)
             if identity.precision == "bf16" and plan.extract and (fresh or _unmeasured(index_dir)):
-                measure_fp32_agreement(index_dir, embedder)
+                measure_fp32_agreement(index_dir, _embedder(model, identity, options, embedder))
         finally:
             if base is not None:
                 base.close()
@@ -173,10 +173,16 @@ def _identity_for_run(
     return recorded, model
 
 
-def _embedder(model: LoadedModel, identity: Identity, options: IndexOptions) -> Embedder:
-    """What this run embeds with: the model at the identity's precision on the run's device."""
+def _embedder(
+    model: LoadedModel, identity: Identity, options: IndexOptions, given: Embedder | None
+) -> Embedder:
+    """What this run embeds with: the model at the identity's precision with the run's options
+    (``given``, the caller's, when it is exactly that)."""
     from retrieval.extraction.embedder import Embedder
 
+    wanted = dataclasses.replace(options.extract, precision=identity.precision)
+    if given is not None and given.loaded is model and given.options == wanted:
+        return given
     return Embedder(model, identity.precision, options.extract)
 
 

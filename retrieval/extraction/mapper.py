@@ -5,12 +5,12 @@ splits it). It owns what makes the model fast without changing what it computes:
 inference under ``inference_mode``, channels_last (oneDNN's and cuDNN's preferred conv layout),
 and optionally ``torch.compile``. It also owns what makes the numbers reproducible:
 
-- batch invariance: the model always runs on fixed shapes (``CONV_ROWS`` images through the
-  convolutions, ``FC_ROWS`` rows through fc6 / fc7, zero-padded), whatever the caller's batch.
-  CPU and GPU kernels pick their blocking by the batch's shape, not by its other rows, so an
-  image gets the same bits alone, in a batch of 7 or among 100, from a file, from bytes, from
-  an update or a rebuild (measured with varied batches on a CPU: 2e-8 apart in fp32 and 6e-5
-  in bf16 before). ``bench/extract.py`` measures what the fixed shapes cost.
+- batch invariance: the model always runs on fixed shapes (``FIXED_SHAPES``: so many images
+  through the convolutions, so many rows through fc6 / fc7, zero-padded), whatever the caller's
+  batch. CPU and GPU kernels pick their blocking by the batch's shape, not by its other rows, so
+  an image gets the same bits alone, in a batch of 7 or among 100, from a file, from bytes, from
+  an update or a rebuild (before, with varied batches on a CPU: 2e-8 apart in fp32 and 6e-5 in
+  bf16). ``bench/extract.py`` measures what the fixed shapes cost.
 - the numeric policy: on CUDA, "fp32" is IEEE fp32 (no TF32) and cuDNN picks its algorithms
   deterministically, set around each call under one lock, not left flipped for the process.
 
@@ -45,11 +45,14 @@ from retrieval.model.weights import LoadedModel
 log = logging.getLogger(__name__)
 
 PRECISIONS = ("fp32", "bf16")
-# The fixed shapes every image runs at (see the module docstring). On a 2-core Xeon with AMX,
-# 8 / 16 ran fp32 at 0.88x and bf16 at 1.03x the images/s of plain batches of 64; 1 / 16 kept
-# one fp32 query at 29 ms (54 ms here, 13 ms unpadded) but ran bf16 at half the rate.
-CONV_ROWS = {"cpu": 8, "cuda": 64}
-FC_ROWS = {"cpu": 16, "cuda": 64}
+# The fixed shapes every image runs at, (images through the convolutions, rows through fc6 /
+# fc7) by device and precision. Measured on a 2-core Xeon with AMX (model only, batches of 64,
+# best of two; one query alone): fp32 convolves one image as fast as eight (199 against 209
+# images/s; 8 / 32 costs a query 60 ms, 1 / 32 31 ms, unpadded 13 ms); bf16 needs eight
+# (775 images/s against 435 at one; a query 15.7 ms, unpadded 7 ms); at 32 rows the fc layers
+# stream their weights once for many images (8 / 16: bf16 746 images/s, 8 / 32: 844).
+FIXED_SHAPES = {("cpu", "fp32"): (1, 32), ("cpu", "bf16"): (8, 32)}
+CUDA_SHAPES = (64, 64)
 # torch's CUDA numeric flags are process-wide: every call that sets them holds this lock.
 _CUDA_FLAGS = threading.Lock()
 
@@ -121,8 +124,7 @@ class Fc7Mapper:
         # Fixed shapes: a compiled model never recompiles.
         self._features = torch.compile(module.features, dynamic=False) if compile else None
         self._head = torch.compile(module.classify, dynamic=False) if compile else None
-        self.conv_rows = CONV_ROWS.get(device.type, CONV_ROWS["cpu"])
-        self.fc_rows = FC_ROWS.get(device.type, FC_ROWS["cpu"])
+        self.conv_rows, self.fc_rows = fixed_shapes(device, precision)
         self.out_features = model.fc7_dim
 
     def __call__(self, crops: torch.Tensor) -> torch.Tensor:
@@ -167,6 +169,13 @@ class Fc7Mapper:
                     yield
             finally:
                 cudnn.benchmark, cudnn.deterministic, cudnn.allow_tf32, matmul.allow_tf32 = before
+
+
+def fixed_shapes(device: torch.device, precision: str) -> tuple[int, int]:
+    """(images per convolution call, rows per fc call) for this device and precision."""
+    if device.type == "cuda":
+        return CUDA_SHAPES
+    return FIXED_SHAPES[("cpu", precision)]
 
 
 def _blocks(batch: torch.Tensor, rows: int) -> Iterator[torch.Tensor]:

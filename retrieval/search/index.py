@@ -111,6 +111,7 @@ class Index:
         ``search_precision`` (exact Flat index on a CPU): ``fp32`` scans the mapped file;
         ``bf16`` (or ``auto``: where bf16 is native and the copy fits) scans a bf16 copy kept in
         memory, half the bytes, and re-ranks its best candidates exactly: for long-lived use."""
+        device = one_device(device, extract.device)  # refused before anything is opened
         directory = Path(directory or store.default_index_dir())
         snapshot = store.open_snapshot(directory)
         return cls(
