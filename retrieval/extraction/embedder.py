@@ -45,10 +45,6 @@ class Embedder:
     def device(self) -> torch.device:
         return self.mapper.device
 
-    @property
-    def dim(self) -> int:
-        return self.mapper.out_features
-
     def at_precision(self, precision: str) -> Embedder:
         """The same model and device at another precision (this one if it is the same)."""
         if precision == self.precision:

@@ -271,7 +271,7 @@ class Index:
     ) -> list[QueryResult]:
         """The ``k`` nearest indexed images of each query, by Euclidean distance of fc7, nearest
         first. Queries are image files or folders, encoded bytes, PIL images, or an ``(n, d)``
-        array of fc7 vectors (``names`` labels them). A query that cannot be used gets
+        array of fc7 vectors (``names`` labels an array's rows). A query that cannot be used gets
         ``error``. ``exclude_self``: an indexed query file leaves itself out of its list."""
         if isinstance(queries, np.ndarray):
             return self._search_vectors(queries, k, names, nprobe, ef_search)
@@ -282,9 +282,6 @@ class Index:
             check_k(k, view.snapshot.count)
             features, records = self.embed(queries)
             results = [QueryResult(query=str(r.path)) for r in records]
-            if names is not None:
-                for result, name in zip(results, names):
-                    result.query = name
             for result, record in zip(results, records):
                 if not record.ok:
                     result.error = record.reason + (f" ({record.detail})" if record.detail else "")
@@ -479,6 +476,8 @@ class Index:
             options.extract, device=one_device(self.device, options.extract.device)
         )
         options = dataclasses.replace(options, extract=extract)
+        # The queries' mapper shares the loaded model's modules: embedding on another device
+        # would move them, so an update elsewhere loads its own model.
         same_place = extract.device == self.device
         reuse = not options.weights and not options.rebuild and same_place
         embedder = self._embedder.for_indexing() if reuse else None
