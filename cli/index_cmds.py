@@ -199,7 +199,13 @@ def _stage_line(times: dict) -> str:
     stages = ", ".join(
         f"{k} {times[k]:.1f}s" for k in ("read", "decode", "preprocess", "model", "write")
     )
-    return f"stage busy times: {stages}; {times['images']} images at {rate:.1f} images/s"
+    line = f"stage busy times: {stages}; {times['images']} images at {rate:.1f} images/s"
+    if times.get("gpu_decoded") or times.get("gpu_fallback"):
+        line += (
+            f"; decoded {times['gpu_decoded']} on the GPU, {times['cpu_decoded']} on the CPU, "
+            f"{times['gpu_fallback']} on the CPU after the GPU failed"
+        )
+    return line
 
 
 @click.command("info")

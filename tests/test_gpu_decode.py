@@ -322,6 +322,106 @@ def test_device_runner_keeps_order_records_and_times_on_the_cpu(
     assert min(total.read, total.decode, total.preprocess, total.model, total.wall) > 0
 
 
+def test_each_image_counts_the_road_it_took(tmp_path: Path, monkeypatch) -> None:
+    """nvjpeg, Pillow by choice, Pillow after nvjpeg failed: every decoded image is in one."""
+    import torchvision.io
+
+    from retrieval.images.gpu_decode import DecodeFailures
+
+    paths = [make_image(tmp_path / f"{i}.jpg", size=(64, 64), seed=i) for i in range(3)]
+    paths.append(make_image(tmp_path / "x.png", size=(64, 64), seed=9))
+
+    def roads(items) -> tuple[int, int, int]:
+        total = StageTimes()
+        for _, _, times in items:
+            total.add(times)
+        return total.gpu_decoded, total.cpu_decoded, total.gpu_fallback
+
+    items = [read_for_device(i, str(p), SMALL, 175) for i, p in enumerate(paths)]
+    failures = DecodeFailures()
+    decode_items(items, SMALL, CPU, 175, failures=failures)
+    assert roads(items) == (3, 1, 0) and failures.calls == 0
+
+    def out_of_memory(data, **kwargs):
+        raise RuntimeError("nvjpeg: CUDA out of memory\nmore detail")
+
+    monkeypatch.setattr(torchvision.io, "decode_jpeg", out_of_memory)
+    items = [read_for_device(i, str(p), SMALL, 175) for i, p in enumerate(paths)]
+    images, crops = decode_items(items, SMALL, CPU, 175, failures=failures)
+    assert images == {} and sorted(crops) == [0, 1, 2, 3]
+    assert roads(items) == (0, 1, 3)
+    assert failures.calls == 4  # the batch, then each of its three files
+    assert failures.first_error == "RuntimeError: nvjpeg: CUDA out of memory"
+
+
+def test_greyscale_jpegs_are_decoded_in_rgb_mode_like_pillow(tmp_path: Path) -> None:
+    """RGB mode: the decoder replicates Y (nvjpeg does too), as Pillow's L -> RGB does."""
+    grey = make_image(tmp_path / "grey.jpg", size=(64, 48), mode="L", seed=3)
+    data = torch.frombuffer(bytearray(grey.read_bytes()), dtype=torch.uint8)
+    (decoded,) = decode_jpegs([data], [inspect_jpeg(grey.read_bytes())], CPU, 3)
+    assert decoded.shape == (3, 48, 64)
+    pillow = torch.from_numpy(np.array(Image.open(grey).convert("RGB"))).permute(2, 0, 1)
+    assert torch.equal(decoded, pillow)
+
+
+def _through_the_device_runner(monkeypatch) -> None:
+    """``retrieve index --device cpu`` driven through the CUDA runner (the CUDA-free road the
+    runner allows: torchvision decodes with libjpeg-turbo on the CPU)."""
+    import retrieval.extraction.cpu as extract_cpu
+
+    monkeypatch.setattr(extract_cpu, "extract_on_cpu", extract_on_device)
+
+
+def test_a_failed_gpu_decode_is_counted_and_warned_once(
+    tmp_path: Path, small_model: Path, monkeypatch, caplog
+) -> None:
+    import json
+    import logging
+
+    import torchvision.io
+    from click.testing import CliRunner
+
+    from retrieval.cli.main import cli
+
+    folder = tmp_path / "images"
+    for i in range(5):
+        make_image(folder / f"{i}.jpg", size=(64, 64), seed=i)
+    (folder / "junk.jpg").write_bytes(b"\xff\xd8\xff" + b"not a jpeg")
+    _through_the_device_runner(monkeypatch)
+    index = ["--index", str(tmp_path / "index"), "--weights", str(small_model)]
+    base = ["index", str(folder), *index, "--device", "cpu", "--batch-size", "2"]
+    base += ["--precision", "fp32"]  # bf16 would embed again to measure its fp32 agreement
+
+    result = CliRunner().invoke(cli, [*base, "--json"], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["decoded"] == {
+        "gpu": 5,
+        "cpu": 0,
+        "cpu_after_gpu_failure": 0,
+        "skipped": 1,
+    }
+
+    def no_nvjpeg(data, **kwargs):
+        raise RuntimeError("decode_jpeg: torchvision was built without nvjpeg")
+
+    monkeypatch.setattr(torchvision.io, "decode_jpeg", no_nvjpeg)
+    caplog.set_level(logging.WARNING)
+    result = CliRunner().invoke(cli, [*base, "--rebuild", "--json"], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.stdout)
+    assert data["decoded"] == {"gpu": 0, "cpu": 0, "cpu_after_gpu_failure": 5, "skipped": 1}
+    assert data["added"] == 5 and data["times"]["gpu_fallback"] == 5
+    warned = [r.getMessage() for r in caplog.records if "nvjpeg failed" in r.getMessage()]
+    assert len(warned) == 1, warned
+    assert "5 image(s) were decoded on the CPU" in warned[0] and "without nvjpeg" in warned[0]
+
+    result = CliRunner().invoke(cli, ["-v", *base, "--rebuild"], catch_exceptions=False)
+    assert "decoded 0 on the GPU, 0 on the CPU, 5 on the CPU after the GPU failed" in (
+        result.stdout
+    )
+    assert "5 on the CPU after the GPU failed" in result.stderr.split("stage busy times")[-1]
+
+
 # --- on a GPU -------------------------------------------------------------------------------
 
 

@@ -47,6 +47,9 @@ class IndexReport(CommitCounts):
     resumed: int = 0  # files taken from chunks an earlier, interrupted run finished
     seconds: float = 0.0
     times: dict[str, float] = field(default_factory=dict)
+    # Where this run's images were decoded (the CUDA path; all zero on the CPU path): by nvjpeg,
+    # by Pillow by choice, by Pillow after nvjpeg failed on them, and files skipped.
+    decoded: dict[str, int] = field(default_factory=dict)
 
     def summary(self) -> str:
         reasons = ", ".join(f"{n} {r}" for r, n in sorted(self.skip_reasons.items()))
@@ -59,7 +62,20 @@ class IndexReport(CommitCounts):
         text += f"; the index holds {self.count} images ({self.index_dir})"
         if self.other_types:
             text += "; " + describe_other_types(self.other_types)
+        roads = decode_roads(self.decoded)
+        if roads:
+            text += f"; {roads}"
         return text
+
+
+def decode_roads(decoded: dict[str, int]) -> str:
+    """The summary's words for :attr:`IndexReport.decoded`; '' when nothing went to the GPU."""
+    if not (decoded.get("gpu") or decoded.get("cpu_after_gpu_failure")):
+        return ""
+    return (
+        f"decoded {decoded['gpu']} on the GPU, {decoded['cpu']} on the CPU, "
+        f"{decoded['cpu_after_gpu_failure']} on the CPU after the GPU failed"
+    )
 
 
 @dataclass(frozen=True)

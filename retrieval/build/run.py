@@ -110,6 +110,12 @@ def index_folder(
     report.seconds = time.perf_counter() - started
     times.wall = report.seconds
     report.times = {k: round(v, 3) for k, v in vars(times).items()}
+    report.decoded = {
+        "gpu": times.gpu_decoded,
+        "cpu": times.cpu_decoded,
+        "cpu_after_gpu_failure": times.gpu_fallback,
+        "skipped": times.skipped,
+    }
     return report
 
 

@@ -12,8 +12,10 @@ queued, so the GPU computes while the caller writes the previous batch.
 Progressive JPEGs and large photos go to Pillow in the reader threads too (see
 :func:`better_on_cpu`), and the rare JPEG nvjpeg refuses to a small fallback pool, never to the
 main thread. nvjpeg's output is ordered against the queued work of the previous batch (a side
-stream, ``wait_stream`` + ``record_stream``; see :mod:`retrieval.images.gpu_decode`), and nothing
-between decoding and the model waits for the device (no index tensors, no pageable copies).
+stream, ``record_stream``; see :mod:`retrieval.images.gpu_decode`), and nothing between decoding
+and the model waits for the device (no index tensors, no pageable copies). Each batch counts
+the road its images took (nvjpeg, Pillow by choice, Pillow after nvjpeg failed); a run where
+nvjpeg failed ends with one warning line, so a GPU run never silently becomes a CPU run.
 
 Stage times: decoding on the host clock (it returns when the pixels are ready, so waiting for
 the previous batch is not counted), cropping and the model from CUDA events; reader times are
@@ -27,6 +29,7 @@ marked ``cuda`` run it with nvjpeg.
 
 from __future__ import annotations
 
+import logging
 import time
 from collections import deque
 from collections.abc import Iterator, Sequence
@@ -47,10 +50,12 @@ from retrieval.extraction.types import (
     FileRecord,
     StageTimes,
 )
-from retrieval.images.gpu_decode import decode_jpegs, resize_and_crop
+from retrieval.images.gpu_decode import DecodeFailures, decode_jpegs, resize_and_crop
 from retrieval.images.jpeg import JpegInfo, inspect_jpeg
 from retrieval.model.preprocess import Preprocessing
 from retrieval.model.weights import LoadedModel
+
+log = logging.getLogger(__name__)
 
 # Files per reader task: large enough that task overhead vanishes, small enough to spread a
 # batch over the threads.
@@ -109,7 +114,9 @@ def read_for_device(
         and not better_on_cpu(info, preprocessing)
     ):
         return record, _Jpeg(torch.frombuffer(data, dtype=torch.uint8), info), times
-    return record, decode_on_cpu(record, data, times, preprocessing, max_megapixels), times
+    pixels = decode_on_cpu(record, data, times, preprocessing, max_megapixels)
+    times.cpu_decoded += int(pixels is not None)
+    return record, pixels, times
 
 
 def _read_chunk(
@@ -128,12 +135,14 @@ def decode_items(
     max_megapixels: float,
     pool: ThreadPoolExecutor | None = None,
     ordering: str = "streams",
+    failures: DecodeFailures | None = None,
 ) -> tuple[dict[int, torch.Tensor], dict[int, torch.Tensor]]:
     """Upright decoded images on ``device`` and CPU-decoded crops, by position in ``items``.
 
     A JPEG nvjpeg refuses goes to Pillow, in ``pool``'s reader threads when given (not one by
     one in the thread that feeds the GPU); if Pillow rejects it too, its record gets the reason
-    and it is in neither result.
+    and it is in neither result. Each item's times count the road it took (``gpu_decoded``,
+    ``gpu_fallback``); ``failures`` collects the nvjpeg errors.
     """
     jobs = [(i, payload) for i, (_, payload, _) in enumerate(items) if isinstance(payload, _Jpeg)]
     crops = {
@@ -146,6 +155,7 @@ def decode_items(
             device,
             preprocessing.channels,
             ordering,
+            failures,
         )
         if jobs
         else []
@@ -155,6 +165,7 @@ def decode_items(
     for (i, job), image in zip(jobs, decoded, strict=True):
         if image is not None:
             images[i] = image
+            items[i][2].gpu_decoded += 1
             continue
         record, _, times = items[i]
         args = (record, job.data.numpy().tobytes(), times, preprocessing, max_megapixels)
@@ -163,6 +174,7 @@ def decode_items(
         pixels = outcome.result() if isinstance(outcome, Future) else outcome
         if pixels is not None:
             crops[i] = pixels
+            items[i][2].gpu_fallback += 1
     return images, crops
 
 
@@ -247,6 +259,7 @@ def _launch(
     options: ExtractOptions,
     pool: ThreadPoolExecutor | None = None,
     ordering: str = "streams",
+    failures: DecodeFailures | None = None,
 ) -> _InFlight:
     """Queue one batch's decoding, cropping, model and copy back; return without waiting.
 
@@ -257,7 +270,7 @@ def _launch(
     device = mapper.device
     started = time.perf_counter()
     images, cpu_crops = decode_items(
-        items, preprocessing, device, options.max_megapixels, pool, ordering
+        items, preprocessing, device, options.max_megapixels, pool, ordering, failures
     )
     decode_seconds = time.perf_counter() - started
     marks = _Marks(device)
@@ -293,6 +306,9 @@ def extract_on_device(
     how its ordering and bookkeeping are tested without a GPU. ``ordering`` is how nvjpeg is
     ordered against queued work (:data:`retrieval.images.gpu_decode.ORDERINGS`); anything but
     the default is for ``bench/gpu_check.py``'s probe of the decode race.
+
+    nvjpeg failures never pass silently: the batch's counts say how many images Pillow decoded
+    instead (``StageTimes.gpu_fallback``), and the run ends with one warning line saying so.
     """
     names = [str(p) for p in paths]
     size = options.batch_size or GPU_BATCH
@@ -319,6 +335,8 @@ def extract_on_device(
 
     # nvjpeg's rare refusals are decoded by Pillow here, not behind the read-ahead queue.
     fallback = ThreadPoolExecutor(FALLBACK_THREADS, "retrieve-fallback")
+    failures = DecodeFailures()
+    fell_back = 0
     try:
         for _ in range(READ_AHEAD):
             read_next_batch()
@@ -329,13 +347,24 @@ def extract_on_device(
             if reads:
                 items = [item for future in reads.popleft() for item in future.result()]
                 read_next_batch()
-                launched = _launch(items, loaded.preprocessing, mapper, options, fallback, ordering)
+                launched = _launch(
+                    items, loaded.preprocessing, mapper, options, fallback, ordering, failures
+                )
             if in_flight is not None:
                 finished = _finish(in_flight, mapper.out_features)
                 finished.times.wall = time.perf_counter() - resumed
+                fell_back += finished.times.gpu_fallback
                 yield finished
                 resumed = time.perf_counter()
             in_flight = launched
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
         fallback.shutdown(wait=True, cancel_futures=True)
+        if failures.calls:
+            log.warning(
+                "nvjpeg failed %d time(s) (first: %s): %d image(s) were decoded on the CPU "
+                "instead, the rest retried file by file on the GPU",
+                failures.calls,
+                failures.first_error,
+                fell_back,
+            )

@@ -62,17 +62,34 @@ class StageTimes:
     wall: float = 0.0
     images: int = 0
     skipped: int = 0
+    # Which road each image took on the CUDA path (all zero on the CPU path): decoded by nvjpeg,
+    # decoded by Pillow because it is not for nvjpeg (PNG, progressive, large, CMYK), and
+    # decoded by Pillow because nvjpeg failed on it (a count that should be zero).
+    gpu_decoded: int = 0
+    cpu_decoded: int = 0
+    gpu_fallback: int = 0
 
     def add(self, other: StageTimes) -> None:
         for name in self.__dataclass_fields__:
             setattr(self, name, getattr(self, name) + getattr(other, name))
 
+    def decode_roads(self) -> str:
+        """'N on the GPU, M on the CPU, K on the CPU after the GPU failed', or '' off CUDA."""
+        if not (self.gpu_decoded or self.gpu_fallback):
+            return ""
+        return (
+            f"{self.gpu_decoded} decoded on the GPU, {self.cpu_decoded} on the CPU, "
+            f"{self.gpu_fallback} on the CPU after the GPU failed"
+        )
+
     def summary(self) -> str:
         rate = self.images / self.wall if self.wall > 0 else 0.0
+        roads = self.decode_roads()
         return (
             f"{self.images} images in {self.wall:.1f}s ({rate:.1f} images/s); busy time: "
             f"read {self.read:.1f}s, decode {self.decode:.1f}s, preprocess {self.preprocess:.1f}s "
             f"(summed over workers), model {self.model:.1f}s, write {self.write:.1f}s"
+            + (f"; {roads}" if roads else "")
         )
 
 

@@ -22,6 +22,7 @@ import logging
 import warnings
 from collections import defaultdict
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Protocol
 
 import torch
@@ -71,13 +72,28 @@ def orient(image: torch.Tensor, orientation: int) -> torch.Tensor:
 
 
 # How a batch's nvjpeg decode is ordered against the work already queued on the device:
-# "streams" (the default) decodes on a side stream that waits for the main one, and records the
-# decoded images as used on the main stream; "sync" waits for the device first; "none" is the
-# unordered call (torchvision allocates the output on the caller's stream but nvjpeg writes it
-# from its own, so the allocator can hand it memory that queued kernels still read). "none" is
-# kept only so ``bench/gpu_check.py`` can show the corruption it causes.
+# "streams" (the default) decodes on a side stream and records the decoded images as used on the
+# main stream; "sync" waits for the device first; "none" is the unordered call (torchvision
+# allocates the output on the caller's stream but nvjpeg writes it from its own, so the
+# allocator can hand it memory that queued kernels still read). "none" and "sync" are kept so
+# ``bench/gpu_check.py`` can show the corruption the one causes and compare against the other.
 ORDERINGS = ("streams", "sync", "none")
 _side_streams: dict[int, torch.cuda.Stream] = {}
+
+
+@dataclass
+class DecodeFailures:
+    """nvjpeg calls that raised during a run: how many, and the first error, so that a run that
+    quietly became a CPU run (a torchvision without nvjpeg, an out-of-memory) says so once."""
+
+    calls: int = 0
+    first_error: str = ""
+
+    def record(self, error: BaseException) -> None:
+        self.calls += 1
+        if not self.first_error:
+            line = (str(error).strip().splitlines() or [""])[0]
+            self.first_error = f"{type(error).__name__}: {line}"[:200]
 
 
 def decode_jpegs(
@@ -86,22 +102,30 @@ def decode_jpegs(
     device: torch.device,
     channels: int,
     ordering: str = "streams",
+    failures: DecodeFailures | None = None,
 ) -> list[torch.Tensor | None]:
     """Decode on ``device``, upright, with ``channels`` channels; None where decoding failed.
 
     One file that nvjpeg rejects fails its whole call, so a failed call is retried file by file
-    and only the culprits come back as None (the caller decodes those on the CPU).
+    and only the culprits come back as None (the caller decodes those on the CPU). Every call
+    that raised is counted in ``failures``.
+
+    Colour images are decoded in ``ImageReadMode.RGB``: nvjpeg replicates a greyscale JPEG's
+    Y plane into three channels itself (as Pillow's L -> RGB does), so every output is a fresh
+    3-channel buffer written by nvjpeg. In ``UNCHANGED`` mode torchvision instead clones a
+    greyscale image's buffer on the current stream and frees the original, one more allocation
+    and free on the side stream for the race below to play with.
     """
     if ordering not in ORDERINGS:
         raise ValueError(f"ordering must be one of {ORDERINGS}, not {ordering!r}")
-    mode = ImageReadMode.GRAY if channels == 1 else ImageReadMode.UNCHANGED
+    mode = ImageReadMode.GRAY if channels == 1 else ImageReadMode.RGB
     decoded: list[torch.Tensor | None] = []
     for start, stop in _budgeted_slices(infos):
         chunk = list(datas[start:stop])
         if device.type == "cuda" and ordering != "none":
-            decoded.extend(_ordered_decode(chunk, mode, device, ordering))
+            decoded.extend(_ordered_decode(chunk, mode, device, ordering, failures))
         else:
-            decoded.extend(_decode_slice(chunk, mode, device))
+            decoded.extend(_decode_slice(chunk, mode, device, failures))
     return [
         None if image is None else _channels(orient(image, info.orientation), channels)
         for image, info in zip(decoded, infos, strict=True)
@@ -109,19 +133,33 @@ def decode_jpegs(
 
 
 def _ordered_decode(
-    datas: list[torch.Tensor], mode: ImageReadMode, device: torch.device, ordering: str
+    datas: list[torch.Tensor],
+    mode: ImageReadMode,
+    device: torch.device,
+    ordering: str,
+    failures: DecodeFailures | None,
 ) -> list[torch.Tensor | None]:
-    """nvjpeg's output never shares memory with work still queued on the main stream."""
+    """nvjpeg's output never shares memory with work still queued on the main stream.
+
+    The output is allocated on the side stream, whose pool holds only blocks that side-stream
+    allocations made: a block comes back to it after its last main-stream use (``record_stream``
+    below), never while a queued kernel still reads it. So the side stream need not wait for
+    the main one (the inputs are host bytes, nothing on the device), and the decode of batch
+    N+1 overlaps batch N's model. An earlier ``side.wait_stream(main)`` added nothing to that
+    and held a clone made on the side stream behind the previous batch while the block it came
+    from was free for the next write (see :func:`decode_jpegs` on greyscale). The main stream
+    waits for the side one before it touches the pixels. ``bench/gpu_check.py``'s race probe
+    compares this ordering against a synchronised reference on a GPU.
+    """
     main = torch.cuda.current_stream(device)
     if ordering == "sync":
         main.synchronize()
-        return _decode_slice(datas, mode, device)
+        return _decode_slice(datas, mode, device, failures)
     side = _side_streams.get(device.index or 0)
     if side is None:
         side = _side_streams.setdefault(device.index or 0, torch.cuda.Stream(device))
-    side.wait_stream(main)
     with torch.cuda.stream(side):
-        images = _decode_slice(datas, mode, device)
+        images = _decode_slice(datas, mode, device, failures)
     main.wait_stream(side)
     for image in images:
         if image is not None:
@@ -144,23 +182,29 @@ def _budgeted_slices(infos: Sequence[JpegInfo]) -> list[tuple[int, int]]:
 
 
 def _decode_slice(
-    datas: list[torch.Tensor], mode: ImageReadMode, device: torch.device
+    datas: list[torch.Tensor],
+    mode: ImageReadMode,
+    device: torch.device,
+    failures: DecodeFailures | None = None,
 ) -> list[torch.Tensor | None]:
-    from torchvision.io import decode_jpeg
+    import torchvision.io
 
+    failures = failures if failures is not None else DecodeFailures()
     with warnings.catch_warnings():
         # torchvision 0.29 deprecates its decoders for TorchCodec; nvjpeg is what we want.
         warnings.simplefilter("ignore", UserWarning)
         warnings.simplefilter("ignore", DeprecationWarning)
         try:
-            return list(decode_jpeg(datas, mode=mode, device=device))
+            return list(torchvision.io.decode_jpeg(datas, mode=mode, device=device))
         except RuntimeError as error:
+            failures.record(error)
             log.debug("batched JPEG decode failed (%s); retrying file by file", error)
         results: list[torch.Tensor | None] = []
         for data in datas:
             try:
-                results.append(decode_jpeg(data, mode=mode, device=device))
-            except RuntimeError:
+                results.append(torchvision.io.decode_jpeg(data, mode=mode, device=device))
+            except RuntimeError as error:
+                failures.record(error)
                 results.append(None)
         return results
 
@@ -168,7 +212,7 @@ def _decode_slice(
 def _channels(image: torch.Tensor, channels: int) -> torch.Tensor:
     if image.shape[0] == channels:
         return image
-    if image.shape[0] == 1 and channels == 3:  # greyscale JPEG: Pillow's L -> RGB copies it
+    if image.shape[0] == 1 and channels == 3:  # not from nvjpeg (RGB mode gives 3): a safety net
         return image.expand(3, -1, -1)
     raise RuntimeError(f"decoded {image.shape[0]} channels where {channels} were expected")
 
