@@ -364,6 +364,29 @@ def test_greyscale_jpegs_are_decoded_in_rgb_mode_like_pillow(tmp_path: Path) -> 
     assert torch.equal(decoded, pillow)
 
 
+def test_bytes_take_the_files_road_on_the_device_path(tmp_path: Path) -> None:
+    """On CUDA, a query by bytes is decoded as the same file is (nvjpeg for the JPEGs it takes),
+    so both give one vector; here the same code on the CPU, record for record, crop for crop."""
+    from retrieval.extraction import _on_device
+    from retrieval.extraction.cuda import crops_on_device
+
+    paths = [make_image(tmp_path / f"{i}.jpg", size=(70 + i, 64), seed=i) for i in range(3)]
+    paths.append(make_image(tmp_path / "grey.jpg", size=(64, 64), mode="L", seed=5))
+    paths.append(make_image(tmp_path / "x.png", size=(64, 70), seed=9))
+    broken = tmp_path / "cut.jpg"
+    broken.write_bytes(paths[0].read_bytes()[:300])
+    paths.append(broken)
+    mapper = Fc7Mapper(load_model("random"), CPU)
+    mapper.preprocessing = SMALL
+    items = [read_for_device(i, str(p), SMALL, 175) for i, p in enumerate(paths)]
+    from_files = crops_on_device(items, SMALL, CPU, 175)
+    records, from_bytes = _on_device([p.read_bytes() for p in paths], mapper, 175)
+    assert torch.equal(from_bytes, from_files) and from_bytes.shape == (5, 3, 56, 56)
+    assert [r.reason for r in records] == [r.reason for r, _, _ in items]
+    assert [r.sha256 for r in records] == [r.sha256 for r, _, _ in items]
+    assert records[-1].reason is not None and records[0].path == "<upload 0>"
+
+
 def _through_the_device_runner(monkeypatch) -> None:
     """``retrieve index --device cpu`` driven through the CUDA runner (the CUDA-free road the
     runner allows: torchvision decodes with libjpeg-turbo on the CPU)."""

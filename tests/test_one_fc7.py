@@ -285,6 +285,64 @@ def test_on_cuda_fp32_is_ieee_per_call_and_the_flags_are_put_back(crops) -> None
 
 
 @pytest.mark.cuda
+def test_on_cuda_a_jpeg_by_path_and_by_bytes_gets_one_vector_through_index(tmp_path) -> None:
+    """JPEGs on CUDA go to nvjpeg, by path and by bytes alike (``Index(device="cuda")``):
+    one vector, the indexed one, at fp32 (IEEE, no TF32) and at bf16."""
+    from tests.corpus import make_image
+
+    folder = tmp_path / "jpegs"
+    paths = [make_image(folder / f"{i:02d}.jpg", size=(96 + 8 * i, 90), seed=i) for i in range(9)]
+    paths.append(make_image(folder / "grey.jpg", size=(100, 90), mode="L", seed=20))
+    for precision in ("fp32", "bf16"):
+        extract = ExtractOptions(device="cuda", precision=precision)
+        options = IndexOptions(weights="random", extract=extract, rebuild=True)
+        with Index.create(tmp_path / "ix", folder, options) as index:
+            assert index.device == "cuda" and index.report.decoded["gpu"] == len(paths)
+            for target in (paths[3], paths[-1]):
+                by_path, _ = index.embed([target])
+                by_bytes, _ = index.embed([target.read_bytes()])
+                assert np.array_equal(by_path, by_bytes), (precision, target.name)
+                stored = index.vectors([index.id_of(target)])
+                assert np.array_equal(by_path, stored), (precision, target.name)
+
+
+@pytest.mark.cuda
+def test_on_cuda_fp32_indexing_leaves_tf32_off_and_the_callers_flags_alone(tmp_path) -> None:
+    """fp32 on CUDA means IEEE fp32: TF32 off and deterministic cuDNN inside each model call,
+    whatever the caller set, and the caller's flags put back after ``Index(device="cuda")``."""
+    from tests.corpus import make_image
+
+    cudnn, matmul = torch.backends.cudnn, torch.backends.cuda.matmul
+    folder = tmp_path / "jpegs"
+    for i in range(6):
+        make_image(folder / f"{i}.jpg", size=(90, 80), seed=i)
+    seen = []
+    real = Fc7Mapper.__call__
+
+    def spy(self, crops):
+        seen.append((cudnn.allow_tf32, matmul.allow_tf32, cudnn.deterministic, cudnn.benchmark))
+        with self._numerics():
+            seen.append((cudnn.allow_tf32, matmul.allow_tf32, cudnn.deterministic,
+                         cudnn.benchmark))  # fmt: skip
+        return real(self, crops)
+
+    cudnn.allow_tf32 = matmul.allow_tf32 = cudnn.benchmark = True
+    try:
+        options = IndexOptions(weights="random", extract=ExtractOptions(device="cuda",
+                               precision="fp32"))  # fmt: skip
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(Fc7Mapper, "__call__", spy)
+            with Index.create(tmp_path / "ix", folder, options) as index:
+                assert index.precision == "fp32"
+                index.search([folder / "0.jpg"], k=1)
+        assert seen and all(s == (False, False, True, False) for s in seen[1::2])
+        assert (cudnn.allow_tf32, matmul.allow_tf32, cudnn.benchmark) == (True, True, True)
+    finally:
+        cudnn.allow_tf32, cudnn.benchmark = True, False
+        matmul.allow_tf32 = False
+
+
+@pytest.mark.cuda
 def test_on_cuda_a_query_by_path_and_by_bytes_is_at_distance_exactly_0(
     folder, small_model, tmp_path
 ) -> None:

@@ -33,6 +33,7 @@ from retrieval.images.decode import DEFAULT_MAX_MEGAPIXELS
 
 if TYPE_CHECKING:
     import numpy as np
+    import torch
     from PIL import Image
 
     from retrieval.extraction.mapper import Fc7Mapper
@@ -121,15 +122,51 @@ def embed_decoded(
     from retrieval.extraction.reader import crop_in_memory
 
     records, crops = [], []
-    for position, image in enumerate(images):
-        record, pixels = crop_in_memory(position, image, mapper.preprocessing, max_megapixels)
-        records.append(record)
-        if pixels is not None:
-            crops.append(pixels)
-    if not crops:
+    if mapper.device.type == "cuda":
+        # Bytes take the files' road on a GPU (nvjpeg for the JPEGs it takes), so a query by
+        # bytes gets the vector a query by path gets; PIL images are already decoded.
+        records, batch = _on_device(images, mapper, max_megapixels)
+    else:
+        for position, image in enumerate(images):
+            record, pixels = crop_in_memory(position, image, mapper.preprocessing, max_megapixels)
+            records.append(record)
+            if pixels is not None:
+                crops.append(pixels)
+        batch = torch.stack(crops).to(mapper.device) if crops else None
+    if batch is None:
         return np.zeros((0, mapper.out_features), np.float32), records
-    batch = torch.stack(crops).to(mapper.device)
     features = mapper(batch)
     if flip:
         features = (features + mapper(batch.flip(-1))) / 2
     return features.cpu().numpy(), records
+
+
+def _on_device(
+    images: Sequence[bytes | Image.Image], mapper: Fc7Mapper, max_megapixels: float
+) -> tuple[list[FileRecord], torch.Tensor | None]:
+    """Records and a uint8 batch on the mapper's CUDA device, decoded as files are there."""
+    import hashlib
+
+    from PIL import Image
+
+    from retrieval.errors import SkipReason
+    from retrieval.extraction.cuda import crops_on_device, route
+    from retrieval.extraction.reader import crop_in_memory
+
+    items = []
+    for position, image in enumerate(images):
+        if isinstance(image, Image.Image):
+            record, pixels = crop_in_memory(position, image, mapper.preprocessing, max_megapixels)
+            items.append((record, pixels, StageTimes()))
+            continue
+        data = bytearray(image)
+        record, times = FileRecord(position, f"<upload {position}>", size=len(data)), StageTimes()
+        record.sha256 = hashlib.sha256(data).hexdigest()
+        if not data:
+            record.reason = SkipReason.EMPTY.value
+            items.append((record, None, times))
+            continue
+        payload = route(record, data, times, mapper.preprocessing, max_megapixels)
+        items.append((record, payload, times))
+    batch = crops_on_device(items, mapper.preprocessing, mapper.device, max_megapixels)
+    return [record for record, _, _ in items], batch

@@ -107,16 +107,37 @@ def read_for_device(
     record, data, times = read_file(position, path)
     if data is None:
         return record, None, times
+    return record, route(record, data, times, preprocessing, max_megapixels), times
+
+
+def route(
+    record: FileRecord,
+    data: bytearray,
+    times: StageTimes,
+    preprocessing: Preprocessing,
+    max_megapixels: float,
+) -> _Jpeg | torch.Tensor | None:
+    """Encoded bytes -> a JPEG for nvjpeg, or a crop Pillow decoded here (None: the record says
+    why). Files and bytes (an upload, a query by bytes) take this one road on a GPU."""
     info = inspect_jpeg(data)
     if (
         info is not None
         and info.gpu_decodable(max_megapixels)
         and not better_on_cpu(info, preprocessing)
     ):
-        return record, _Jpeg(torch.frombuffer(data, dtype=torch.uint8), info), times
+        return _Jpeg(torch.frombuffer(data, dtype=torch.uint8), info)
     pixels = decode_on_cpu(record, data, times, preprocessing, max_megapixels)
     times.cpu_decoded += int(pixels is not None)
-    return record, pixels, times
+    return pixels
+
+
+def crops_on_device(
+    items: Sequence[_Item], preprocessing: Preprocessing, device: torch.device, max_mp: float
+) -> torch.Tensor | None:
+    """One batch of items (JPEGs for nvjpeg, CPU crops) as uint8 crops on ``device``, in order
+    of the items that decoded; the rest have their record's reason set."""
+    images, crops = decode_items(items, preprocessing, device, max_mp)
+    return assemble(images, crops, preprocessing, device)
 
 
 def _read_chunk(
