@@ -58,7 +58,8 @@ from .progress import progress_bar
     "--index-type",
     default=None,
     help="FAISS index_factory kind: Flat, IVF1024,Flat, IVF1024,PQ64, HNSW32, ... or "
-    "auto [default: the index's own kind; Flat for a new index].",
+    "auto; CAGRA where faiss's cuVS build sees a GPU "
+    "[default: the index's own kind; Flat for a new index].",
 )
 @click.option("--reduce", default=None, help="Compress fc7 first, e.g. PCA256.")
 @click.option("--normalize", is_flag=True, help="L2-normalise fc7 (cosine ranking).")

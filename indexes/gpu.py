@@ -45,6 +45,20 @@ def faiss_gpu_count() -> int:
         return 0
 
 
+def cagra_ready() -> str | None:
+    """None when faiss can search a CAGRA graph here (its cuVS build and a GPU), else why not."""
+    import faiss
+
+    if "CUVS" not in faiss.get_compile_options() or not hasattr(faiss, "IndexHNSWCagra"):
+        return (
+            "this faiss is not the GPU build with cuVS (pip install 'retrieve[gpu]', "
+            "faiss-gpu-cuvs)"
+        )
+    if faiss_gpu_count() == 0:
+        return "faiss sees no GPU here"
+    return None
+
+
 def torch_cuda_count() -> int:
     """CUDA devices torch sees: 0 without one, or without torch (optional for ``indexes``)."""
     try:

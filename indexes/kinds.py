@@ -9,6 +9,14 @@ Ids: IVF kinds store int64 ids natively; every other kind is wrapped in ``IDMap2
 ``add_with_ids`` works and rows can be reconstructed by id. faiss 1.15 parses ``IDMap2,`` in
 front of pre-transforms (``IDMap2,L2norm,PCA256,HNSW32``), so the factory string is the whole
 recipe.
+
+``CAGRA`` (``CAGRA32``: graph degree 32, the default) is cuVS's GPU graph index, offered where
+faiss's cuVS build sees a GPU. Stored as faiss's ``IndexHNSWCagra``: an HNSW graph whose base
+layer keeps every node's full 2M-neighbour list, built on the CPU by insertion (so rows are
+added chunk by chunk and removed as HNSW's are), which ``index_cpu_to_gpu`` turns into a
+``GpuIndexCagra`` for the search; on a CPU the same file is searched as HNSW. faiss's own
+GPU-built CAGRA takes all vectors at once and no later additions, which an index that follows a
+folder cannot use.
 """
 
 from __future__ import annotations
@@ -23,8 +31,8 @@ import numpy as np
 
 from retrieval.errors import IndexMismatchError, RetrieveError
 
+from .gpu import cagra_ready, unwrap
 from .gpu import faiss_message as _faiss_message
-from .gpu import unwrap
 
 __all__ = [
     "IndexSpec",
@@ -32,6 +40,7 @@ __all__ = [
     "needs_training",
     "new_index",
     "prepare_index",
+    "refuse_unbuildable",
     "remove_ids",
     "training_sample_size",
 ]
@@ -39,6 +48,8 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 _REDUCE = re.compile(r"^PCAR?(\d+)$")
+_CAGRA = re.compile(r"^CAGRA(\d*)$")
+DEFAULT_CAGRA_DEGREE = 32
 _TRANSFORM = re.compile(r"^(L2norm|PCAW?R?\d+|OPQ\d+(_\d+)?|RR\d+|ITQ\d*|Pad\d+)$")
 # Training sample cap: 131,072 x 4096-d float32 is 2 GiB, the most we ask a caller to hold.
 TRAINING_CAP = 2**17
@@ -70,6 +81,8 @@ class IndexSpec:
             raise RetrieveError(f"reduce must look like 'PCA256', not {self.reduce!r}")
         if not isinstance(self.normalize, bool):
             raise RetrieveError(f"normalize must be true or false, not {self.normalize!r}")
+        if _CAGRA.match(self.kind.strip()) and (self.reduce or self.normalize):
+            raise RetrieveError("index kind CAGRA takes neither --reduce nor --normalize")
 
     @property
     def reduced_dim(self) -> int | None:
@@ -98,6 +111,39 @@ class IndexSpec:
         return cls(d.get("kind", "Flat"), d.get("reduce"), d.get("normalize", False))
 
 
+def _cagra_degree(factory: str) -> int | None:
+    """The graph degree when ``factory`` (``IDMap2,CAGRA32``) names a CAGRA index, else None."""
+    core = factory.split(",")[-1].strip()
+    match = _CAGRA.match(core)
+    if match is None:
+        return None
+    degree = int(match.group(1) or DEFAULT_CAGRA_DEGREE)
+    if degree < 8 or degree % 2:
+        raise RetrieveError(f"bad index kind {core!r}: CAGRA's graph degree is an even number >= 8")
+    return degree
+
+
+def _cagra(dim: int, degree: int) -> Any:
+    """An empty ``IDMap2`` over ``IndexHNSWCagra`` (base layer kept full, as CAGRA needs)."""
+    import faiss
+
+    refuse_unbuildable(IndexSpec(f"CAGRA{degree}"))
+    core = faiss.IndexHNSWCagra(int(dim), degree // 2, faiss.METRIC_L2)
+    core.base_level_only = False  # built on the CPU by insertion, all layers
+    index = faiss.IndexIDMap2(core)
+    index.referenced_objects = [core]
+    return index
+
+
+def refuse_unbuildable(spec: IndexSpec) -> None:
+    """Raise, before any image is embedded, when this machine cannot build ``spec``'s kind
+    (CAGRA without faiss's cuVS build and a GPU)."""
+    if _CAGRA.match(spec.kind.strip()):
+        why = cagra_ready()
+        if why is not None:
+            raise RetrieveError(f"index type CAGRA needs a GPU and faiss's cuVS build: {why}")
+
+
 def _has_native_ids(kind: str) -> bool:
     """IVF indexes take int64 ids themselves; a refine stage (RFlat) on top of one does not."""
     tokens = [t.strip() for t in kind.split(",")]
@@ -108,6 +154,10 @@ def _has_native_ids(kind: str) -> bool:
 
 def _factory(dim: int, factory: str) -> Any:
     import faiss
+
+    degree = _cagra_degree(factory)
+    if degree is not None:
+        return _cagra(dim, degree)
 
     try:
         return faiss.index_factory(int(dim), factory, faiss.METRIC_L2)

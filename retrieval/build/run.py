@@ -134,8 +134,11 @@ def _rows_under(base: store.Snapshot, root: Path) -> list[Row]:
 
 
 def _check_request(base: store.Snapshot | None, fresh: bool, options: IndexOptions) -> None:
-    """An update cannot change the index's kind or precision (that takes ``--rebuild``)."""
+    """An update cannot change the index's kind or precision (that takes ``--rebuild``); a
+    new index's kind must be one this machine can build (said before any image is embedded)."""
     if fresh:
+        if options.spec is not None and options.spec.kind != "auto":
+            kinds.refuse_unbuildable(options.spec)
         return
     asked, recorded = options.extract.precision, base.manifest["identity"]["precision"]
     if asked not in (None, "auto") and asked != recorded:
