@@ -103,10 +103,12 @@ def step_decode(data: str, limit: float) -> dict:
         target = Path(tmp) / "blocking.npy"
         argv = [sys.executable, "-c", BLOCKING, str(ROOT), data, str(target)]
         env = {**os.environ, "CUDA_LAUNCH_BLOCKING": "1"}
-        subprocess.run(
-            argv, env=env, check=True, timeout=max(5, (deadline - time.perf_counter()) / 2)
-        )
-        out["launch_blocking_worst_relative"] = worst_relative(np.load(target), reference)
+        try:  # the race and the rerun still run if this process does not finish in time
+            budget = max(5, (deadline - time.perf_counter()) / 2)
+            subprocess.run(argv, env=env, check=True, timeout=budget, capture_output=True)
+            out["launch_blocking_worst_relative"] = worst_relative(np.load(target), reference)
+        except (subprocess.SubprocessError, OSError) as error:
+            out["launch_blocking_worst_relative"] = f"not measured: {type(error).__name__}"
     again, _ = features(ctx, "streams")
     out["rerun_bitwise_equal"] = bool(np.array_equal(again, reference))
     out["rerun_worst_relative"] = worst_relative(again, reference)
