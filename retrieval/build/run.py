@@ -110,12 +110,13 @@ def index_folder(
     report.seconds = time.perf_counter() - started
     times.wall = report.seconds
     report.times = {k: round(v, 3) for k, v in vars(times).items()}
-    report.decoded = {
-        "gpu": times.gpu_decoded,
-        "cpu": times.cpu_decoded,
-        "cpu_after_gpu_failure": times.gpu_fallback,
-        "skipped": times.skipped,
-    }
+    if options.engine != "ray":  # Ray's workers decode out of sight of these counters
+        report.decoded = {
+            "gpu": times.gpu_decoded,
+            "cpu": times.cpu_decoded,
+            "cpu_after_gpu_failure": times.gpu_fallback,
+            "skipped": times.skipped,
+        }
     return report
 
 
