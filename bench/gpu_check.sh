@@ -143,7 +143,10 @@ rehearse() {
 
 run_steps() {
   setup
-  if ! "$PY" -c 'import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)'; then
+  # GPU_CHECK_SMOKE=1 (tests/test_gpu_check.py): the steps on the CPU at toy sizes, and
+  # GPU_CHECK_STEPS / GPU_CHECK_LIMIT_CAP pick steps and cap their limits, to test this loop.
+  if [[ "${GPU_CHECK_SMOKE:-}" != 1 ]] &&
+    ! "$PY" -c 'import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)'; then
     say "no CUDA device visible to torch ($PY); nothing run"
     exit 2
   fi
@@ -155,6 +158,8 @@ run_steps() {
   mapfile -t plan < <("$PY" bench/gpu_check.py plan)
   for line in "${plan[@]}"; do
     read -r name limit <<<"$line"
+    [[ -z "${GPU_CHECK_STEPS:-}" || " $GPU_CHECK_STEPS " == *" $name "* ]] || continue
+    ((limit <= ${GPU_CHECK_LIMIT_CAP:-$limit})) || limit=$GPU_CHECK_LIMIT_CAP
     left=$((BUDGET - (SECONDS - started)))
     ((left >= 10)) || break # the report marks the rest as not reached
     ((limit <= left)) || limit=$left

@@ -170,3 +170,28 @@ def test_the_steps_run_on_the_cpu_at_toy_sizes(tmp_path: Path) -> None:
     assert steps["exact_search"]["status"] == "ok" and steps["exact_search"]["self_found"] == 1.0
     assert steps["ivfpq_gpu"]["status"] == "skipped"  # faiss-cpu here
     assert steps["pytest_cuda"]["status"] == "not reached"
+
+
+@pytest.mark.slow
+def test_the_run_loop_records_a_step_that_ran_out_of_time(tmp_path: Path) -> None:
+    """The shell's loop on the CPU (GPU_CHECK_SMOKE=1): a step killed at its limit is marked
+    timed out, the next one still runs, the ones not picked are not reached; exit 1."""
+    tree = _copy_of_the_tree(tmp_path / "tree")
+    wheels = tree / ".whl"
+    wheels.mkdir()
+    (wheels / "PYTHON").write_text("{}.{}\n".format(*sys.version_info[:2]))
+    (tree / ".gpu-data" / "imagenette" / "a").mkdir(parents=True)
+    make_image(tree / ".gpu-data" / "imagenette" / "a" / "0.jpg")
+    out = tmp_path / "out"
+    env = {**os.environ, "PYTHON": sys.executable, "OUT": str(out), "GPU_CHECK_SMOKE": "1",
+           "GPU_CHECK_STEPS": "decode ivfpq_gpu", "GPU_CHECK_LIMIT_CAP": "3",
+           "GPU_SITE": str(tmp_path / "site")}  # fmt: skip
+    done = subprocess.run(["bash", str(tree / "bench" / "gpu_check.sh")], env=env,
+                          capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert done.returncode == 1, done.stderr[-2000:]
+    assert "preflight: ready" in done.stderr and "install: nothing to install" in done.stderr
+    steps = json.loads((out / "gpu_check.json").read_text())["steps"]
+    assert steps["decode"]["status"] == "timed out" and steps["decode"]["limit_s"] == 3
+    assert steps["ivfpq_gpu"]["status"] == "skipped"
+    assert steps["train_300_steps"]["status"] == "not reached"
+    assert "| decode | timed out |" in (out / "gpu_check.md").read_text()
