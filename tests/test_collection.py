@@ -14,16 +14,16 @@ from PIL import Image
 
 from retrieval import Index
 from retrieval.build.options import IndexOptions
-from retrieval.collection import actions
-from retrieval.collection.calibration import (
+from retrieval.collection.near import NearOptions, near_pairs
+from retrieval.collection.vectors import ArrayVectors
+from retrieval.duplicates import actions
+from retrieval.duplicates.calibration import (
     CalibrationOptions,
     calibrate,
     pick_threshold,
     precision_recall,
 )
-from retrieval.collection.duplicates import find_duplicates, representative_order
-from retrieval.collection.near import NearOptions, near_pairs
-from retrieval.collection.vectors import ArrayVectors
+from retrieval.duplicates.groups import find_duplicates, representative_order
 from tests.corpus import structured_rgb
 
 DISTINCT = 16
@@ -258,7 +258,7 @@ def test_action_needs_a_target_and_never_deletes(collection) -> None:
 def test_undo_leaves_a_file_that_appeared_since(tmp_path) -> None:
     original = tmp_path / "a.png"
     distinct_image(1).save(original)
-    from retrieval.collection.duplicates import Group, Member
+    from retrieval.duplicates.groups import Group, Member
 
     rep = tmp_path / "rep.png"
     distinct_image(2).save(rep)
@@ -272,8 +272,8 @@ def test_undo_leaves_a_file_that_appeared_since(tmp_path) -> None:
 
 
 def test_a_chain_is_split_so_every_member_is_near_its_representative(tmp_path) -> None:
-    from retrieval.collection.duplicates import _adjacency, _split, components
     from retrieval.collection.near import Pairs
+    from retrieval.duplicates.groups import _adjacency, _split, components
 
     # 0 ~ 1 ~ 2 ~ 3 in a line, 1.0 apart; threshold 1.5: 0 and 2 are not duplicates of each other
     pairs = Pairs(np.array([0, 1, 2]), np.array([1, 2, 3]), np.array([1.0, 1.0, 1.0]))

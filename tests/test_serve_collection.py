@@ -15,9 +15,9 @@ from click.testing import CliRunner
 
 from retrieval import Index, IndexOptions
 from retrieval.cli.main import cli
-from retrieval.collection.calibration import Calibration
 from retrieval.collection.near import NearOptions, TooManyPairs, near_pairs
 from retrieval.collection.vectors import ArrayVectors
+from retrieval.duplicates.calibration import Calibration
 from retrieval.serve import collection as views
 from tests.test_collection import make_collection, separating_threshold
 from tests.test_serve import client_for

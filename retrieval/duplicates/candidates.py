@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -46,7 +46,7 @@ class CandidateOptions:
     ratio: float = 1.1
     radius: int = 12  # hash: bits apart under the best isometry, at most
     window_bits: int = 18  # window: bits apart, at most (crops: <= 14; other images: >= 16)
-    near: NearOptions = NearOptions()
+    near: NearOptions = field(default_factory=NearOptions)
 
 
 @dataclass
@@ -66,13 +66,16 @@ class Candidates:
 
 
 def fc7_neighbours(
-    source: VectorSource, k: int, options: NearOptions = NearOptions(),
+    source: VectorSource,
+    k: int,
+    options: NearOptions | None = None,
     progress: Callable[[int, int], None] | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """(positions, distances), each N x k: every vector's k nearest others, nearest first
     (-1 / inf where the collection has fewer)."""
     import faiss
 
+    options = options or NearOptions()
     k = max(1, min(k, source.count - 1))
     if source.count <= EXACT_UP_TO:
         index = faiss.IndexFlatL2(source.dim)
@@ -194,8 +197,9 @@ def candidate_pairs(
     )
     if not len(a):
         empty = np.zeros(0, np.int64)
-        return Candidates(empty, empty, empty, np.zeros(0, np.float32), np.zeros(0, np.float32),
-                          background)
+        return Candidates(
+            empty, empty, empty, np.zeros(0, np.float32), np.zeros(0, np.float32), background
+        )
     keys = a * source.count + b
     unique, inverse = np.unique(keys, return_inverse=True)
     source_bits = np.zeros(len(unique), np.int64)
@@ -206,8 +210,11 @@ def candidate_pairs(
     log.info(
         "candidates: %d pairs (%s)",
         len(a),
-        ", ".join(f"{int((source_bits & bit).astype(bool).sum())} from {name}"
-                  for bit, name in SIGNALS.items()),
+        ", ".join(
+            f"{int((source_bits & bit).astype(bool).sum())} from {name}"
+            for bit, name in SIGNALS.items()
+        ),
     )
-    return Candidates(a, b, source_bits, distance.astype(np.float32),
-                      ratio.astype(np.float32), background)
+    return Candidates(
+        a, b, source_bits, distance.astype(np.float32), ratio.astype(np.float32), background
+    )

@@ -62,7 +62,9 @@ def edited(image: Image.Image, edit: str, rng: np.random.Generator) -> Image.Ima
         canvas.paste(image, (0, 0))
         draw = ImageDraw.Draw(canvas)
         words = "".join(chr(int(c)) for c in rng.integers(97, 123, 14))
-        draw.text((max(2, width // 20), height + bar // 4), f"{words[:6]} {words[6:]}", fill=(0, 0, 0))
+        draw.text(
+            (max(2, width // 20), height + bar // 4), f"{words[:6]} {words[6:]}", fill=(0, 0, 0)
+        )
         return canvas
     if edit == "brightness":
         brighter = ImageEnhance.Brightness(image).enhance(float(rng.uniform(0.7, 1.35)))

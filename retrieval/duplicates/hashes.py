@@ -44,7 +44,7 @@ ISOMETRIES = (
 
 @dataclass(frozen=True)
 class ImageSignature:
-    """What the duplicates pass keeps of one image: 8 hashes, the thumbnail, its size, its colour."""
+    """What the duplicates pass keeps of one image: hashes, thumbnail, size, colour."""
 
     hashes: np.ndarray  # (8,) uint64, one per isometry, ISOMETRIES order
     windows: np.ndarray  # (WINDOWS,) uint64, pHash of each 70% window, row by row

@@ -59,8 +59,11 @@ class DuplicatesMemory:
             self.db.executescript(SCHEMA)
             self.in_memory = False
         except sqlite3.Error as error:
-            log.warning("cannot write %s (%s): signatures and decisions last this run only",
-                        self.path, error)
+            log.warning(
+                "cannot write %s (%s): signatures and decisions last this run only",
+                self.path,
+                error,
+            )
             self.db = sqlite3.connect(":memory:", check_same_thread=False)
             self.db.executescript(SCHEMA)
             self.in_memory = True

@@ -81,10 +81,7 @@ class ImageCache:
         self._kept: dict[str, dict[str, Any]] = {}
 
     def _entry(self, path: str) -> dict[str, Any]:
-        if path in self._kept:
-            entry = self._kept.pop(path)
-        else:
-            entry = {"grey": _working_image(path)}
+        entry = self._kept.pop(path) if path in self._kept else {"grey": _working_image(path)}
         self._kept[path] = entry
         while len(self._kept) > self.size:
             self._kept.pop(next(iter(self._kept)))
@@ -130,8 +127,8 @@ def verify_pair(
 ) -> Verdict:
     """Verify that ``second`` (path, signature) is an edited copy of ``first`` or the reverse."""
     (path_a, sig_a), (path_b, sig_b) = first, second
-    bits, turn = (64, 0) if sig_a is None or sig_b is None else best_isometry(
-        sig_a.hashes, sig_b.hashes
+    bits, turn = (
+        (64, 0) if sig_a is None or sig_b is None else best_isometry(sig_a.hashes, sig_b.hashes)
     )
     grey_a, grey_b = images.grey(path_a), images.grey(path_b)
     if grey_a is None or grey_b is None:
@@ -171,7 +168,9 @@ def _framing_edits(a: ImageSignature, b: ImageSignature, turn: int) -> list[str]
     edits = [] if turn == 0 else [ISOMETRIES[turn]]
     pixels_a, pixels_b = a.width * a.height, b.width * b.height
     if pixels_a and pixels_b and abs(math.log(pixels_b / pixels_a)) > 0.05:
-        edits.append(f"resized to {math.sqrt(min(pixels_a, pixels_b) / max(pixels_a, pixels_b)):.0%}")
+        edits.append(
+            f"resized to {math.sqrt(min(pixels_a, pixels_b) / max(pixels_a, pixels_b)):.0%}"
+        )
     if a.grey != b.grey:
         edits.append("greyscale")
     edits += _tone_edits(a.thumb, b.thumb)
@@ -240,7 +239,11 @@ def _fit(found_a, found_b) -> tuple[np.ndarray, int] | None:
     source = points_b[[m.queryIdx for m in good]]
     target = points_a[[m.trainIdx for m in good]]
     matrix, mask = cv2.estimateAffinePartial2D(
-        source, target, method=cv2.RANSAC, ransacReprojThreshold=4.0, maxIters=2000,
+        source,
+        target,
+        method=cv2.RANSAC,
+        ransacReprojThreshold=4.0,
+        maxIters=2000,
         confidence=0.995,
     )
     if matrix is None or mask is None:
