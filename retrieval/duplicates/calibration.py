@@ -129,7 +129,7 @@ def calibrate(
     """Calibrate on ``options.sample`` images of ``index`` (see the module docstring)."""
     rows = index.rows(limit=None)
     if len(rows) < 3:
-        raise RetrieveError("calibrating needs at least 3 indexed images")
+        raise RetrieveError("calibrating needs at least 3 indexed images; give --threshold")
     picked = [rows[p] for p in sample_positions(len(rows), options.sample, options.seed)]
     memory = DuplicatesMemory(index.directory)
     try:

@@ -44,7 +44,7 @@ class VerifyOptions:
     """The verifier's bars (see the module docstring)."""
 
     hash_bits: int = 16  # same framing: pHash bits apart, at most
-    same_framing: float = 0.93  # same framing: correlation at COMPARE_SIDE, at least
+    same_framing: float = 0.90  # same framing: correlation at COMPARE_SIDE, at least
     thumbnail: float = 0.90  # same framing: correlation of the 32 px thumbnails, at least
     inliers: int = 15  # geometry: RANSAC inliers, at least
     overlap: float = 0.80  # geometry: correlation of the aligned overlap, at least
@@ -136,7 +136,8 @@ def verify_pair(
     if sig_a is not None and sig_b is not None and bits <= options.hash_bits:
         thumbs = correlation(orient(sig_a.thumb, turn), sig_b.thumb)
         if thumbs >= options.thumbnail:
-            framed = _same_framing(grey_a, grey_b, turn)
+            smallest = min(sig_a.width, sig_a.height, sig_b.width, sig_b.height)
+            framed = _same_framing(grey_a, grey_b, turn, smallest)
             if framed is not None and framed >= options.same_framing:
                 edits = _framing_edits(sig_a, sig_b, turn)
                 return Verdict(True, "same framing", bits, framed, edits=edits)
@@ -147,8 +148,9 @@ def verify_pair(
     return verdict
 
 
-def _same_framing(a: np.ndarray, b: np.ndarray, turn: int) -> float | None:
-    """Correlation of ``a`` turned by ``turn`` and ``b``, both at one size; None when their
+def _same_framing(a: np.ndarray, b: np.ndarray, turn: int, smallest: int) -> float | None:
+    """Correlation of ``a`` turned by ``turn`` and ``b``, both at one size (at most the
+    smaller picture's own shorter side: detail it never had is not compared); None when their
     shapes (after the turn) differ by more than 3% in aspect (not the same framing)."""
     import cv2
 
@@ -157,7 +159,7 @@ def _same_framing(a: np.ndarray, b: np.ndarray, turn: int) -> float | None:
     ratio_b = b.shape[1] / b.shape[0]
     if abs(math.log(ratio_a / ratio_b)) > 0.03:
         return None
-    side = min(COMPARE_SIDE, *turned.shape, *b.shape)
+    side = max(8, min(COMPARE_SIDE, smallest, *turned.shape, *b.shape))
     size = (side, side)
     x = cv2.resize(turned, size, interpolation=cv2.INTER_AREA)
     y = cv2.resize(b, size, interpolation=cv2.INTER_AREA)

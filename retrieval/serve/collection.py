@@ -121,8 +121,9 @@ class CollectionViews:
 
     async def duplicates(self, params: Any) -> dict[str, Any]:
         started = time.perf_counter()
-        similar = params.get("similar", "") in ("1", "true", "yes")
         threshold = _threshold(params.get("threshold"))
+        # A threshold is the similar tier's distance: giving one asks for that tier.
+        similar = params.get("similar", "") in ("1", "true", "yes") or threshold is not None
         offset = int_param(params.get("offset"), "offset", 0, 0, None)
         limit = int_param(params.get("limit"), "limit", 50, 1, MAX_GROUPS_PAGE)
         keep = _keep(params.get("keep"))
