@@ -180,19 +180,26 @@ def find_duplicates(
     pairs = sorted(set(pairs))
     report.candidates = len(pairs)
     tick = _stage(progress)("verifying")
-    for n, (a, b) in enumerate(pairs):
-        verdict = verify_pair(
+
+    def verify(a: int, b: int) -> Verdict:
+        """How ``b`` is a copy of ``a`` (or not)."""
+        return verify_pair(
             (rows[a].path, signatures.get(rows[a].sha256)),
             (rows[b].path, signatures.get(rows[b].sha256)),
             images,
             options.verify,
         )
+
+    for n, (a, b) in enumerate(pairs):
+        verdict = verify(a, b)
         if verdict.copy:
             verdicts[(a, b)] = verdict
+            if verdict.padded:  # its extra pixels are a margin, not picture: it never leads
+                ranking.padded.add(rows[a if verdict.padded == "first" else b].id)
         if tick and (n % 32 == 31 or n == len(pairs) - 1):
             tick(n + 1, len(pairs))
     report.verified = len(verdicts)
-    copies = _copy_groups(rows, verdicts, order, source, references)
+    copies = _copy_groups(rows, verdicts, order, source, references, verify)
     for members in copies:
         report.groups.append(Group(len(report.groups) + 1, "copy", members))
     if options.similar_threshold is not None:
@@ -269,9 +276,11 @@ def _copy_groups(
     order: Callable[[tuple[int, ...]], tuple[Row, ...]],
     source: IndexVectors,
     references: tuple[str, ...],
+    verify: Callable[[int, int], Verdict],
 ) -> list[list[Member]]:
     """Connected components of verified pairs; each member's evidence is the verified pair
-    that joined it, walking out from the representative (breadth first)."""
+    that joined it, walking out from the representative (breadth first), told from the side
+    already in the group (verified again that way round when the pair was the other)."""
     edges: dict[int, dict[int, Verdict]] = defaultdict(dict)
     for (a, b), verdict in verdicts.items():
         edges[a][b] = verdict
@@ -310,6 +319,9 @@ def _copy_groups(
         ]
         for p, distance in zip(others, distances):
             via, verdict = joined[p]
+            if p < via:  # the verdict says how ``via`` is a copy of ``p``: ask the other way
+                again = verify(via, p)
+                verdict = again if again.copy else verdict
             evidence = verdict.evidence()
             if via != lead:
                 evidence["via"] = rows[via].path

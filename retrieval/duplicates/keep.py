@@ -2,8 +2,9 @@
 
 Files under a ``--reference`` folder come first, always. Then ``--keep``:
 
-- ``best``: the most pixels, then the sharpest (variance of the Laplacian of the grey image at
-  one working size: a blurred or over-compressed copy scores lower), then a lossless format,
+- ``best``: not a copy with a border or caption added (its extra pixels are not picture), then
+  the most pixels, then the sharpest (variance of the Laplacian of the grey image at
+  one working size, in steps of 30%: a blurred or shrunk copy scores lower), then a lossless format,
   then the one that carries EXIF metadata, then the largest file;
 - ``largest``: the most pixels, then the most bytes;
 - ``oldest``: the oldest modification time;
@@ -14,6 +15,7 @@ Ties always end on the path, so the choice never depends on the order rows came 
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Sequence
 from functools import cache
@@ -77,6 +79,7 @@ class Ranking:
         self.references = tuple(references)
         self.signatures = signatures or {}
         self.images = images
+        self.padded: set[int] = set()  # row ids verified to be another member plus a margin
         self._pixels = cache(self._count_pixels)
         self._sharpness = cache(self._sharpness_of)
 
@@ -89,14 +92,21 @@ class Ranking:
             return 0.0
         return sharpness(self.images.grey(path))
 
+    def _sharpness_step(self, path: str) -> int:
+        """Sharpness in steps of 30%: closer than that is a tie (JPEG's blocking adds a little
+        high frequency of its own, so a lossless original would otherwise lose to its copy)."""
+        value = self._sharpness(path)
+        return int(math.floor(math.log(value) / math.log(1.3))) if value > 0 else -(10**9)
+
     def _referenced(self, row: Row) -> bool:
         return any(os.path.commonpath([row.path, ref]) == ref for ref in self.references)
 
     def order(self, rows: Sequence[Row]) -> list[Row]:
         key = {
             "best": lambda r: (
+                r.id in self.padded,
                 -self._pixels(r),
-                -round(self._sharpness(r.path), 1),
+                -self._sharpness_step(r.path),
                 os.path.splitext(r.path)[1].lower() not in LOSSLESS,
                 not has_exif(r.path),
                 -r.size,

@@ -61,6 +61,7 @@ class Verdict:
     correlation: float
     inliers: int = 0
     edits: list[str] = field(default_factory=list)
+    padded: str | None = None  # "first" / "second": that picture is the other plus a margin
 
     def evidence(self) -> dict[str, Any]:
         return {
@@ -206,11 +207,13 @@ def _geometry(path_a: str, path_b: str, images: ImageCache, options: VerifyOptio
             continue
         b = images.grey(path_b)
         b_used = np.ascontiguousarray(b[:, ::-1]) if mirrored else b
-        overlap, cover_a, cover_b, outside = _overlap(a, b_used, matrix)
+        overlap, cover_a, cover_b, uncovered_a, outside_b = _overlap(a, b_used, matrix)
         verdict = Verdict(False, "geometry", 64, overlap, inliers)
         if overlap >= options.overlap and max(cover_a, cover_b) >= options.min_cover:
             verdict.copy = True
-            verdict.edits = _geometry_edits(matrix, mirrored, cover_a, cover_b, outside, b_used)
+            verdict.edits, verdict.padded = _geometry_edits(
+                matrix, mirrored, (cover_a, uncovered_a, a), (cover_b, outside_b, b_used)
+            )
             return verdict
         best = verdict
     best.test = "none passed"
@@ -258,7 +261,7 @@ def _fit(found_a, found_b) -> tuple[np.ndarray, int] | None:
 
 def _overlap(a: np.ndarray, b: np.ndarray, matrix: np.ndarray):
     """(correlation of the overlap, share of ``a`` it covers, share of ``b`` it covers, the mask
-    of ``b``'s pixels that fall outside ``a``)."""
+    of ``a``'s pixels ``b`` does not cover, the mask of ``b``'s pixels that fall outside ``a``)."""
     import cv2
 
     height, width = a.shape
@@ -271,7 +274,7 @@ def _overlap(a: np.ndarray, b: np.ndarray, matrix: np.ndarray):
     outside = lands < 255
     cover_b = 1.0 - float(outside.mean())
     if mask.sum() < 64:
-        return 0.0, cover_a, cover_b, outside
+        return 0.0, cover_a, cover_b, ~mask, outside
     ys, xs = np.nonzero(mask)
     top, bottom, left, right = ys.min(), ys.max() + 1, xs.min(), xs.max() + 1
     scale = min(1.0, COMPARE_SIDE / max(bottom - top, right - left))
@@ -279,10 +282,25 @@ def _overlap(a: np.ndarray, b: np.ndarray, matrix: np.ndarray):
     x = cv2.resize(a[top:bottom, left:right], size, interpolation=cv2.INTER_AREA)
     y = cv2.resize(warped[top:bottom, left:right], size, interpolation=cv2.INTER_AREA)
     keep = cv2.resize(mask[top:bottom, left:right].astype(np.uint8), size) > 0
-    return correlation(x[keep], y[keep]), cover_a, cover_b, outside
+    return correlation(x[keep], y[keep]), cover_a, cover_b, ~mask, outside
 
 
-def _geometry_edits(matrix, mirrored, cover_a, cover_b, outside, b) -> list[str]:
+def _margin(image: np.ndarray, outside: np.ndarray) -> str | None:
+    """What ``image`` has beyond the other picture: a plain border or a bar (a caption) in whole
+    rows or columns, or None when it is picture (the other one is then a crop of it)."""
+    band = outside & (outside.all(axis=1)[:, None] | outside.all(axis=0)[None, :])
+    if band.sum() < 0.6 * outside.sum() or not band.any():
+        return None  # not along whole edges: the other picture was cut out of this one
+    margin = image[band]
+    if float(margin.std()) < 12:
+        return "border"
+    plain = float((np.abs(margin.astype(np.int16) - np.median(margin)) < 16).mean())
+    return "caption or bar" if plain >= 0.75 else None  # one colour with a little text
+
+
+def _geometry_edits(matrix, mirrored, first, second) -> tuple[list[str], str | None]:
+    """(what the second picture is of the first, which of the two has a margin added)."""
+    (cover_a, uncovered_a, a), (cover_b, outside_b, b) = first, second
     edits = ["mirrored"] if mirrored else []
     angle = math.degrees(math.atan2(matrix[1, 0], matrix[0, 0]))
     quarter = round(angle / 90) * 90
@@ -291,15 +309,18 @@ def _geometry_edits(matrix, mirrored, cover_a, cover_b, outside, b) -> list[str]
             edits.append(f"rotated {abs(quarter) % 360}°")
     else:
         edits.append(f"rotated {abs(angle):.0f}°")
+    padded = None
     if cover_a < 0.9 and cover_b >= 0.9:
-        edits.append(f"cropped to {cover_a:.0%}")
-    elif cover_b < 0.9 and cover_a >= 0.9:
-        margin = b[outside] if outside.shape == b.shape else np.zeros(0)
-        if len(margin) and float(margin.std()) < 12:
-            edits.append("border added")
+        margin = _margin(a, uncovered_a)
+        if margin is None:
+            edits.append(f"cropped to {cover_a:.0%} of the area")
         else:
-            rows = outside.all(axis=1) if outside.shape == b.shape else np.zeros(0, bool)
-            edits.append("caption or bar added" if rows.any() else "framed in a larger picture")
+            edits.append(f"{margin} removed")
+            padded = "first"
+    elif cover_b < 0.9 and cover_a >= 0.9:
+        margin = _margin(b, outside_b)
+        edits.append(f"{margin} added" if margin else "framed in a larger picture")
+        padded = "second" if margin else None
     elif cover_a < 0.9 and cover_b < 0.9:
         edits.append(f"overlapping crops ({cover_a:.0%} and {cover_b:.0%})")
-    return edits or ["re-encoded"]
+    return edits or ["re-encoded"], padded
