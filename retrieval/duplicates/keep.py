@@ -96,7 +96,7 @@ class Ranking:
         """Sharpness in steps of 30%: closer than that is a tie (JPEG's blocking adds a little
         high frequency of its own, so a lossless original would otherwise lose to its copy)."""
         value = self._sharpness(path)
-        return int(math.floor(math.log(value) / math.log(1.3))) if value > 0 else -(10**9)
+        return math.floor(math.log(value) / math.log(1.3)) if value > 0 else -(10**9)
 
     def _referenced(self, row: Row) -> bool:
         return any(os.path.commonpath([row.path, ref]) == ref for ref in self.references)
