@@ -1,8 +1,11 @@
-"""``duplicates``: exact copies and near duplicates of the indexed collection, reported, moved
-or linked (never deleted), with an undo log; ``--calibrate`` shows how the threshold is chosen."""
+"""``duplicates``: exact copies and verified copies of the indexed collection (and, when asked,
+similar images), reported, moved or linked (never deleted), with an undo log; the user's "not a
+duplicate" decisions remembered; ``--calibrate`` measures what the pass finds on this collection."""
 
 from __future__ import annotations
 
+import hashlib
+import os
 from pathlib import Path
 
 import click
@@ -16,17 +19,11 @@ from .options import (
     open_index,
     weights_option,
 )
-from .progress import progress_bar
+from .progress import progress_bar, stage_bars
 
 
 @click.command("duplicates")
 @index_option
-@click.option(
-    "--threshold",
-    type=click.FloatRange(min=0),
-    default=None,
-    help="fc7 distance for near duplicates [default: calibrated on this collection].",
-)
 @json_option
 @click.option(
     "-o",
@@ -36,11 +33,38 @@ from .progress import progress_bar
     help="Draw a contact sheet of the groups (PNG).",
 )
 @click.option(
+    "--similar",
+    is_flag=True,
+    help="Also show similar images: fc7-close but not verified copies (bursts, re-shoots).",
+)
+@click.option(
+    "--threshold",
+    type=click.FloatRange(min=0),
+    default=None,
+    help="With --similar: their fc7 distance [default: calibrated on this collection].",
+)
+@click.option(
+    "--reference",
+    "references",
+    multiple=True,
+    type=click.Path(file_okay=False, exists=True, path_type=Path),
+    help="A folder whose files always lead their group and are never moved or linked (repeatable).",
+)
+@click.option(
+    "--keep",
+    type=click.Choice(["best", "largest", "oldest", "first"]),
+    default="best",
+    show_default=True,
+    help="Which member leads a group: best = most pixels, then sharpest, then lossless, then "
+    "with EXIF, then largest file.",
+)
+@click.option(
     "--action",
     type=click.Choice(["report", "move", "hardlink", "symlink"]),
     default="report",
     show_default=True,
-    help="report is a dry run; the others need --to and write an undo log.",
+    help="report is a dry run; the others need --to and write an undo log (exact and verified "
+    "copies only: similar images are never acted on).",
 )
 @click.option(
     "--to",
@@ -50,13 +74,6 @@ from .progress import progress_bar
     help="Folder the duplicates are moved to (nothing is ever deleted).",
 )
 @click.option(
-    "--keep",
-    type=click.Choice(["largest", "oldest", "first"]),
-    default="largest",
-    show_default=True,
-    help="Which member of a group is its representative.",
-)
-@click.option(
     "--undo",
     "undo_log",
     type=click.Path(dir_okay=False, exists=True, path_type=Path),
@@ -64,9 +81,24 @@ from .progress import progress_bar
     help="Reverse the actions recorded in this log, and stop.",
 )
 @click.option(
+    "--not-duplicate",
+    "not_duplicate",
+    nargs=2,
+    type=click.Path(dir_okay=False, exists=True, path_type=Path),
+    default=None,
+    help="Remember that these two files are not duplicates (by content: renames, moves and "
+    "re-indexes keep it), and stop.",
+)
+@click.option(
+    "--forget-decisions",
+    is_flag=True,
+    help="Forget every --not-duplicate decision of this index, and stop.",
+)
+@click.option(
     "--calibrate",
     is_flag=True,
-    help="Print the calibration table, draw the distance histogram, and stop.",
+    help="Edit a sample of the collection every way copies drift, measure what is found, "
+    "print it, draw the fc7 distance histogram, and stop.",
 )
 @click.option(
     "--histogram",
@@ -78,29 +110,33 @@ from .progress import progress_bar
 @click.option(
     "--sample",
     type=click.IntRange(min=3),
-    default=300,
+    default=100,
     show_default=True,
-    help="Images edited to calibrate the threshold.",
+    help="Images edited to calibrate (nine copies each).",
 )
 @click.option(
     "--method",
     type=click.Choice(["auto", "exact", "pca", "ivf"]),
     default="auto",
     show_default=True,
-    help="Near pass: full vectors, a PCA copy (same pairs), or IVF.",
+    help="The similar pass: full vectors, a PCA copy (same pairs), or IVF.",
 )
 @click.option("--seed", type=int, default=0, show_default=True)
 @weights_option
 @device_option
 def duplicates_command(
     index_dir,
-    threshold,
     as_json,
     output,
+    similar,
+    threshold,
+    references,
+    keep,
     action,
     target,
-    keep,
     undo_log,
+    not_duplicate,
+    forget_decisions,
     calibrate,
     histogram,
     sample,
@@ -109,10 +145,12 @@ def duplicates_command(
     weights,
     device,
 ):
-    """Find exact copies (same bytes) and near duplicates (fc7 distance under a threshold)."""
-    from retrieval.collection import actions
-    from retrieval.collection.calibration import CalibrationOptions
+    """Find exact copies (same bytes) and copies (one picture edited: re-encoded, resized,
+    cropped, mirrored, turned, bordered, captioned, recoloured), each pair verified."""
     from retrieval.collection.near import NearOptions
+    from retrieval.duplicates import actions
+    from retrieval.duplicates.calibration import CalibrationOptions
+    from retrieval.duplicates.groups import DuplicateOptions, find_duplicates
 
     if undo_log is not None:
         report = actions.undo(undo_log)
@@ -124,19 +162,26 @@ def duplicates_command(
         return
     if action != "report" and target is None:
         raise click.UsageError(f"--action {action} needs --to DIR (where the duplicates go)")
-    options = CalibrationOptions(sample=sample, seed=seed)
+    if threshold is not None and not similar:
+        raise click.UsageError("--threshold is the similar images' fc7 distance: add --similar")
     with open_index(index_dir, weights, device) as ix:
-        if calibrate or threshold is None:
+        if not_duplicate is not None or forget_decisions:
+            _decide(ix.directory, not_duplicate, forget_decisions)
+            return
+        options = CalibrationOptions(sample=sample, seed=seed)
+        if calibrate or (similar and threshold is None):
             result = _calibrated(ix, options, histogram if calibrate else None, as_json)
             if calibrate:
                 return
             threshold = result.threshold
-        from retrieval.collection.duplicates import find_duplicates
-
-        with progress_bar("near pass", "blocks") as bar:
-            report = find_duplicates(
-                ix, threshold, keep=keep, near=NearOptions(method=method, seed=seed), progress=bar
-            )
+        wanted = DuplicateOptions(
+            keep=keep,
+            references=tuple(str(r) for r in references),
+            similar_threshold=threshold if similar else None,
+            near=NearOptions(method=method, seed=seed),
+        )
+        with stage_bars("pairs") as bar:
+            report = find_duplicates(ix, wanted, progress=bar)
     if as_json:
         for group in report.groups:
             emit_json(group.to_dict())
@@ -145,17 +190,17 @@ def duplicates_command(
         for group in report.groups:
             click.echo(f"group {group.number} ({group.kind}, {len(group.members)} files):")
             for n, member in enumerate(group.members):
-                mark = "keep" if n == 0 else f"{member.distance:.2f}"
-                click.echo(f"  {mark:>6}  {display_path(member.path)}")
+                mark = _mark(n, member, group.kind)
+                click.echo(f"  {mark:>6}  {display_path(member.path)}{_how(member)}")
     if output is not None and report.groups:
-        from retrieval.collection.views import duplicate_sheet
+        from retrieval.duplicates.sheet import duplicate_sheet
 
         click.echo(f"wrote {duplicate_sheet(report, output)}", err=True)
     if action == "report":
         if report.groups and not as_json:
             click.echo("(dry run: nothing moved; --action move --to DIR moves the duplicates)")
         return
-    done = actions.apply(report.groups, action, target)
+    done = actions.apply([g for g in report.groups if g.kind != "similar"], action, target)
     for problem in done.problems:
         click.echo(f"left alone: {problem}", err=True)
     click.echo(
@@ -166,16 +211,61 @@ def duplicates_command(
     )
 
 
-def _calibrated(ix, options, histogram, as_json):
-    import numpy as np
+def _mark(n: int, member, kind: str) -> str:
+    """The column before a member's path: keep / ref / same / its fc7 distance."""
+    if member.reference:
+        return "ref"
+    if n == 0:
+        return "keep"
+    return "same" if kind == "exact" else f"{member.distance:.2f}"
 
-    from retrieval.collection.calibration import calibrate
+
+def _how(member) -> str:
+    """What made a member a copy (the verifier's edits), after its path."""
+    if not member.evidence:
+        return ""
+    return f"  ({', '.join(member.evidence['edits'])})"
+
+
+def _decide(index_dir, pair, forget: bool) -> None:
+    from retrieval.duplicates.memory import DuplicatesMemory
+
+    memory = DuplicatesMemory(index_dir)
+    try:
+        if memory.in_memory:
+            raise click.ClickException(f"cannot write {memory.path}: nothing can be remembered")
+        if forget:
+            click.echo(f"forgot {memory.forget_decisions()} not-duplicate decisions")
+            return
+        first, second = ((_sha256(p), os.path.abspath(p)) for p in pair)
+        if not memory.record_not_duplicate(first, second):
+            raise click.UsageError("those two files have the same bytes: they are exact copies")
+        click.echo(
+            f"remembered: {display_path(first[1])} and {display_path(second[1])} are not "
+            "duplicates (--forget-decisions forgets it)"
+        )
+    finally:
+        memory.close()
+
+
+def _sha256(path: Path) -> str:
+    """The file's content hash, as the index stores it per row."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _calibrated(ix, options, histogram, as_json):
+    from retrieval.duplicates.calibration import calibrate
 
     with progress_bar("calibrating", "images") as bar:
         result = calibrate(ix, options, progress=bar)
     message = (
-        f"threshold {result.threshold:.3f}: precision {result.precision:.3f}, recall "
-        f"{result.recall:.3f} on {result.sampled} sampled images x 4 edits"
+        f"verified copies: recall {result.recall:.3f}, precision {result.precision:.3f} "
+        f"({result.false_copies} false copies among {result.negatives_checked} nearest other "
+        f"images), measured on {result.sampled} sampled images x {len(result.per_edit)} edits"
     )
     if histogram is None:
         click.echo(message, err=True)
@@ -183,26 +273,32 @@ def _calibrated(ix, options, histogram, as_json):
     if as_json:
         emit_json(
             {
-                "threshold": result.threshold,
-                "precision": result.precision,
                 "recall": result.recall,
+                "precision": result.precision,
+                "false_copies": result.false_copies,
+                "negatives_checked": result.negatives_checked,
                 "sampled": result.sampled,
-                "table": [
+                "edits": {
+                    name: {
+                        "copies": t.copies,
+                        "proposed": t.proposed,
+                        "verified": t.verified,
+                        "recall": t.recall,
+                    }
+                    for name, t in result.per_edit.items()
+                },
+                "similar_threshold": result.threshold,
+                "similar_table": [
                     dict(zip(("threshold", "precision", "recall"), row)) for row in result.table()
                 ],
             }
         )
     else:
         click.echo(message)
-        click.echo(f"{'threshold':>10} {'precision':>10} {'recall':>8}")
-        for t, p, r in result.table():
-            click.echo(f"{t:>10.3f} {p:>10.3f} {r:>8.3f}")
-        for name, gaps in result.edits.items():
-            if len(gaps):
-                found = float((gaps <= result.threshold).mean())
-                click.echo(
-                    f"  {name:<10} found {found:.3f} (median distance {np.median(gaps):.2f})"
-                )
+        click.echo(f"{'edit':<12} {'copies':>6} {'proposed':>9} {'verified':>9} {'recall':>7}")
+        for name, t in result.per_edit.items():
+            click.echo(f"{name:<12} {t.copies:>6} {t.proposed:>9} {t.verified:>9} {t.recall:>7.3f}")
+        click.echo(f"similar images (--similar): fc7 within {result.threshold:.3f}")
     from retrieval.figures.sheets import draw_histogram
 
     path = draw_histogram(

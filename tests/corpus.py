@@ -454,3 +454,38 @@ def expected_walk_problems(root: Path) -> dict[str, str]:
     if not (links / "loop").is_symlink():
         return {}
     return {"links/broken.jpg": "broken symlink", "links/loop": "symlink loop"}
+
+
+def scene(seed: int, size: tuple[int, int] = (192, 144), moved: int | None = None) -> Image.Image:
+    """A photo-like RGB scene: a gradient, 40 shapes and grain, all chosen by ``seed``.
+
+    ``moved`` re-renders it as a second shot of the same subject: every shape shifted a few
+    pixels (seeded by ``moved``), other grain: what a re-shoot from the same place looks like.
+    """
+    width, height = size
+    rng = np.random.default_rng(seed)
+    jitter = np.random.default_rng(moved) if moved is not None else None
+    ys, xs = np.mgrid[0:height, 0:width].astype(np.float64)
+    angle = rng.uniform(0, 2 * np.pi)
+    ramp = (np.cos(angle) * xs / width + np.sin(angle) * ys / height + 1) / 2
+    start, end = rng.integers(0, 256, 3), rng.integers(0, 256, 3)
+    pixels = np.clip(start + (end - start) * ramp[..., None], 0, 255).astype(np.uint8)
+    image = Image.fromarray(pixels)
+    draw = ImageDraw.Draw(image)
+    for _ in range(40):
+        x0, y0 = int(rng.integers(-10, width)), int(rng.integers(-10, height))
+        w, h = int(rng.integers(6, width // 4)), int(rng.integers(6, height // 4))
+        colour = tuple(int(c) for c in rng.integers(0, 256, 3))
+        kind = int(rng.integers(0, 3))
+        if jitter is not None:
+            x0, y0 = x0 + int(jitter.normal(0, 6)), y0 + int(jitter.normal(0, 6))
+        box = (x0, y0, x0 + w, y0 + h)
+        if kind == 0:
+            draw.ellipse(box, fill=colour)
+        elif kind == 1:
+            draw.rectangle(box, fill=colour)
+        else:
+            draw.line(box, fill=colour, width=3)
+    grain = np.random.default_rng(seed + 1000 if moved is None else moved + 5000)
+    noisy = np.asarray(image, np.float64) + grain.normal(0, 6, (height, width, 1))
+    return Image.fromarray(np.clip(noisy, 0, 255).astype(np.uint8))

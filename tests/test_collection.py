@@ -1,4 +1,4 @@
-"""retrieve duplicates: exact and near tiers, calibration, actions and their undo."""
+"""retrieve duplicates: exact, copy and similar tiers, calibration, actions and their undo."""
 
 from __future__ import annotations
 
@@ -14,16 +14,18 @@ from PIL import Image
 
 from retrieval import Index
 from retrieval.build.options import IndexOptions
-from retrieval.collection import actions
-from retrieval.collection.calibration import (
+from retrieval.collection.near import NearOptions, near_pairs
+from retrieval.collection.vectors import ArrayVectors
+from retrieval.duplicates import actions
+from retrieval.duplicates.calibration import (
     CalibrationOptions,
     calibrate,
     pick_threshold,
     precision_recall,
 )
-from retrieval.collection.duplicates import find_duplicates, representative_order
-from retrieval.collection.near import NearOptions, near_pairs
-from retrieval.collection.vectors import ArrayVectors
+from retrieval.duplicates.edits import EDITS
+from retrieval.duplicates.groups import DuplicateOptions, find_duplicates
+from retrieval.duplicates.keep import representative_order
 from tests.corpus import structured_rgb
 
 DISTINCT = 16
@@ -73,11 +75,12 @@ def separating_threshold(ix: Index) -> float:
     return float(d.min()) * 0.9
 
 
-def test_exact_copy_is_exact_tier_edited_copy_near_tier_distinct_apart(collection) -> None:
+def test_exact_copy_is_exact_tier_edited_copy_copy_tier_distinct_apart(collection) -> None:
     ix, files, _ = collection
     threshold = separating_threshold(ix)
-    report = find_duplicates(ix, threshold, keep="first")
-    exact, near = report.of_kind("exact"), report.of_kind("near")
+    report = find_duplicates(ix, DuplicateOptions(keep="first", similar_threshold=threshold))
+    exact, near = report.of_kind("exact"), report.of_kind("copy")
+    assert report.of_kind("similar") == []  # the only fc7-close pair is a verified copy
     assert [sorted(m.path for m in g.members) for g in exact] == [
         sorted([str(files["original"]), str(files["copy"])])
     ]
@@ -87,7 +90,7 @@ def test_exact_copy_is_exact_tier_edited_copy_near_tier_distinct_apart(collectio
         str(files["edited"]),
         str(files["edited_original"]),
     }
-    assert near[0].members[1].distance <= threshold
+    assert near[0].members[1].evidence["test"] == "same framing"
     in_groups = [m.path for g in report.groups for m in g.members]
     assert len(in_groups) == 4  # nothing else grouped
 
@@ -133,10 +136,17 @@ def test_threshold_rule_reaches_the_asked_precision() -> None:
 def test_calibration_uses_the_collections_own_edited_copies(collection) -> None:
     ix, _, _ = collection
     result = calibrate(ix, CalibrationOptions(sample=12, negatives=6))
-    assert result.sampled == 12 and len(result.positives) == 48
-    assert set(result.edits) == {"jpeg-q20", "half-size", "crop-85", "brighter"}
-    precision, recall = precision_recall(result.positives, result.negatives, result.threshold, 0.25)
-    assert precision >= 0.99 and (precision, recall) == (result.precision, result.recall)
+    assert result.sampled == 12 and len(result.positives) == 12 * len(EDITS)
+    assert set(result.edits) == set(EDITS) == set(result.per_edit)
+    assert all(t.copies == 12 and t.verified <= t.proposed <= 12 for t in result.per_edit.values())
+    verified = sum(t.verified for t in result.per_edit.values())
+    assert result.recall == verified / (12 * len(EDITS))
+    assert result.negatives_checked > 0 and 0 <= result.false_copies <= result.negatives_checked
+    # the similar tier's threshold keeps its own rule
+    precision, _ = precision_recall(
+        result.positives, result.negatives, result.threshold, 1 / len(EDITS)
+    )
+    assert precision >= 0.99
     assert [row[0] for row in result.table()] == sorted(row[0] for row in result.table())
 
 
@@ -152,15 +162,12 @@ def cli():
 
 def test_duplicates_json_is_one_group_per_line(collection) -> None:
     ix, _files, _ = collection
-    threshold = separating_threshold(ix)
     result = CliRunner().invoke(
         cli(),
         [
             "duplicates",
             "--index",
             str(ix.directory),
-            "--threshold",
-            str(threshold),
             "--json",
             "--keep",
             "first",
@@ -168,11 +175,14 @@ def test_duplicates_json_is_one_group_per_line(collection) -> None:
     )
     assert result.exit_code == 0, result.output
     groups = [json.loads(line) for line in result.stdout.splitlines()]
-    assert [g["kind"] for g in groups] == ["exact", "near"]
+    assert [g["kind"] for g in groups] == ["exact", "copy"]
     for g in groups:
         assert set(g) == {"group", "kind", "size", "representative", "members"}
         assert g["size"] == len(g["members"]) and g["representative"] == g["members"][0]["path"]
-        assert all(set(m) == {"path", "id", "distance"} for m in g["members"])
+    assert all(set(m) == {"path", "id", "distance"} for m in groups[0]["members"])
+    evidence = groups[1]["members"][1]["evidence"]
+    assert set(evidence) == {"test", "hash_bits", "correlation", "inliers", "edits"}
+    assert evidence["correlation"] >= 0.9 and evidence["edits"]
 
 
 def test_calibrate_prints_the_table_and_draws_the_histogram(collection, tmp_path) -> None:
@@ -192,7 +202,9 @@ def test_calibrate_prints_the_table_and_draws_the_histogram(collection, tmp_path
         ],
     )
     assert result.exit_code == 0, result.output
-    assert "threshold" in result.stdout and "precision" in result.stdout
+    assert "recall" in result.stdout and "precision" in result.stdout
+    for edit in ("jpeg", "cropped", "mirrored", "rotated", "border", "caption"):
+        assert edit in result.stdout
     assert Image.open(histogram).size[0] > 300
 
 
@@ -208,17 +220,14 @@ def tree_digest(root: Path) -> dict[str, str]:
 def test_action_then_undo_restores_every_file_byte_for_byte(small_model, tmp_path, action) -> None:
     files = make_collection(tmp_path / "photos")
     before = tree_digest(tmp_path / "photos")
-    with Index.create(
+    Index.create(
         tmp_path / "idx", tmp_path / "photos", IndexOptions(weights=str(small_model))
-    ) as ix:
-        threshold = separating_threshold(ix)
+    ).close()
     sheet = tmp_path / "sheet.png"
     args = [
         "duplicates",
         "--index",
         str(tmp_path / "idx"),
-        "--threshold",
-        str(threshold),
         "--keep",
         "first",
         "--action",
@@ -258,11 +267,11 @@ def test_action_needs_a_target_and_never_deletes(collection) -> None:
 def test_undo_leaves_a_file_that_appeared_since(tmp_path) -> None:
     original = tmp_path / "a.png"
     distinct_image(1).save(original)
-    from retrieval.collection.duplicates import Group, Member
+    from retrieval.duplicates.groups import Group, Member
 
     rep = tmp_path / "rep.png"
     distinct_image(2).save(rep)
-    group = Group(1, "near", [Member(str(rep), 1, 0.0), Member(str(original), 2, 0.5)])
+    group = Group(1, "copy", [Member(str(rep), 1, 0.0), Member(str(original), 2, 0.5)])
     report = actions.apply([group], "move", tmp_path / "aside")
     assert not original.exists()
     original.write_bytes(b"new file")
@@ -271,35 +280,14 @@ def test_undo_leaves_a_file_that_appeared_since(tmp_path) -> None:
     assert actions.mirrored(tmp_path / "aside", str(original)).exists()  # kept, not lost
 
 
-def test_a_chain_is_split_so_every_member_is_near_its_representative(tmp_path) -> None:
-    from retrieval.collection.duplicates import _adjacency, _split, components
-    from retrieval.collection.near import Pairs
+def test_a_chain_is_split_into_components_of_the_remaining_positions() -> None:
+    from retrieval.duplicates.groups import _components
 
-    # 0 ~ 1 ~ 2 ~ 3 in a line, 1.0 apart; threshold 1.5: 0 and 2 are not duplicates of each other
-    pairs = Pairs(np.array([0, 1, 2]), np.array([1, 2, 3]), np.array([1.0, 1.0, 1.0]))
-    stand_in = np.arange(4)
-    assert components(pairs, stand_in) == [[0, 1, 2, 3]]
-    assert _split({2, 3}, _adjacency(pairs, stand_in)) == [[2, 3]]
-    assert _split({0, 2}, _adjacency(pairs, stand_in)) == []
-
-
-class LineIndex:
-    """Just what find_duplicates reads: rows, vectors by id, dim (points on a line)."""
-
-    def __init__(self, xs: list[float]) -> None:
-        from retrieval.indexes.rows import Row
-
-        self.dim = 2
-        self._rows = [
-            Row(i, f"/p/{i}.jpg", 100, i, f"h{i}", "x", "indexed") for i in range(len(xs))
-        ]
-        self._vectors = np.array([[x, 0.0] for x in xs], np.float32)
-
-    def rows(self, limit=None):
-        return self._rows
-
-    def vectors(self, ids):
-        return self._vectors[np.asarray(ids)]
+    # 0 ~ 1 ~ 2 ~ 3 in a line: what is left of a chain after its representative's own members
+    edges = {0: {1}, 1: {0, 2}, 2: {1, 3}, 3: {2}}
+    assert _components(edges, {0, 1, 2, 3}) == [[0, 1, 2, 3]]
+    assert _components(edges, {2, 3}) == [[2, 3]]
+    assert _components(edges, {0, 2}) == []
 
 
 def test_largest_means_most_pixels_before_most_bytes(tmp_path) -> None:
@@ -313,10 +301,3 @@ def test_largest_means_most_pixels_before_most_bytes(tmp_path) -> None:
         Row(2, str(big), big.stat().st_size, 0, "b", "x", "indexed"),
     ]
     assert representative_order(rows, "largest")[0].path == str(big)
-
-
-def test_find_duplicates_splits_a_chain_into_groups_near_their_representatives() -> None:
-    report = find_duplicates(LineIndex([0, 1, 2, 3, 10]), 1.5, keep="first")
-    groups = [[m.path for m in g.members] for g in report.groups]
-    assert groups == [["/p/0.jpg", "/p/1.jpg"], ["/p/2.jpg", "/p/3.jpg"]]
-    assert all(m.distance <= 1.5 for g in report.groups for m in g.members)

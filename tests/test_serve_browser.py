@@ -142,20 +142,30 @@ def test_duplicates_view_shows_a_group_and_a_click_queries_by_its_member(
     with serving(tmp_path / "idx") as base:
         browser.get(base + "/")
         wait.until(lambda d: d.find_element(By.CSS_SELECTOR, "#info-table tr"))
-        # Opening the view asks for the calibrated threshold; "0" then asks for exact copies.
+        # Opening the view finds the exact and the verified copies (no calibration needed).
         browser.find_element(By.CSS_SELECTOR, "nav button[data-view=duplicates]").click()
-        wait.until(seen.text_to_be_present_in_element((By.ID, "dup-status"), "calibrated"))
-        browser.find_element(By.ID, "threshold").send_keys("0\n")
-        wait.until(seen.text_to_be_present_in_element((By.ID, "dup-status"), "(given)"))
+        wait.until(seen.text_to_be_present_in_element((By.ID, "dup-status"), "verified)"))
         groups = browser.find_elements(By.CSS_SELECTOR, "#dup-groups .group")
-        assert len(groups) == 1 and "exact · 2 files" in groups[0].text
+        assert len(groups) == 2 and "exact · 2 files" in groups[0].text
+        assert "copy · 2 files" in groups[1].text and "re-encoded" in groups[1].text
         tiles = groups[0].find_elements(By.CSS_SELECTOR, ".tile")
-        assert "keep" in tiles[0].get_attribute("class") and "d = 0.00" in tiles[1].text
+        assert "keep" in tiles[0].get_attribute("class") and "same bytes" in tiles[1].text
         assert {t.get_attribute("title") for t in tiles} == {
             str(files["original"]),
             str(files["copy"]),
         }
-        assert tiles[0].get_attribute("title") == str(files["original"])  # largest, then path
+        # "not a duplicate" on the copy: remembered, and the group is gone when asked again
+        groups[1].find_element(By.CSS_SELECTOR, "button.not-duplicate").click()
+        wait.until(lambda d: len(d.find_elements(By.CSS_SELECTOR, "#dup-groups .group")) == 1)
+        assert (
+            "1 groups (1 exact, 0 verified copies)"
+            in browser.find_element(By.ID, "dup-status").text
+        )
+        from retrieval.duplicates.memory import DuplicatesMemory
+
+        memory = DuplicatesMemory(tmp_path / "idx")
+        assert len(memory.not_duplicates()) == 1  # kept beside the index, by content
+        memory.close()
         Select(browser.find_element(By.ID, "keep")).select_by_value("oldest")
         lead = "return document.querySelector('#dup-groups .tile').title"
         wait.until(lambda d: d.execute_script(lead) == str(files["copy"]))
@@ -172,8 +182,8 @@ def test_duplicates_view_shows_a_group_and_a_click_queries_by_its_member(
 
 
 def duplicates_screenshot(index_dir: Path, out: Path, profile: Path, size=(1280, 1000)) -> None:
-    """The duplicates view at the calibrated threshold, as docs/serve-duplicates.png shows it
-    (and a phone-sized copy beside ``out``, to look at)."""
+    """The duplicates view (verified copies), as docs/serve-duplicates.png shows it (and a
+    phone-sized copy beside ``out``, to look at)."""
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support import expected_conditions as seen
     from selenium.webdriver.support.ui import WebDriverWait
@@ -189,10 +199,10 @@ def duplicates_screenshot(index_dir: Path, out: Path, profile: Path, size=(1280,
         with serving(index_dir, timeout=180) as base:
             driver.set_window_size(*size)
             driver.get(base + "/")
-            wait = WebDriverWait(driver, 600)  # the first answer calibrates: minutes on 2 cores
+            wait = WebDriverWait(driver, 600)  # the first answer signs every image: minutes
             wait.until(lambda d: d.find_element(By.CSS_SELECTOR, "#info-table tr"))
             driver.find_element(By.CSS_SELECTOR, "nav button[data-view=duplicates]").click()
-            wait.until(seen.text_to_be_present_in_element((By.ID, "dup-status"), "calibrated on"))
+            wait.until(seen.text_to_be_present_in_element((By.ID, "dup-status"), "verified)"))
             wait.until(lambda d: d.execute_script(thumbs_shown))
             driver.save_screenshot(str(out))
             driver.set_window_size(390, 844)

@@ -15,9 +15,9 @@ from click.testing import CliRunner
 
 from retrieval import Index, IndexOptions
 from retrieval.cli.main import cli
-from retrieval.collection.calibration import Calibration
 from retrieval.collection.near import NearOptions, TooManyPairs, near_pairs
 from retrieval.collection.vectors import ArrayVectors
+from retrieval.duplicates.calibration import Calibration
 from retrieval.serve import collection as views
 from tests.test_collection import make_collection, separating_threshold
 from tests.test_serve import client_for
@@ -81,13 +81,13 @@ def test_duplicates_finds_the_exact_copy_and_the_edited_copy_and_nothing_else(
     data = answer.json()
     assert data["threshold"] == pytest.approx(threshold) and data["calibrated"] is False
     assert data["images"] == IMAGES and data["total"] == 2
-    assert (data["exact_groups"], data["near_groups"]) == (1, 1)
+    assert (data["exact_groups"], data["copy_groups"]) == (1, 1)
     exact, near = data["groups"]
     assert exact["kind"] == "exact" and {m["path"] for m in exact["members"]} == {
         str(files["original"]),
         str(files["copy"]),
     }
-    assert near["kind"] == "near" and {m["path"] for m in near["members"]} == {
+    assert near["kind"] == "copy" and {m["path"] for m in near["members"]} == {
         str(files["edited"]),
         str(files["edited_original"]),
     }
@@ -102,7 +102,16 @@ def test_duplicates_finds_the_exact_copy_and_the_edited_copy_and_nothing_else(
 
 def test_duplicates_groups_are_what_retrieve_duplicates_json_prints(client, built, threshold):
     printed = CliRunner().invoke(
-        cli, ["duplicates", "--index", str(built[1]), "--threshold", str(threshold), "--json"]
+        cli,
+        [
+            "duplicates",
+            "--index",
+            str(built[1]),
+            "--similar",
+            "--threshold",
+            str(threshold),
+            "--json",
+        ],
     )
     assert printed.exit_code == 0, printed.output
     expected = [json.loads(line) for line in printed.stdout.splitlines()]
@@ -126,22 +135,24 @@ def test_keep_picks_each_groups_lead_as_retrieve_duplicates_keep_does(
     params = {"threshold": threshold}
     by_size = client.get("/api/duplicates", params=params).json()
     by_path = client.get("/api/duplicates", params={**params, "keep": "first"}).json()
-    assert (by_size["keep"], by_path["keep"]) == ("largest", "first")
+    assert (by_size["keep"], by_path["keep"]) == ("best", "first")
     assert by_path["cached"] is False  # another question, not the largest-first answer again
     # The edited copy is a JPEG q20 of the same pixels: fewer bytes, but first by path.
     near_by_size, near_by_path = by_size["groups"][1], by_path["groups"][1]
     assert near_by_size["representative"] == str(files["edited_original"])
     assert near_by_path["representative"] == str(files["edited"])
     assert near_by_path["members"][0]["distance"] == 0
-    arguments = ["--index", str(index_dir), "--threshold", str(threshold), "--keep", "first"]
+    arguments = ["--index", str(index_dir), "--similar", "--threshold", str(threshold)]
+    arguments += ["--keep", "first"]
     printed = CliRunner().invoke(cli, ["duplicates", *arguments, "--json"])
     expected = [json.loads(line) for line in printed.stdout.splitlines()]
     assert [{**g, "members": strip_links(g["members"])} for g in by_path["groups"]] == expected
 
 
-def test_a_distance_too_small_for_any_edit_leaves_only_the_exact_tier(client) -> None:
+def test_a_distance_too_small_for_any_edit_leaves_no_similar_tier(client) -> None:
     data = client.get("/api/duplicates", params={"threshold": "0"}).json()
-    assert [g["kind"] for g in data["groups"]] == ["exact"]
+    # the verified copy stays (verification, not the distance, decides a copy); nothing similar
+    assert [g["kind"] for g in data["groups"]] == ["exact", "copy"]
 
 
 def test_without_a_threshold_the_calibrated_one_is_used_and_computed_once(
@@ -157,16 +168,16 @@ def test_without_a_threshold_the_calibrated_one_is_used_and_computed_once(
         return result
 
     monkeypatch.setattr(views, "calibrate", counted)
-    first = client.get("/api/duplicates")
+    first = client.get("/api/duplicates", params={"similar": "1"})
     assert first.status_code == 200, first.text
     data = first.json()
     calibration = calls[1]
     assert data["calibrated"] is True and data["cached"] is False
     assert data["threshold"] == pytest.approx(calibration.threshold)
     assert data["calibration"]["sampled"] == calibration.sampled == IMAGES
-    assert calls[0].sample == 300 and calls[0].seed == 0  # as `retrieve duplicates`
+    assert calls[0].sample == 100 and calls[0].seed == 0  # as `retrieve duplicates`
     assert data["exact_groups"] == 1  # the exact tier does not depend on the threshold
-    again = client.get("/api/duplicates", params={"offset": 0}).json()
+    again = client.get("/api/duplicates", params={"similar": "1", "offset": 0}).json()
     assert again["cached"] is True and again["threshold"] == data["threshold"]
     assert len(calls) == 2
 
@@ -184,7 +195,9 @@ def test_concurrent_requests_share_one_calibration(client, monkeypatch) -> None:
     monkeypatch.setattr(views, "calibrate", slow)
     answers = []
     asking = [
-        threading.Thread(target=lambda: answers.append(client.get("/api/duplicates")))
+        threading.Thread(
+            target=lambda: answers.append(client.get("/api/duplicates", params={"similar": "1"}))
+        )
         for _ in range(3)
     ]
     asking[0].start()
@@ -247,7 +260,7 @@ def test_too_few_images_to_calibrate_is_422_naming_the_parameter(tmp_path, small
         ) as ix,
         client_for(ix) as c,
     ):
-        answer = c.get("/api/duplicates")
+        answer = c.get("/api/duplicates", params={"similar": "1"})
         assert answer.status_code == 422 and "?threshold=" in answer.json()["error"]
         assert c.get("/api/duplicates", params={"threshold": "1"}).status_code == 200
 

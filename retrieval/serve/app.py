@@ -165,6 +165,14 @@ def create_app(index: Index, options: ServeOptions = ServeOptions()) -> Any:
     async def duplicates(request: Request) -> Response:
         return JSON(await collection.duplicates(request.query_params))
 
+    async def not_duplicate(request: Request) -> Response:
+        form = await request.form()
+        if not form.get("a") or not form.get("b"):
+            raise Refused(422, "give the two images' ids as form fields a and b")
+        first = int_param(form.get("a"), "a", 0, 1, None)
+        second = int_param(form.get("b"), "b", 0, 1, None)
+        return JSON(await collection.not_duplicate(first, second))
+
     async def clusters(request: Request) -> Response:
         return JSON(await collection.clusters(request.query_params))
 
@@ -177,6 +185,7 @@ def create_app(index: Index, options: ServeOptions = ServeOptions()) -> Any:
         Route("/api/neighbors/{id}", neighbors),
         Route("/api/images", images),
         Route("/api/duplicates", duplicates),
+        Route("/api/not-duplicate", not_duplicate, methods=["POST"]),
         Route("/api/clusters", clusters),
         Route("/thumb/{id}", thumb),
         Route("/image/{id}", image),

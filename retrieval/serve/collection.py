@@ -1,12 +1,15 @@
 """The duplicates and clusters views of ``retrieve serve``: the whole collection, read-only.
 
-``GET /api/duplicates`` answers with the groups ``retrieve duplicates --json`` prints and
+``GET /api/duplicates`` answers with the groups ``retrieve duplicates --json`` prints (verified
+copies; ``similar=1`` adds the similar tier), ``POST /api/not-duplicate`` remembers the user's
+"these two are not duplicates" as ``retrieve duplicates --not-duplicate`` does, and
 ``GET /api/clusters`` with the seeded k-means of ``retrieve cluster``. Both are whole-collection
 passes (the calibration alone embeds 1,200 edited copies: a minute on 2 cores), so each result
 is computed in a worker thread, at most once at a time per question (a second request for the
 same one waits for the first), one heavy pass at a time in all, and kept for the generation it
 was computed on: a new generation from ``retrieve index`` makes the next request compute again.
-Nothing here moves or links a file; the CLI's ``--action`` has no counterpart over HTTP.
+Nothing here moves or links a file; the CLI's ``--action`` has no counterpart over HTTP. A
+decision is written beside the index (``duplicates.sqlite``), never to the user's files.
 """
 
 from __future__ import annotations
@@ -22,15 +25,17 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from anyio import to_thread
 
-from retrieval.collection.calibration import Calibration, CalibrationOptions, calibrate
 from retrieval.collection.clusters import ClusterReport, cluster_index
-from retrieval.collection.duplicates import (
+from retrieval.collection.near import NearOptions, TooManyPairs
+from retrieval.duplicates.calibration import Calibration, CalibrationOptions, calibrate
+from retrieval.duplicates.groups import (
     DEFAULT_KEEP,
-    KEEP,
+    DuplicateOptions,
     DuplicateReport,
     find_duplicates,
 )
-from retrieval.collection.near import NearOptions, TooManyPairs
+from retrieval.duplicates.keep import KEEP
+from retrieval.duplicates.memory import DuplicatesMemory
 from retrieval.errors import RetrieveError
 from retrieval.serve.params import Refused, int_param
 
@@ -89,6 +94,7 @@ class CollectionViews:
         self.index = index
         self.calibration = calibration or CalibrationOptions()  # as `retrieve duplicates`
         self.results = Results()
+        self.decisions = 0  # decisions recorded by this server: part of the results' key
         self._heavy = threading.Lock()  # one whole-collection pass at a time
 
     def _run(self, work: Callable[[], Any]) -> Callable[[], tuple[int, Any]]:
@@ -116,20 +122,24 @@ class CollectionViews:
     async def duplicates(self, params: Any) -> dict[str, Any]:
         started = time.perf_counter()
         threshold = _threshold(params.get("threshold"))
+        # A threshold is the similar tier's distance: giving one asks for that tier.
+        similar = params.get("similar", "") in ("1", "true", "yes") or threshold is not None
         offset = int_param(params.get("offset"), "offset", 0, 0, None)
         limit = int_param(params.get("limit"), "limit", 50, 1, MAX_GROUPS_PAGE)
         keep = _keep(params.get("keep"))
         generation = self.index.generation
         calibration: Calibration | None = None
         cached = True
-        if threshold is None:
+        if similar and threshold is None:
             (_, calibration), cached = await self.results.get(
                 (generation, "calibration"), self._run(self._calibrate)
             )
             threshold = calibration.threshold
+        if not similar:
+            threshold = None
         (generation, report), found = await self.results.get(
-            (generation, "duplicates", threshold, keep),
-            self._run(lambda: self._near(threshold, keep)),
+            (generation, "duplicates", self.decisions, threshold, keep),
+            self._run(lambda: self._find(threshold, keep)),
         )
         return _duplicates_json(
             report, calibration, generation, offset, limit, keep, cached and found, started
@@ -142,13 +152,31 @@ class CollectionViews:
             message = str(error).replace("give --threshold", "give ?threshold=D")
             raise Refused(422, message) from None
 
-    def _near(self, threshold: float, keep: str) -> DuplicateReport:
+    def _find(self, threshold: float | None, keep: str) -> DuplicateReport:
         count = self.index.count
         near = NearOptions(block=BLOCK, max_pairs=max(MIN_PAIRS, PAIRS_PER_IMAGE * count))
+        options = DuplicateOptions(keep=keep, similar_threshold=threshold, near=near)
         try:
-            return find_duplicates(self.index, threshold, keep=keep, near=near)
+            return find_duplicates(self.index, options)
         except TooManyPairs as error:
             raise Refused(422, str(error)) from None
+
+    async def not_duplicate(self, first: int, second: int) -> dict[str, Any]:
+        """Remember that rows ``first`` and ``second`` are not duplicates (by content)."""
+        found = {r.id: r for r in self.index.rows([first, second])}
+        if first not in found or second not in found:
+            raise Refused(404, "no such image in the index")
+        a, b = found[first], found[second]
+        memory = DuplicatesMemory(self.index.directory)
+        try:
+            if memory.in_memory:
+                raise Refused(503, "the index directory cannot be written: nothing remembered")
+            if not memory.record_not_duplicate((a.sha256, a.path), (b.sha256, b.path)):
+                raise Refused(422, "those two files have the same bytes: they are exact copies")
+        finally:
+            memory.close()
+        self.decisions += 1  # the next /api/duplicates computes again, without this pair
+        return {"remembered": [a.path, b.path]}
 
     # -- clusters ------------------------------------------------------------------------------
 
@@ -218,7 +246,7 @@ def _duplicates_json(
     return {
         "generation": generation,
         "images": report.images,
-        "threshold": report.threshold,
+        "threshold": report.similar_threshold,
         "calibrated": calibration is not None,
         "calibration": None
         if calibration is None
@@ -227,12 +255,14 @@ def _duplicates_json(
             "recall": calibration.recall,
             "sampled": calibration.sampled,
         },
-        "method": report.method,
+        "candidates": report.candidates,
+        "verified": report.verified,
         "keep": keep,
         "summary": report.summary(),
         "total": len(report.groups),
         "exact_groups": len(report.of_kind("exact")),
-        "near_groups": len(report.of_kind("near")),
+        "copy_groups": len(report.of_kind("copy")),
+        "similar_groups": len(report.of_kind("similar")),
         "offset": offset,
         "limit": limit,
         "groups": groups,

@@ -163,39 +163,75 @@ function strip(title, tiles) {
   return li;
 }
 
+// What made a member a copy, from the verifier's evidence; the distance otherwise.
+function howCopied(member, n, kind) {
+  if (n === 0) return member.reference ? "keep (reference)" : "keep";
+  if (kind === "exact") return "same bytes";
+  if (member.evidence) return member.evidence.edits.join(", ");
+  return "d = " + member.distance.toFixed(3);
+}
+
+// "Not a duplicate": remembered by the server (by content), then the groups are asked again.
+function notDuplicateButton(group, member) {
+  const button = document.createElement("button");
+  button.type = "button";
+  button.className = "not-duplicate";
+  button.textContent = "not a duplicate";
+  button.title = "Remember that this is not a duplicate of " + group.representative;
+  button.addEventListener("click", async () => {
+    button.disabled = true;
+    try {
+      const body = new URLSearchParams({ a: group.members[0].id, b: member.id });
+      await api("/api/not-duplicate", { method: "POST", body });
+      note("#dup-status", "remembered: not a duplicate");
+      duplicates(dupOffset);
+    } catch (error) {
+      button.disabled = false;
+      note("#dup-status", error.message, true);
+    }
+  });
+  return button;
+}
+
 async function duplicates(offset) {
   const mine = ++asked.duplicates;
   dupOffset = Math.max(0, offset);
   const params = new URLSearchParams({ offset: dupOffset, limit: GROUPS, keep: $("#keep").value });
+  const similar = $("#similar").checked;
   const threshold = $("#threshold").value.trim();
-  if (threshold) params.set("threshold", threshold);
-  note("#dup-status", threshold ? "finding duplicates…"
-    : "calibrating the threshold on this collection (a minute or so the first time)…");
+  if (similar) params.set("similar", "1");
+  if (similar && threshold) params.set("threshold", threshold);
+  note("#dup-status", similar && !threshold
+    ? "calibrating the similar images' distance on this collection (a minute or so the first time)…"
+    : "finding duplicates (the first time signs every image)…");
   try {
     const answer = await api("/api/duplicates?" + params);
     if (mine !== asked.duplicates) return;
     $("#dup-groups").replaceChildren(...answer.groups.map((group) => strip(
       "group " + group.group + "\n" + group.kind + " · " + group.size + " files",
       group.members.map((member, n) => {
-        // the name, and its folder beside the distance: exact copies often share a name
+        // the name, and its folder beside what made it a copy: exact copies often share a name
         const [folder, name] = member.path.split("/").slice(-2);
-        const caption = (n === 0 ? "keep" : "d = " + member.distance.toFixed(3)) + " · " + folder;
+        const caption = howCopied(member, n, group.kind) + " · " + folder;
         const li = tile(Object.assign({ label: name }, member), caption);
         if (n === 0) li.firstChild.classList.add("keep");
+        if (n > 0 && group.kind !== "exact") li.append(notDuplicateButton(group, member));
         return li;
       })
     )));
-    const how = answer.calibrated
-      ? " (calibrated on " + answer.calibration.sampled + " images: precision "
-        + answer.calibration.precision.toFixed(2) + ", recall " + answer.calibration.recall.toFixed(2) + ")"
-      : " (given)";
+    const how = !similar ? ""
+      : answer.calibrated
+        ? "; similar: fc7 within " + answer.threshold.toFixed(3) + " (calibrated on "
+          + answer.calibration.sampled + " images)"
+        : "; similar: fc7 within " + answer.threshold.toFixed(3);
     const last = Math.min(answer.total, dupOffset + answer.groups.length);
-    note("#dup-status", answer.total
-      ? answer.total + " groups (" + answer.exact_groups + " exact, " + answer.near_groups + " near) among "
-        + answer.images + " images, fc7 threshold " + answer.threshold.toFixed(3) + how
+    const counts = answer.exact_groups + " exact, " + answer.copy_groups + " verified copies"
+      + (similar ? ", " + answer.similar_groups + " similar" : "");
+    note("#dup-status", (answer.total
+      ? answer.total + " groups (" + counts + ") among " + answer.images + " images"
         + "; groups " + (dupOffset + 1) + "–" + last
-      : "no duplicates among " + answer.images + " images at fc7 threshold "
-        + answer.threshold.toFixed(3) + how);
+      : "no duplicates among " + answer.images + " images")
+      + " (" + answer.candidates + " candidate pairs checked, " + answer.verified + " verified)" + how);
     if (answer.calibrated) $("#threshold").placeholder = "calibrated: " + answer.threshold.toFixed(3);
     $("#dup-prev").disabled = dupOffset === 0;
     $("#dup-next").disabled = last >= answer.total;

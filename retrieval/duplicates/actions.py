@@ -19,7 +19,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from retrieval.collection.duplicates import Group
+from retrieval.duplicates.groups import Group
 from retrieval.errors import RetrieveError
 
 ACTIONS = ("report", "move", "hardlink", "symlink")
@@ -33,10 +33,13 @@ class ActionReport:
 
 
 def planned_steps(groups: Iterable[Group], target: Path) -> list[tuple[str, str, Path]]:
-    """(duplicate, its representative, where it goes) for every non-representative member."""
+    """(duplicate, its representative, where it goes) for every non-representative member
+    outside the reference folders."""
     steps, seen = [], set()
     for group in groups:
         for member in group.members[1:]:
+            if member.reference:  # under a --reference folder: never moved or linked
+                continue
             if member.path in seen:  # also in an exact group: the first plan wins
                 continue
             seen.add(member.path)

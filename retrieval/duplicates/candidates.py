@@ -1,0 +1,220 @@
+"""Candidate pairs from two cheap signals, neither of them all-pairs; verification decides.
+
+- **fc7**: each image's ``k`` nearest neighbours, kept when close *for that image*: the pair's
+  distance over the image's own background (the mean distance to its farther neighbours, ranks
+  k/2..k). A global threshold fails both ways: an edit moves a weak model's fc7 far, and a dense
+  region of the collection (many photos of one thing) sits close everywhere; the ratio is the
+  score normalisation of SSCD (Pizzi et al. 2022) in distance form.
+- **hash**: pairs whose pHash, under any of the 8 flips and quarter turns, is within ``radius``
+  bits (a faiss binary range search), so a mirrored or rotated copy meets its original whatever
+  fc7 makes of it.
+- **window**: each image's pHash against the pHashes of every image's 70% windows, its
+  ``k`` nearest images kept: an off-centre crop meets the picture it was cut from.
+
+Exact neighbours up to ``NearOptions`` ``auto``'s limit; above it, a PCA copy in an inverted file
+(the near pass's machinery), each candidate's distance then computed on the full vectors.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from retrieval.collection.near import NearOptions, exact_distances, reduce
+from retrieval.collection.vectors import VectorSource, blocks
+
+log = logging.getLogger(__name__)
+
+FROM_FC7 = 1
+FROM_HASH = 2
+FROM_WINDOW = 4
+SIGNALS = {FROM_FC7: "fc7", FROM_HASH: "hash", FROM_WINDOW: "window"}
+EXACT_UP_TO = 20_000  # vectors searched exactly (all in memory: 20,000 x 4096 x 4 = 328 MB)
+
+
+@dataclass(frozen=True)
+class CandidateOptions:
+    """How wide the candidate net is cast (verification keeps it honest)."""
+
+    k: int = 10  # fc7 and window neighbours per image
+    # fc7: distance / the image's background distance, at most. Untrained fc7 puts a bordered or
+    # captioned copy among the 10 nearest but hardly nearer than the rest (ratios up to 1.0 on
+    # Imagenette), so the bar only drops the neighbours clearly farther than the background.
+    ratio: float = 1.1
+    radius: int = 12  # hash: bits apart under the best isometry, at most
+    window_bits: int = 18  # window: bits apart, at most (crops: <= 14; other images: >= 16)
+    near: NearOptions = field(default_factory=NearOptions)
+
+
+@dataclass
+class Candidates:
+    """Pairs ``a < b`` (positions), the signals that proposed each, their fc7 distance and
+    ratio (the smaller of the two directions)."""
+
+    a: np.ndarray
+    b: np.ndarray
+    source: np.ndarray  # bit set of FROM_FC7 / FROM_HASH
+    distance: np.ndarray
+    ratio: np.ndarray
+    background: np.ndarray  # per position: the mean distance to its farther neighbours
+
+    def __len__(self) -> int:
+        return len(self.a)
+
+
+def fc7_neighbours(
+    source: VectorSource,
+    k: int,
+    options: NearOptions | None = None,
+    progress: Callable[[int, int], None] | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """(positions, distances), each N x k: every vector's k nearest others, nearest first
+    (-1 / inf where the collection has fewer)."""
+    import faiss
+
+    options = options or NearOptions()
+    k = max(1, min(k, source.count - 1))
+    if source.count <= EXACT_UP_TO:
+        index = faiss.IndexFlatL2(source.dim)
+        for positions in blocks(source.count):
+            index.add(source.take(positions))
+        searched, full = index, None
+    else:
+        _pca, full = reduce(source, options, progress)
+        nlist = max(1, min(int(4 * np.sqrt(len(full))), len(full) // 39))
+        quantizer = faiss.IndexFlatL2(full.shape[1])
+        searched = faiss.IndexIVFFlat(quantizer, full.shape[1], nlist)
+        searched.train(full[:: max(1, len(full) // (64 * nlist))])
+        searched.add(full)
+        searched.nprobe = min(options.nprobe, nlist)
+    found = np.full((source.count, k), -1, np.int64)
+    step = 2048
+    for start in range(0, source.count, step):
+        positions = np.arange(start, min(source.count, start + step))
+        queries = source.take(positions) if full is None else full[positions]
+        _, labels = searched.search(queries, k + 1)
+        for row, (own, got) in enumerate(zip(positions, labels)):
+            others = got[(got != own) & (got >= 0)][:k]
+            found[start + row, : len(others)] = others
+        if progress:
+            progress(int(positions[-1]) + 1, source.count)
+    own = np.repeat(np.arange(source.count), k)
+    flat = found.ravel()
+    valid = flat >= 0
+    distances = np.full(flat.shape, np.inf, np.float32)
+    distances[valid] = exact_distances(source, own[valid], flat[valid], options.block)
+    distances = distances.reshape(found.shape)
+    order = np.argsort(distances, axis=1, kind="stable")  # the reduced copy's order is not exact
+    return np.take_along_axis(found, order, 1), np.take_along_axis(distances, order, 1)
+
+
+def backgrounds(distances: np.ndarray) -> np.ndarray:
+    """Each image's background distance: the mean over its farther half of neighbours."""
+    far = distances[:, distances.shape[1] // 2 :]
+    far = np.where(np.isfinite(far), far, np.nan)
+    with np.errstate(all="ignore"):
+        mean = np.nanmean(far, axis=1) if far.shape[1] else np.full(len(far), np.nan)
+    fallback = np.nanmedian(mean) if np.isfinite(mean).any() else 1.0
+    return np.where(np.isfinite(mean) & (mean > 0), mean, fallback).astype(np.float32)
+
+
+def hash_pairs(hashes: np.ndarray, has: np.ndarray, radius: int) -> tuple[np.ndarray, np.ndarray]:
+    """Pairs (a < b) whose hashes are within ``radius`` bits under some isometry.
+
+    ``hashes`` is N x 8 uint64 (ISOMETRIES order), ``has`` marks the rows that have one."""
+    import faiss
+
+    positions = np.flatnonzero(has)
+    if len(positions) < 2:
+        return np.zeros(0, np.int64), np.zeros(0, np.int64)
+    base = np.ascontiguousarray(hashes[positions, 0]).view(np.uint8).reshape(-1, 8)
+    index = faiss.IndexBinaryFlat(64)
+    index.add(base)
+    found_a, found_b = [], []
+    for start in range(0, len(positions), 4096):
+        chunk = positions[start : start + 4096]
+        queries = np.ascontiguousarray(hashes[chunk]).view(np.uint8).reshape(-1, 8)
+        lims, _, labels = index.range_search(queries, radius + 1)  # faiss: distance < radius
+        own = np.repeat(np.repeat(chunk, 8), np.diff(lims).astype(np.int64))
+        other = positions[labels]
+        keep = own != other
+        found_a.append(np.minimum(own[keep], other[keep]))
+        found_b.append(np.maximum(own[keep], other[keep]))
+    pairs = np.unique(np.stack([np.concatenate(found_a), np.concatenate(found_b)], 1), axis=0)
+    return pairs[:, 0], pairs[:, 1]
+
+
+def window_pairs(
+    hashes: np.ndarray, windows: np.ndarray, has: np.ndarray, k: int, max_bits: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Pairs (a < b): b among the ``k`` images whose windows come nearest a's pHash."""
+    import faiss
+
+    positions = np.flatnonzero(has)
+    if len(positions) < 2:
+        return np.zeros(0, np.int64), np.zeros(0, np.int64)
+    per = windows.shape[1]
+    index = faiss.IndexBinaryFlat(64)
+    index.add(np.ascontiguousarray(windows[positions]).view(np.uint8).reshape(-1, 8))
+    wanted = min(index.ntotal, 4 * k * 2)  # windows of one image crowd the nearest: ask more
+    found_a, found_b = [], []
+    for start in range(0, len(positions), 4096):
+        chunk = positions[start : start + 4096]
+        queries = np.ascontiguousarray(hashes[chunk, 0]).view(np.uint8).reshape(-1, 8)
+        bits, labels = index.search(queries, wanted)
+        for own, got, apart in zip(chunk, labels, bits):
+            images = positions[got[(got >= 0) & (apart <= max_bits)] // per]
+            images = list(dict.fromkeys(i for i in images.tolist() if i != own))[:k]
+            found_a += [min(own, i) for i in images]
+            found_b += [max(own, i) for i in images]
+    return np.asarray(found_a, np.int64), np.asarray(found_b, np.int64)
+
+
+def candidate_pairs(
+    source: VectorSource,
+    hashes: np.ndarray,
+    windows: np.ndarray,
+    has: np.ndarray,
+    options: CandidateOptions = CandidateOptions(),
+    progress: Callable[[int, int], None] | None = None,
+) -> Candidates:
+    """Every pair either signal proposes, each with its full-vector fc7 distance and ratio."""
+    neighbours, distances = fc7_neighbours(source, options.k, options.near, progress)
+    background = backgrounds(distances)
+    own = np.repeat(np.arange(source.count), neighbours.shape[1])
+    other, gap = neighbours.ravel(), distances.ravel()
+    close = (other >= 0) & (gap <= options.ratio * background[own])
+    fa, fb = np.minimum(own[close], other[close]), np.maximum(own[close], other[close])
+    ha, hb = hash_pairs(hashes, has, options.radius)
+    wa, wb = window_pairs(hashes, windows, has, options.k, options.window_bits)
+    a = np.concatenate([fa, ha, wa])
+    b = np.concatenate([fb, hb, wb])
+    tags = np.concatenate(
+        [np.full(len(fa), FROM_FC7), np.full(len(ha), FROM_HASH), np.full(len(wa), FROM_WINDOW)]
+    )
+    if not len(a):
+        empty = np.zeros(0, np.int64)
+        return Candidates(
+            empty, empty, empty, np.zeros(0, np.float32), np.zeros(0, np.float32), background
+        )
+    keys = a * source.count + b
+    unique, inverse = np.unique(keys, return_inverse=True)
+    source_bits = np.zeros(len(unique), np.int64)
+    np.bitwise_or.at(source_bits, inverse, tags)
+    a, b = unique // source.count, unique % source.count
+    distance = exact_distances(source, a, b, options.near.block)
+    ratio = distance / np.maximum(np.maximum(background[a], background[b]), 1e-12)
+    log.info(
+        "candidates: %d pairs (%s)",
+        len(a),
+        ", ".join(
+            f"{int((source_bits & bit).astype(bool).sum())} from {name}"
+            for bit, name in SIGNALS.items()
+        ),
+    )
+    return Candidates(
+        a, b, source_bits, distance.astype(np.float32), ratio.astype(np.float32), background
+    )

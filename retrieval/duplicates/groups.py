@@ -1,0 +1,407 @@
+"""Duplicate groups of a collection, in three tiers kept apart.
+
+- **exact**: the same bytes (sha256, stored per row; no file is read).
+- **copy**: the same picture up to an edit, each pair *verified* on its pixels
+  (:mod:`retrieval.duplicates.verify`) after cheap signals proposed it
+  (:mod:`retrieval.duplicates.candidates`); groups are the connected components of verified
+  pairs. This is what ``retrieve duplicates`` reports by default.
+- **similar**: fc7 within the calibrated near-duplicate distance but not verified: bursts,
+  re-shoots, the same subject again. Shown only when asked for.
+
+Each exact group takes part in the other tiers through its representative alone, so a file is in
+at most one group of each tier. Pairs the user said are not duplicates are never proposed. A
+member under a reference folder leads its group and is never moved or linked.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections import defaultdict
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from functools import cache
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from retrieval.collection.near import NearOptions, near_pairs
+from retrieval.collection.vectors import IndexVectors
+from retrieval.duplicates.candidates import SIGNALS, CandidateOptions, candidate_pairs
+from retrieval.duplicates.hashes import WINDOWS, ImageSignature
+from retrieval.duplicates.keep import KEEP, Ranking
+from retrieval.duplicates.memory import DuplicatesMemory
+from retrieval.duplicates.signatures import signatures_for
+from retrieval.duplicates.verify import ImageCache, Verdict, VerifyOptions, verify_pair
+
+if TYPE_CHECKING:
+    from retrieval.indexes.rows import Row
+    from retrieval.search.index import Index
+
+log = logging.getLogger(__name__)
+
+TIERS = ("exact", "copy", "similar")
+DEFAULT_KEEP = "best"  # also the CLI's --keep default
+
+Progress = Callable[[str, int, int], None]  # (stage, done, total)
+
+
+@dataclass(frozen=True)
+class DuplicateOptions:
+    """What ``find_duplicates`` looks for and how it picks each group's representative."""
+
+    keep: str = DEFAULT_KEEP
+    references: tuple[str, ...] = ()  # folders whose files always lead and never move
+    similar_threshold: float | None = None  # fc7 distance of the similar tier; None: no tier
+    candidates: CandidateOptions = field(default_factory=CandidateOptions)
+    verify: VerifyOptions = field(default_factory=VerifyOptions)
+    near: NearOptions = field(default_factory=NearOptions)  # the similar tier's pass
+
+    def __post_init__(self) -> None:
+        if self.keep not in KEEP:
+            raise ValueError(f"keep must be one of {KEEP}, not {self.keep!r}")
+
+
+@dataclass
+class Member:
+    path: str
+    id: int
+    distance: float  # fc7 distance to the representative
+    reference: bool = False
+    evidence: dict[str, Any] | None = None  # how this member was verified (copy tier)
+
+
+@dataclass
+class Group:
+    """One set of duplicates; ``members[0]`` is the representative (distance 0)."""
+
+    number: int
+    kind: str  # one of TIERS
+    members: list[Member]
+
+    @property
+    def representative(self) -> str:
+        return self.members[0].path
+
+    def to_dict(self) -> dict[str, Any]:
+        """Exactly what ``retrieve duplicates --json`` prints per line."""
+        members = []
+        for m in self.members:
+            data: dict[str, Any] = {"path": m.path, "id": m.id, "distance": round(m.distance, 4)}
+            if m.reference:
+                data["reference"] = True
+            if m.evidence is not None:
+                data["evidence"] = m.evidence
+            members.append(data)
+        return {
+            "group": self.number,
+            "kind": self.kind,
+            "size": len(self.members),
+            "representative": self.representative,
+            "members": members,
+        }
+
+
+@dataclass
+class DuplicateReport:
+    images: int
+    groups: list[Group] = field(default_factory=list)
+    candidates: int = 0  # pairs the signals proposed
+    verified: int = 0  # pairs the verifier accepted
+    decided: int = 0  # candidate pairs left out by the user's decisions
+    signals: dict[str, int] = field(default_factory=dict)  # candidates per signal
+    similar_threshold: float | None = None
+
+    def of_kind(self, kind: str) -> list[Group]:
+        return [g for g in self.groups if g.kind == kind]
+
+    def summary(self) -> str:
+        parts = []
+        for kind, label in (("exact", "exact copies"), ("copy", "verified copies")):
+            groups = self.of_kind(kind)
+            files = sum(len(g.members) for g in groups)
+            parts.append(f"{len(groups)} groups of {label} ({files} files)")
+        if self.similar_threshold is not None:
+            groups = self.of_kind("similar")
+            parts.append(
+                f"{len(groups)} groups of similar images ({sum(len(g.members) for g in groups)} "
+                f"files, fc7 within {self.similar_threshold:.2f}, not verified)"
+            )
+        spare = sum(len(g.members) - 1 for g in self.groups if g.kind != "similar")
+        return (
+            f"{self.images} images: {'; '.join(parts)}; {spare} files beside their "
+            f"representatives ({self.candidates} candidate pairs checked, {self.verified} verified)"
+        )
+
+
+def under_reference(path: str, references: Sequence[str]) -> bool:
+    """True when ``path`` lies inside one of the ``references`` folders (absolute paths)."""
+    return any(os.path.commonpath([path, ref]) == ref for ref in references)
+
+
+def find_duplicates(
+    index: Index,
+    options: DuplicateOptions = DuplicateOptions(),
+    progress: Progress | None = None,
+) -> DuplicateReport:
+    """Exact, verified-copy and (when asked) similar groups of every indexed image."""
+    rows = index.rows(limit=None)
+    report = DuplicateReport(images=len(rows))
+    references = tuple(os.path.abspath(r) for r in options.references)
+    memory = DuplicatesMemory(index.directory)
+    try:
+        stage = _stage(progress)
+        signatures = signatures_for(rows, memory, stage("signatures"))
+        decided = memory.not_duplicates()
+    finally:
+        memory.close()
+    images = ImageCache()
+    ranking = Ranking(options.keep, references, signatures, images)
+    order = cache(lambda positions: tuple(ranking.order([rows[p] for p in positions])))
+    stand_in = _exact_groups(rows, report, ranking, references)
+    source = IndexVectors(index, rows)
+    hashes, windows, has = _signature_arrays(rows, signatures)
+    found = candidate_pairs(
+        source, hashes, windows, has, options.candidates, _stage(progress)("candidates")
+    )
+    report.signals = {
+        name: int((found.source & bit).astype(bool).sum()) for bit, name in SIGNALS.items()
+    }
+    verdicts: dict[tuple[int, int], Verdict] = {}
+    pairs = []
+    for a, b in zip(stand_in[found.a].tolist(), stand_in[found.b].tolist()):
+        if a == b:
+            continue
+        a, b = min(a, b), max(a, b)
+        if tuple(sorted((rows[a].sha256, rows[b].sha256))) in decided:
+            report.decided += 1
+            continue
+        pairs.append((a, b))
+    pairs = sorted(set(pairs))
+    report.candidates = len(pairs)
+    tick = _stage(progress)("verifying")
+
+    def verify(a: int, b: int) -> Verdict:
+        """How ``b`` is a copy of ``a`` (or not)."""
+        return verify_pair(
+            (rows[a].path, signatures.get(rows[a].sha256)),
+            (rows[b].path, signatures.get(rows[b].sha256)),
+            images,
+            options.verify,
+        )
+
+    for n, (a, b) in enumerate(pairs):
+        verdict = verify(a, b)
+        if verdict.copy:
+            verdicts[(a, b)] = verdict
+            if verdict.padded:  # its extra pixels are a margin, not picture: it never leads
+                ranking.padded.add(rows[a if verdict.padded == "first" else b].id)
+        if tick and (n % 32 == 31 or n == len(pairs) - 1):
+            tick(n + 1, len(pairs))
+    report.verified = len(verdicts)
+    copies = _copy_groups(rows, verdicts, order, source, references, verify)
+    for members in copies:
+        report.groups.append(Group(len(report.groups) + 1, "copy", members))
+    if options.similar_threshold is not None:
+        report.similar_threshold = float(options.similar_threshold)
+        grouped = {m.id for g in report.groups for m in g.members}
+        _similar_groups(
+            rows,
+            source,
+            stand_in,
+            grouped,
+            decided,
+            order,
+            options,
+            report,
+            _stage(progress)("similar"),
+            references,
+        )
+    return report
+
+
+def _stage(progress: Progress | None) -> Callable[[str], Callable[[int, int], None] | None]:
+    def named(name: str) -> Callable[[int, int], None] | None:
+        if progress is None:
+            return None
+        return lambda done, total: progress(name, done, total)
+
+    return named
+
+
+def _signature_arrays(
+    rows: Sequence[Row], signatures: dict[str, ImageSignature]
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    hashes = np.zeros((len(rows), 8), np.uint64)
+    windows = np.zeros((len(rows), WINDOWS), np.uint64)
+    has = np.zeros(len(rows), bool)
+    for position, row in enumerate(rows):
+        found = signatures.get(row.sha256)
+        if found is not None:
+            hashes[position], windows[position], has[position] = found.hashes, found.windows, True
+    return hashes, windows, has
+
+
+def _exact_groups(
+    rows: Sequence[Row], report: DuplicateReport, ranking: Ranking, references: tuple[str, ...]
+) -> np.ndarray:
+    """Adds the exact groups to ``report``; returns each position's stand-in (its exact group's
+    representative, else itself)."""
+    by_hash: dict[str, list[int]] = defaultdict(list)
+    for position, row in enumerate(rows):
+        by_hash[row.sha256].append(position)
+    stand_in = np.arange(len(rows))
+    found = []
+    for positions in by_hash.values():
+        if len(positions) < 2:
+            continue
+        ordered = ranking.order([rows[p] for p in positions])
+        by_id = {rows[p].id: p for p in positions}
+        lead = by_id[ordered[0].id]
+        stand_in[positions] = lead
+        found.append([by_id[r.id] for r in ordered])
+    found.sort(key=lambda positions: rows[positions[0]].path)
+    for positions in found:
+        members = [
+            Member(rows[p].path, rows[p].id, 0.0, under_reference(rows[p].path, references))
+            for p in positions
+        ]
+        report.groups.append(Group(len(report.groups) + 1, "exact", members))
+    return stand_in
+
+
+def _copy_groups(
+    rows: Sequence[Row],
+    verdicts: dict[tuple[int, int], Verdict],
+    order: Callable[[tuple[int, ...]], tuple[Row, ...]],
+    source: IndexVectors,
+    references: tuple[str, ...],
+    verify: Callable[[int, int], Verdict],
+) -> list[list[Member]]:
+    """Connected components of verified pairs; each member's evidence is the verified pair
+    that joined it, walking out from the representative (breadth first), told from the side
+    already in the group (verified again that way round when the pair was the other)."""
+    edges: dict[int, dict[int, Verdict]] = defaultdict(dict)
+    for (a, b), verdict in verdicts.items():
+        edges[a][b] = verdict
+        edges[b][a] = verdict
+    seen: set[int] = set()
+    groups = []
+    for start in sorted(edges):
+        if start in seen:
+            continue
+        component, stack = {start}, [start]
+        while stack:
+            for other in edges[stack.pop()]:
+                if other not in component:
+                    component.add(other)
+                    stack.append(other)
+        seen |= component
+        positions = tuple(sorted(component))
+        best = order(positions)[0]
+        lead = next(p for p in positions if rows[p].id == best.id)
+        joined: dict[int, tuple[int, Verdict]] = {}
+        frontier = [lead]
+        while frontier:
+            following = []
+            for p in frontier:
+                for other, verdict in sorted(edges[p].items()):
+                    if other != lead and other not in joined:
+                        joined[other] = (p, verdict)
+                        following.append(other)
+            frontier = following
+        others = sorted(joined, key=lambda p: rows[p].path)
+        distances = _distances_to(source, lead, others)
+        members = [
+            Member(
+                rows[lead].path, rows[lead].id, 0.0, under_reference(rows[lead].path, references)
+            )
+        ]
+        for p, distance in zip(others, distances):
+            via, verdict = joined[p]
+            if p < via:  # the verdict says how ``via`` is a copy of ``p``: ask the other way
+                again = verify(via, p)
+                verdict = again if again.copy else verdict
+            evidence = verdict.evidence()
+            if via != lead:
+                evidence["via"] = rows[via].path
+            members.append(
+                Member(
+                    rows[p].path,
+                    rows[p].id,
+                    float(distance),
+                    under_reference(rows[p].path, references),
+                    evidence,
+                )
+            )
+        members[1:] = sorted(members[1:], key=lambda m: (m.distance, m.path))
+        groups.append(members)
+    groups.sort(key=lambda members: members[0].path)
+    return groups
+
+
+def _similar_groups(
+    rows, source, stand_in, grouped, decided, order, options, report, tick, references
+) -> None:
+    """Components of fc7 pairs within the similar threshold, among images in no other group;
+    each member within the threshold of its representative (a chain is not a group)."""
+    pairs = near_pairs(source, options.similar_threshold, options.near, tick)
+    ids = np.asarray([r.id for r in rows])
+    edges: dict[int, set[int]] = defaultdict(set)
+    for a, b in zip(stand_in[pairs.a].tolist(), stand_in[pairs.b].tolist()):
+        if a == b or ids[a] in grouped or ids[b] in grouped:
+            continue
+        if tuple(sorted((rows[a].sha256, rows[b].sha256))) in decided:
+            continue
+        edges[a].add(b)
+        edges[b].add(a)
+    pending = _components(edges, set(edges))
+    while pending:
+        positions = pending.pop(0)
+        best = order(tuple(positions))[0]
+        lead = next(p for p in positions if rows[p].id == best.id)
+        others = sorted((p for p in positions if p != lead), key=lambda p: rows[p].path)
+        distances = _distances_to(source, lead, others)
+        inside = [
+            (p, float(d)) for p, d in zip(others, distances) if d <= options.similar_threshold
+        ]
+        outside = {p for p, d in zip(others, distances) if d > options.similar_threshold}
+        pending += _components(edges, outside)
+        if not inside:
+            continue
+        members = [
+            Member(
+                rows[lead].path, rows[lead].id, 0.0, under_reference(rows[lead].path, references)
+            )
+        ]
+        members += sorted(
+            (
+                Member(rows[p].path, rows[p].id, d, under_reference(rows[p].path, references))
+                for p, d in inside
+            ),
+            key=lambda m: (m.distance, m.path),
+        )
+        report.groups.append(Group(len(report.groups) + 1, "similar", members))
+
+
+def _components(edges: dict[int, set[int]], positions: set[int]) -> list[list[int]]:
+    """Connected components (2 or more) of the pair graph restricted to ``positions``."""
+    left, found = set(positions), []
+    while left:
+        start = left.pop()
+        part, stack = [start], [start]
+        while stack:
+            for other in edges[stack.pop()] & left:
+                left.discard(other)
+                part.append(other)
+                stack.append(other)
+        if len(part) > 1:
+            found.append(sorted(part))
+    return sorted(found)
+
+
+def _distances_to(source: IndexVectors, lead: int, others: list[int]) -> np.ndarray:
+    if not others:
+        return np.zeros(0, np.float32)
+    vectors = source.take(np.asarray([lead, *others]))
+    return np.linalg.norm(vectors[1:] - vectors[0], axis=1)

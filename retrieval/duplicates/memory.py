@@ -1,0 +1,143 @@
+"""What the duplicates pass keeps beside an index: image signatures, and the user's decisions.
+
+One SQLite file, ``duplicates.sqlite`` in the index directory, outside the index's generations:
+a re-index (``--rebuild`` too) leaves it alone. Both tables are keyed by content (sha256), so a
+renamed or moved file keeps its signature and its decisions, and a re-encoded one does not
+inherit them. Signatures are a cache (recomputed from the file when missing); decisions are the
+user's word, kept until ``--forget-decisions``.
+
+A directory that cannot be written (a read-only index) still works: the store then lives in
+memory for this run, and says so once.
+"""
+
+from __future__ import annotations
+
+import logging
+import sqlite3
+import threading
+import time
+from collections.abc import Iterable
+from pathlib import Path
+
+import numpy as np
+
+from retrieval.duplicates.hashes import SIDE, ImageSignature
+
+log = logging.getLogger(__name__)
+
+FILE = "duplicates.sqlite"
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS signatures (
+    sha256 TEXT PRIMARY KEY,
+    hashes BLOB NOT NULL,        -- 8 x uint64, little-endian, ISOMETRIES order
+    windows BLOB NOT NULL,       -- WINDOWS x uint64, little-endian
+    thumb BLOB NOT NULL,         -- SIDE x SIDE grey, uint8
+    width INTEGER NOT NULL,
+    height INTEGER NOT NULL,
+    grey INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS not_duplicates (
+    first TEXT NOT NULL,         -- the smaller sha256 of the two
+    second TEXT NOT NULL,
+    first_path TEXT,             -- the paths when decided, for the user's eyes only
+    second_path TEXT,
+    decided TEXT NOT NULL,
+    PRIMARY KEY (first, second)
+);
+"""
+
+
+class DuplicatesMemory:
+    """The signature cache and the decisions of one index directory."""
+
+    def __init__(self, index_dir: Path | str) -> None:
+        self.path = Path(index_dir) / FILE
+        self._lock = threading.Lock()
+        try:
+            self.db = sqlite3.connect(self.path, check_same_thread=False, timeout=30)
+            self.db.executescript(SCHEMA)
+            self.in_memory = False
+        except sqlite3.Error as error:
+            log.warning(
+                "cannot write %s (%s): signatures and decisions last this run only",
+                self.path,
+                error,
+            )
+            self.db = sqlite3.connect(":memory:", check_same_thread=False)
+            self.db.executescript(SCHEMA)
+            self.in_memory = True
+
+    # -- signatures ------------------------------------------------------------------------------
+
+    def signatures(self, digests: Iterable[str]) -> dict[str, ImageSignature]:
+        """The stored signatures among ``digests``."""
+        wanted = list(dict.fromkeys(digests))
+        found: dict[str, ImageSignature] = {}
+        with self._lock:
+            for start in range(0, len(wanted), 500):
+                chunk = wanted[start : start + 500]
+                marks = ",".join("?" * len(chunk))
+                query = (
+                    "SELECT sha256, hashes, windows, thumb, width, height, grey FROM signatures "
+                    f"WHERE sha256 IN ({marks})"
+                )
+                for digest, hashes, windows, thumb, width, height, grey in self.db.execute(
+                    query, chunk
+                ):
+                    found[digest] = ImageSignature(
+                        np.frombuffer(hashes, "<u8").astype(np.uint64),
+                        np.frombuffer(windows, "<u8").astype(np.uint64),
+                        np.frombuffer(thumb, np.uint8).reshape(SIDE, SIDE),
+                        int(width),
+                        int(height),
+                        bool(grey),
+                    )
+        return found
+
+    def keep_signatures(self, signatures: dict[str, ImageSignature]) -> None:
+        rows = [
+            (
+                digest,
+                s.hashes.astype("<u8").tobytes(),
+                s.windows.astype("<u8").tobytes(),
+                np.ascontiguousarray(s.thumb, np.uint8).tobytes(),
+                s.width,
+                s.height,
+                int(s.grey),
+            )
+            for digest, s in signatures.items()
+        ]
+        with self._lock, self.db:
+            self.db.executemany(
+                "INSERT OR REPLACE INTO signatures VALUES (?, ?, ?, ?, ?, ?, ?)", rows
+            )
+
+    # -- decisions -------------------------------------------------------------------------------
+
+    def record_not_duplicate(self, first: tuple[str, str], second: tuple[str, str]) -> bool:
+        """Remember that two files (each ``(sha256, path)``) are not duplicates; False when
+        they are the same bytes (that cannot be undone by a decision)."""
+        (a, path_a), (b, path_b) = sorted([first, second])
+        if a == b:
+            return False
+        with self._lock, self.db:
+            self.db.execute(
+                "INSERT OR REPLACE INTO not_duplicates VALUES (?, ?, ?, ?, ?)",
+                (a, b, path_a, path_b, time.strftime("%Y-%m-%dT%H:%M:%S")),
+            )
+        return True
+
+    def not_duplicates(self) -> set[tuple[str, str]]:
+        """Every (smaller sha256, larger sha256) pair the user said is not a duplicate."""
+        with self._lock:
+            return {(a, b) for a, b in self.db.execute("SELECT first, second FROM not_duplicates")}
+
+    def forget_decisions(self) -> int:
+        """Clear every decision; returns how many there were."""
+        with self._lock, self.db:
+            return self.db.execute("DELETE FROM not_duplicates").rowcount
+
+    def close(self) -> None:
+        with self._lock:
+            self.db.close()

@@ -1,0 +1,79 @@
+"""Every indexed image's signature: from the memory when its bytes were seen before, else from
+the file, decoded small (JPEG draft mode) in a pool of threads (Pillow releases the GIL)."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from typing import TYPE_CHECKING
+
+from retrieval.devices import usable_cores
+from retrieval.duplicates.hashes import WINDOW_BASE, ImageSignature, signature
+from retrieval.duplicates.memory import DuplicatesMemory
+from retrieval.errors import ImageReadError
+from retrieval.images.decode import load_image
+
+if TYPE_CHECKING:
+    from retrieval.indexes.rows import Row
+
+log = logging.getLogger(__name__)
+
+DRAFT = WINDOW_BASE  # decode JPEGs at the smallest DCT scale that keeps this shorter side
+
+
+def upright_size(path: str) -> tuple[int, int]:
+    """(width, height) as the picture is shown (EXIF orientation applied), from the header."""
+    from PIL import Image
+
+    with Image.open(path) as image:
+        width, height = image.size
+        if image.getexif().get(0x0112) in (5, 6, 7, 8):  # a quarter turn swaps the sides
+            width, height = height, width
+    return width, height
+
+
+def signature_of_file(path: str) -> ImageSignature:
+    """The signature of one file; ImageReadError when it cannot be decoded any more."""
+    image = load_image(path, mode="RGB", draft_size=DRAFT)
+    small = signature(image)
+    width, height = upright_size(path)
+    return ImageSignature(small.hashes, small.windows, small.thumb, width, height, small.grey)
+
+
+def signatures_for(
+    rows: Sequence[Row],
+    memory: DuplicatesMemory,
+    progress: Callable[[int, int], None] | None = None,
+) -> dict[str, ImageSignature]:
+    """Signatures by sha256 for ``rows``; those missing are computed and remembered. A file
+    that cannot be read any more has none (it takes part through fc7 alone)."""
+    found = memory.signatures(r.sha256 for r in rows)
+    missing = {r.sha256: r.path for r in rows if r.sha256 not in found}
+    if not missing:
+        return found
+    fresh: dict[str, ImageSignature] = {}
+    done = 0
+
+    def one(item: tuple[str, str]) -> tuple[str, ImageSignature | None]:
+        digest, path = item
+        try:
+            return digest, signature_of_file(path)
+        except (ImageReadError, OSError) as error:
+            log.warning("no signature for %s: %s", path, error)
+            return digest, None
+
+    with ThreadPoolExecutor(max(1, usable_cores())) as pool:
+        for digest, result in pool.map(one, missing.items(), chunksize=16):
+            if result is not None:
+                fresh[digest] = result
+            done += 1
+            if progress and (done % 64 == 0 or done == len(missing)):
+                progress(done, len(missing))
+            if len(fresh) >= 4096:
+                memory.keep_signatures(fresh)
+                found.update(fresh)
+                fresh = {}
+    memory.keep_signatures(fresh)
+    found.update(fresh)
+    return found

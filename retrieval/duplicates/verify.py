@@ -1,0 +1,326 @@
+"""Is this pair one picture, edited? Each candidate pair is checked on its pixels, cheap test first.
+
+1. **Same framing** (photometric edits, resizing, re-encoding, greyscale, flips, quarter turns):
+   the pHashes agree under some isometry and the two pictures, turned alike and brought to one
+   size, correlate at ``same_framing`` or more at up to 128 px. Normalised cross-correlation is
+   blind to brightness and contrast, so an edit of those passes; a second shot of the same
+   scene (the camera or the subject moved) does not, at that size.
+2. **Geometry** (crops, borders, captions, screenshots): ORB keypoints matched both ways round
+   (the second image mirrored too), a similarity transform fitted by RANSAC, the second image
+   warped onto the first, and the correlation of the *overlap* at ``overlap`` or more. Enough
+   inliers alone are not enough: a re-shoot of a building matches keypoints too, but its
+   aligned pixels differ (parallax, light, people); an edited copy's do not.
+
+Every verdict carries its evidence: what was compared, the numbers, and what the edit looks like
+("mirrored", "cropped to 64%", "border added", ...).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from retrieval.duplicates.hashes import (
+    ISOMETRIES,
+    ImageSignature,
+    best_isometry,
+    correlation,
+    orient,
+)
+from retrieval.errors import ImageReadError
+from retrieval.images.decode import load_image
+
+WORK_SIDE = 512  # the geometric check's images: longer side at most this
+MIN_SHORT_SIDE = 256  # ... and smaller ones scaled up to this, so ORB finds corners
+COMPARE_SIDE = 128  # correlations are taken at this size (fine detail, not noise)
+KEYPOINTS = 600  # ORB keypoints per image
+
+
+@dataclass(frozen=True)
+class VerifyOptions:
+    """The verifier's bars (see the module docstring)."""
+
+    hash_bits: int = 16  # same framing: pHash bits apart, at most
+    same_framing: float = 0.90  # same framing: correlation at COMPARE_SIDE, at least
+    thumbnail: float = 0.90  # same framing: correlation of the 32 px thumbnails, at least
+    inliers: int = 15  # geometry: RANSAC inliers, at least
+    overlap: float = 0.80  # geometry: correlation of the aligned overlap, at least
+    min_cover: float = 0.25  # geometry: the overlap covers this much of the smaller picture
+
+
+@dataclass
+class Verdict:
+    """What the verifier found for one pair: a copy or not, and why."""
+
+    copy: bool
+    test: str  # "same framing" | "geometry" | "none passed"
+    hash_bits: int
+    correlation: float
+    inliers: int = 0
+    edits: list[str] = field(default_factory=list)
+    padded: str | None = None  # "first" / "second": that picture is the other plus a margin
+
+    def evidence(self) -> dict[str, Any]:
+        return {
+            "test": self.test,
+            "hash_bits": self.hash_bits,
+            "correlation": round(self.correlation, 3),
+            "inliers": self.inliers,
+            "edits": self.edits,
+        }
+
+
+class ImageCache:
+    """Each image's grey working copy and its keypoints (as it is and mirrored), computed once
+    per pass and kept in a small LRU (pairs come sorted by their first image)."""
+
+    def __init__(self, size: int = 1024) -> None:
+        self.size = size
+        self._kept: dict[str, dict[str, Any]] = {}
+
+    def _entry(self, path: str) -> dict[str, Any]:
+        entry = self._kept.pop(path) if path in self._kept else {"grey": _working_image(path)}
+        self._kept[path] = entry
+        while len(self._kept) > self.size:
+            self._kept.pop(next(iter(self._kept)))
+        return entry
+
+    def grey(self, path: str) -> np.ndarray | None:
+        return self._entry(path)["grey"]
+
+    def keypoints(self, path: str, mirrored: bool = False):
+        """ORB keypoints and descriptors of the working copy (None: too few, or unreadable)."""
+        entry = self._entry(path)
+        key = "mirrored" if mirrored else "points"
+        if key not in entry:
+            grey = entry["grey"]
+            entry[key] = None if grey is None else _keypoints(grey[:, ::-1] if mirrored else grey)
+        return entry[key]
+
+
+def _working_image(path: str) -> np.ndarray | None:
+    import cv2
+
+    try:
+        image = load_image(path, mode="L", draft_size=MIN_SHORT_SIDE)
+    except (ImageReadError, OSError):
+        return None
+    pixels = np.asarray(image, np.uint8)
+    height, width = pixels.shape
+    scale = min(WORK_SIDE / max(height, width), 1.0)
+    if min(height, width) * scale < MIN_SHORT_SIDE:
+        scale = min(MIN_SHORT_SIDE / min(height, width), 4.0)
+    if abs(scale - 1.0) > 1e-3:
+        size = (max(1, round(width * scale)), max(1, round(height * scale)))
+        method = cv2.INTER_AREA if scale < 1 else cv2.INTER_CUBIC
+        pixels = cv2.resize(pixels, size, interpolation=method)
+    return pixels
+
+
+def verify_pair(
+    first: tuple[str, ImageSignature | None],
+    second: tuple[str, ImageSignature | None],
+    images: ImageCache,
+    options: VerifyOptions = VerifyOptions(),
+) -> Verdict:
+    """Verify that ``second`` (path, signature) is an edited copy of ``first`` or the reverse."""
+    (path_a, sig_a), (path_b, sig_b) = first, second
+    bits, turn = (
+        (64, 0) if sig_a is None or sig_b is None else best_isometry(sig_a.hashes, sig_b.hashes)
+    )
+    grey_a, grey_b = images.grey(path_a), images.grey(path_b)
+    if grey_a is None or grey_b is None:
+        return Verdict(False, "none passed", bits, 0.0, edits=["a file could not be read"])
+    if sig_a is not None and sig_b is not None and bits <= options.hash_bits:
+        thumbs = correlation(orient(sig_a.thumb, turn), sig_b.thumb)
+        if thumbs >= options.thumbnail:
+            smallest = min(sig_a.width, sig_a.height, sig_b.width, sig_b.height)
+            framed = _same_framing(grey_a, grey_b, turn, smallest)
+            if framed is not None and framed >= options.same_framing:
+                edits = _framing_edits(sig_a, sig_b, turn)
+                return Verdict(True, "same framing", bits, framed, edits=edits)
+    verdict = _geometry(path_a, path_b, images, options)
+    verdict.hash_bits = bits
+    if verdict.copy and sig_a is not None and sig_b is not None and sig_a.grey != sig_b.grey:
+        verdict.edits.append("greyscale")
+    return verdict
+
+
+def _same_framing(a: np.ndarray, b: np.ndarray, turn: int, smallest: int) -> float | None:
+    """Correlation of ``a`` turned by ``turn`` and ``b``, both at one size (at most the
+    smaller picture's own shorter side: detail it never had is not compared); None when their
+    shapes (after the turn) differ by more than 3% in aspect (not the same framing)."""
+    import cv2
+
+    turned = orient(a, turn)
+    ratio_a = turned.shape[1] / turned.shape[0]
+    ratio_b = b.shape[1] / b.shape[0]
+    if abs(math.log(ratio_a / ratio_b)) > 0.03:
+        return None
+    side = max(8, min(COMPARE_SIDE, smallest, *turned.shape, *b.shape))
+    size = (side, side)
+    x = cv2.resize(turned, size, interpolation=cv2.INTER_AREA)
+    y = cv2.resize(b, size, interpolation=cv2.INTER_AREA)
+    return correlation(x, y)
+
+
+def _framing_edits(a: ImageSignature, b: ImageSignature, turn: int) -> list[str]:
+    edits = [] if turn == 0 else [ISOMETRIES[turn]]
+    pixels_a, pixels_b = a.width * a.height, b.width * b.height
+    if pixels_a and pixels_b and abs(math.log(pixels_b / pixels_a)) > 0.05:
+        edits.append(
+            f"resized to {math.sqrt(min(pixels_a, pixels_b) / max(pixels_a, pixels_b)):.0%}"
+        )
+    if a.grey != b.grey:
+        edits.append("greyscale")
+    edits += _tone_edits(a.thumb, b.thumb)
+    return edits or ["re-encoded"]
+
+
+def _tone_edits(a: np.ndarray, b: np.ndarray) -> list[str]:
+    mean_a, mean_b = float(a.mean()), float(b.mean())
+    std_a, std_b = float(a.std()), float(b.std())
+    if abs(mean_a - mean_b) > 8 or (std_a > 1 and abs(math.log(max(std_b, 1) / std_a)) > 0.12):
+        return ["brightness/contrast changed"]
+    return []
+
+
+def _geometry(path_a: str, path_b: str, images: ImageCache, options: VerifyOptions) -> Verdict:
+    """Keypoints, RANSAC similarity (``b`` as it is and mirrored), overlap correlation."""
+    best = Verdict(False, "none passed", 64, 0.0)
+    found_a = images.keypoints(path_a)
+    if found_a is None:
+        return best
+    a = images.grey(path_a)
+    for mirrored in (False, True):
+        found_b = images.keypoints(path_b, mirrored)
+        if found_b is None:
+            continue
+        fit = _fit(found_a, found_b)
+        if fit is None:
+            continue
+        matrix, inliers = fit
+        if inliers < options.inliers or inliers <= best.inliers:
+            continue
+        b = images.grey(path_b)
+        b_used = np.ascontiguousarray(b[:, ::-1]) if mirrored else b
+        overlap, cover_a, cover_b, uncovered_a, outside_b = _overlap(a, b_used, matrix)
+        verdict = Verdict(False, "geometry", 64, overlap, inliers)
+        if overlap >= options.overlap and max(cover_a, cover_b) >= options.min_cover:
+            verdict.copy = True
+            verdict.edits, verdict.padded = _geometry_edits(
+                matrix, mirrored, (cover_a, uncovered_a, a), (cover_b, outside_b, b_used)
+            )
+            return verdict
+        best = verdict
+    best.test = "none passed"
+    return best
+
+
+def _keypoints(image: np.ndarray):
+    import cv2
+
+    orb = cv2.ORB_create(nfeatures=KEYPOINTS, fastThreshold=12)
+    points, descriptors = orb.detectAndCompute(np.ascontiguousarray(image), None)
+    if descriptors is None or len(points) < 8:
+        return None
+    return np.float32([p.pt for p in points]), descriptors
+
+
+def _fit(found_a, found_b) -> tuple[np.ndarray, int] | None:
+    """A similarity taking ``b``'s points onto ``a``'s, and its RANSAC inlier count."""
+    import cv2
+
+    points_a, desc_a = found_a
+    points_b, desc_b = found_b
+    matcher = cv2.BFMatcher(cv2.NORM_HAMMING)
+    pairs = matcher.knnMatch(desc_b, desc_a, k=2)
+    good = [m[0] for m in pairs if len(m) == 2 and m[0].distance < 0.8 * m[1].distance]
+    if len(good) < 8:
+        return None
+    source = points_b[[m.queryIdx for m in good]]
+    target = points_a[[m.trainIdx for m in good]]
+    matrix, mask = cv2.estimateAffinePartial2D(
+        source,
+        target,
+        method=cv2.RANSAC,
+        ransacReprojThreshold=4.0,
+        maxIters=2000,
+        confidence=0.995,
+    )
+    if matrix is None or mask is None:
+        return None
+    scale = math.hypot(matrix[0, 0], matrix[1, 0])
+    if not 0.05 < scale < 20:
+        return None
+    return matrix, int(mask.sum())
+
+
+def _overlap(a: np.ndarray, b: np.ndarray, matrix: np.ndarray):
+    """(correlation of the overlap, share of ``a`` it covers, share of ``b`` it covers, the mask
+    of ``a``'s pixels ``b`` does not cover, the mask of ``b``'s pixels that fall outside ``a``)."""
+    import cv2
+
+    height, width = a.shape
+    warped = cv2.warpAffine(b, matrix, (width, height), flags=cv2.INTER_AREA)
+    inside = cv2.warpAffine(np.full(b.shape, 255, np.uint8), matrix, (width, height))
+    mask = cv2.erode((inside == 255).astype(np.uint8), np.ones((5, 5), np.uint8)) > 0
+    cover_a = float(mask.mean())
+    back = cv2.invertAffineTransform(matrix)
+    lands = cv2.warpAffine(np.full(a.shape, 255, np.uint8), back, (b.shape[1], b.shape[0]))
+    outside = lands < 255
+    cover_b = 1.0 - float(outside.mean())
+    if mask.sum() < 64:
+        return 0.0, cover_a, cover_b, ~mask, outside
+    ys, xs = np.nonzero(mask)
+    top, bottom, left, right = ys.min(), ys.max() + 1, xs.min(), xs.max() + 1
+    scale = min(1.0, COMPARE_SIDE / max(bottom - top, right - left))
+    size = (max(8, round((right - left) * scale)), max(8, round((bottom - top) * scale)))
+    x = cv2.resize(a[top:bottom, left:right], size, interpolation=cv2.INTER_AREA)
+    y = cv2.resize(warped[top:bottom, left:right], size, interpolation=cv2.INTER_AREA)
+    keep = cv2.resize(mask[top:bottom, left:right].astype(np.uint8), size) > 0
+    return correlation(x[keep], y[keep]), cover_a, cover_b, ~mask, outside
+
+
+def _margin(image: np.ndarray, outside: np.ndarray) -> str | None:
+    """What ``image`` has beyond the other picture: a plain border or a bar (a caption) in whole
+    rows or columns, or None when it is picture (the other one is then a crop of it)."""
+    band = outside & (outside.all(axis=1)[:, None] | outside.all(axis=0)[None, :])
+    if band.sum() < 0.6 * outside.sum() or not band.any():
+        return None  # not along whole edges: the other picture was cut out of this one
+    margin = image[band]
+    if float(margin.std()) < 12:
+        return "border"
+    plain = float((np.abs(margin.astype(np.int16) - np.median(margin)) < 16).mean())
+    return "caption or bar" if plain >= 0.75 else None  # one colour with a little text
+
+
+def _geometry_edits(matrix, mirrored, first, second) -> tuple[list[str], str | None]:
+    """(what the second picture is of the first, which of the two has a margin added)."""
+    (cover_a, uncovered_a, a), (cover_b, outside_b, b) = first, second
+    edits = ["mirrored"] if mirrored else []
+    angle = math.degrees(math.atan2(matrix[1, 0], matrix[0, 0]))
+    quarter = round(angle / 90) * 90
+    if abs(angle - quarter) <= 3:
+        if quarter % 360:
+            edits.append(f"rotated {abs(quarter) % 360}°")
+    else:
+        edits.append(f"rotated {abs(angle):.0f}°")
+    padded = None
+    if cover_a < 0.9 and cover_b >= 0.9:
+        margin = _margin(a, uncovered_a)
+        if margin is None:
+            edits.append(f"cropped to {cover_a:.0%} of the area")
+        else:
+            edits.append(f"{margin} removed")
+            padded = "first"
+    elif cover_b < 0.9 and cover_a >= 0.9:
+        margin = _margin(b, outside_b)
+        edits.append(f"{margin} added" if margin else "framed in a larger picture")
+        padded = "second" if margin else None
+    elif cover_a < 0.9 and cover_b < 0.9:
+        edits.append(f"overlapping crops ({cover_a:.0%} and {cover_b:.0%})")
+    return edits or ["re-encoded"], padded

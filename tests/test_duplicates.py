@@ -1,0 +1,285 @@
+"""Duplicates you can trust: every edit verified with its evidence, a second shot and a different
+photo refused, the three tiers, reference folders, the user's decisions, --keep best."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+from PIL import Image, ImageFilter
+
+from retrieval import Index, IndexOptions
+from retrieval.duplicates.edits import EDITS, edited, encoded
+from retrieval.duplicates.hashes import ISOMETRIES, best_isometry, signature
+from retrieval.duplicates.keep import Ranking
+from retrieval.duplicates.signatures import signature_of_file
+from retrieval.duplicates.verify import ImageCache, verify_pair
+from retrieval.indexes.rows import Row
+from tests.corpus import scene
+
+# What the verifier must say about each edit (one word of its evidence at least).
+SAYS = {
+    "jpeg": "re-encoded",
+    "shrunk": "resized",
+    "cropped": "cropped",
+    "mirrored": "mirrored",
+    "rotated": "rotated 90",
+    "border": "border",
+    "greyscale": "greyscale",
+    "caption": "caption",
+    "brightness": "brightness",
+}
+
+
+def saved(folder: Path, name: str, image: Image.Image) -> tuple[str, object]:
+    path = folder / name
+    path.write_bytes(encoded(image))
+    return str(path), signature_of_file(str(path))
+
+
+@pytest.mark.parametrize(
+    "turn, name",
+    [
+        (Image.Transpose.FLIP_LEFT_RIGHT, "mirrored"),
+        (Image.Transpose.FLIP_TOP_BOTTOM, "flipped upside down"),
+        (Image.Transpose.ROTATE_180, "rotated 180°"),
+        (Image.Transpose.ROTATE_270, "rotated 90° clockwise"),
+        (Image.Transpose.ROTATE_90, "rotated 90° anticlockwise"),
+        (Image.Transpose.TRANSPOSE, "transposed"),
+        (Image.Transpose.TRANSVERSE, "transversed"),
+    ],
+)
+def test_the_eight_hashes_name_the_turn_or_flip(turn, name) -> None:
+    picture = scene(1)
+    bits, found = best_isometry(
+        signature(picture).hashes, signature(picture.transpose(turn)).hashes
+    )
+    assert bits <= 2 and ISOMETRIES[found] == name
+
+
+def test_the_as_is_hash_is_imagehash_phash() -> None:
+    imagehash = pytest.importorskip("imagehash")
+    picture = scene(2)
+    assert f"{int(signature(picture).hashes[0]):016x}" == str(imagehash.phash(picture))
+
+
+@pytest.mark.parametrize("edit", EDITS)
+def test_every_edit_is_verified_and_its_evidence_names_it(tmp_path, edit) -> None:
+    rng = np.random.default_rng(3)
+    images = ImageCache()
+    for seed in range(2):
+        original = saved(tmp_path, f"o{seed}.jpg", scene(seed))
+        copy = saved(tmp_path, f"c{seed}.jpg", edited(scene(seed), edit, rng))
+        verdict = verify_pair(original, copy, images)
+        assert verdict.copy, (edit, verdict.evidence())
+        assert any(SAYS[edit] in said for said in verdict.edits), verdict.edits
+        assert verify_pair(copy, original, images).copy  # either way round
+
+
+def test_a_second_shot_and_a_different_photo_are_not_copies(tmp_path) -> None:
+    images = ImageCache()
+    for seed in range(3):
+        original = saved(tmp_path, f"o{seed}.jpg", scene(seed))
+        again = saved(tmp_path, f"again{seed}.jpg", scene(seed, moved=7 + seed))
+        other = saved(tmp_path, f"other{seed}.jpg", scene(seed + 10))
+        assert not verify_pair(original, again, images).copy
+        assert not verify_pair(original, other, images).copy
+
+
+def test_keep_best_prefers_pixels_then_sharpness(tmp_path) -> None:
+    sharp, blurred, small = tmp_path / "sharp.png", tmp_path / "blurred.png", tmp_path / "s.png"
+    scene(4, (256, 192)).save(sharp)
+    scene(4, (256, 192)).filter(ImageFilter.GaussianBlur(2)).save(blurred)
+    scene(4, (128, 96)).save(small)
+
+    def row(i, path):
+        return Row(i, str(path), path.stat().st_size, 0, f"h{i}", "x", "indexed")
+
+    rows = [row(1, small), row(2, blurred), row(3, sharp)]
+    ranking = Ranking("best", images=ImageCache())
+    assert [r.path for r in ranking.order(rows)] == [str(sharp), str(blurred), str(small)]
+    reference = Ranking("best", references=[str(tmp_path / "refs")], images=ImageCache())
+    (tmp_path / "refs").mkdir()
+    kept = tmp_path / "refs" / "kept.png"
+    shutil.copy(small, kept)
+    assert reference.order([*rows, row(4, kept)])[0].path == str(kept)
+
+
+# -- the whole pass, through the CLI and the Index ---------------------------------------------
+
+
+def make_photos(root: Path) -> dict[str, Path]:
+    """6 scenes; a mirrored, a cropped and a captioned copy; an exact copy in a reference
+    folder; a second shot."""
+    album, refs = root / "album", root / "refs"
+    album.mkdir(parents=True)
+    refs.mkdir()
+    rng = np.random.default_rng(0)
+    for seed in range(6):
+        scene(seed).save(album / f"scene{seed}.png")
+    files = {
+        "mirrored": album / "scene0-mirrored.jpg",
+        "cropped": album / "scene1-cropped.jpg",
+        "captioned": album / "scene2-captioned.jpg",
+        "again": album / "scene3-again.png",
+        "reference": refs / "scene4.png",
+    }
+    files["mirrored"].write_bytes(encoded(edited(scene(0), "mirrored", rng)))
+    files["cropped"].write_bytes(encoded(edited(scene(1), "cropped", rng)))
+    files["captioned"].write_bytes(encoded(edited(scene(2), "caption", rng)))
+    scene(3, moved=11).save(files["again"])
+    shutil.copy(album / "scene4.png", files["reference"])
+    return files
+
+
+def cli():
+    import click
+
+    from retrieval.cli import duplicates_cmds
+
+    group = click.Group()
+    duplicates_cmds.register(group)
+    return group
+
+
+def run(*args: str) -> list[dict]:
+    result = CliRunner().invoke(cli(), ["duplicates", *args, "--json"])
+    assert result.exit_code == 0, result.output
+    return [json.loads(line) for line in result.stdout.splitlines()]
+
+
+@pytest.fixture(scope="module")
+def photos(tmp_path_factory, small_model):
+    root = tmp_path_factory.mktemp("dups")
+    files = make_photos(root / "photos")
+    Index.create(root / "idx", root / "photos", IndexOptions(weights=str(small_model))).close()
+    return root, files
+
+
+def as_sets(groups: list[dict], kind: str) -> list[set[str]]:
+    return [
+        {os.path.basename(m["path"]) for m in g["members"]} for g in groups if g["kind"] == kind
+    ]
+
+
+def test_the_tiers_through_the_cli(photos) -> None:
+    root, files = photos
+    groups = run("--index", str(root / "idx"), "--reference", str(root / "photos" / "refs"))
+    assert as_sets(groups, "exact") == [{"scene4.png"}]  # one name, two folders
+    assert sorted(map(sorted, as_sets(groups, "copy"))) == [
+        ["scene0-mirrored.jpg", "scene0.png"],
+        ["scene1-cropped.jpg", "scene1.png"],
+        ["scene2-captioned.jpg", "scene2.png"],
+    ]
+    exact = next(g for g in groups if g["kind"] == "exact")
+    assert exact["representative"] == str(files["reference"])  # the reference leads
+    assert exact["members"][0]["reference"] is True
+    edits = {
+        os.path.basename(g["members"][1]["path"]): g["members"][1]["evidence"]["edits"]
+        for g in groups
+        if g["kind"] == "copy"
+    }
+    said = {name: " ".join(e) for name, e in edits.items()}
+    assert "mirrored" in said.get("scene0-mirrored.jpg", "")
+    assert "cropped" in said.get("scene1-cropped.jpg", "")
+    assert "caption" in said.get("scene2-captioned.jpg", "")
+    # the second shot is no copy; it may only ever be "similar"
+    assert not any("scene3-again.png" in s for s in as_sets(groups, "copy"))
+
+
+def test_the_same_groups_through_the_library(photos) -> None:
+    from retrieval.duplicates.groups import DuplicateOptions, find_duplicates
+
+    root, _ = photos
+    with Index.open(root / "idx") as ix:
+        report = find_duplicates(ix, DuplicateOptions(keep="first"))
+    cli_groups = run("--index", str(root / "idx"), "--keep", "first")
+    assert [g.to_dict() for g in report.groups] == cli_groups
+    assert report.verified >= 3 and report.candidates >= report.verified
+
+
+def test_a_reference_file_leads_and_is_never_moved(tmp_path, small_model) -> None:
+    files = make_photos(tmp_path / "photos")
+    album_copy = tmp_path / "photos" / "album" / "scene4.png"
+    Index.create(
+        tmp_path / "idx", tmp_path / "photos", IndexOptions(weights=str(small_model))
+    ).close()
+    args = ["--index", str(tmp_path / "idx"), "--reference", str(tmp_path / "photos" / "refs")]
+    result = CliRunner().invoke(
+        cli(), ["duplicates", *args, "--action", "move", "--to", str(tmp_path / "aside")]
+    )
+    assert result.exit_code == 0, result.output
+    assert files["reference"].exists() and not album_copy.exists()
+    assert (tmp_path / "aside" / album_copy.relative_to(album_copy.anchor)).exists()
+
+
+def test_not_duplicate_is_remembered_across_a_rename_and_a_reindex(tmp_path, small_model) -> None:
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    scene(0).save(folder / "a.png")
+    (folder / "b.jpg").write_bytes(encoded(edited(scene(0), "mirrored", np.random.default_rng(0))))
+    index_dir = tmp_path / "idx"
+    Index.create(index_dir, folder, IndexOptions(weights=str(small_model))).close()
+    assert len(as_sets(run("--index", str(index_dir)), "copy")) == 1
+    said = CliRunner().invoke(
+        cli(),
+        [
+            "duplicates",
+            "--index",
+            str(index_dir),
+            "--not-duplicate",
+            str(folder / "a.png"),
+            str(folder / "b.jpg"),
+        ],
+    )
+    assert said.exit_code == 0 and "remembered" in said.output
+    assert as_sets(run("--index", str(index_dir)), "copy") == []
+    (folder / "b.jpg").rename(folder / "renamed.jpg")  # moved: its bytes are what was decided
+    Index.create(index_dir, folder, IndexOptions(weights=str(small_model))).close()
+    assert as_sets(run("--index", str(index_dir)), "copy") == []
+    forgot = CliRunner().invoke(
+        cli(), ["duplicates", "--index", str(index_dir), "--forget-decisions"]
+    )
+    assert forgot.exit_code == 0 and "forgot 1" in forgot.output
+    assert len(as_sets(run("--index", str(index_dir)), "copy")) == 1
+
+
+def test_same_bytes_cannot_be_declared_not_duplicates(tmp_path, small_model) -> None:
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    scene(0).save(folder / "a.png")
+    shutil.copy(folder / "a.png", folder / "b.png")
+    Index.create(tmp_path / "idx", folder, IndexOptions(weights=str(small_model))).close()
+    said = CliRunner().invoke(
+        cli(),
+        [
+            "duplicates",
+            "--index",
+            str(tmp_path / "idx"),
+            "--not-duplicate",
+            str(folder / "a.png"),
+            str(folder / "b.png"),
+        ],
+    )
+    assert said.exit_code == 2 and "same bytes" in said.output
+
+
+def test_similar_needs_asking_and_threshold_needs_similar(photos) -> None:
+    root, _ = photos
+    refused = CliRunner().invoke(
+        cli(), ["duplicates", "--index", str(root / "idx"), "--threshold", "1"]
+    )
+    assert refused.exit_code == 2 and "--similar" in refused.output
+    plain = run("--index", str(root / "idx"))
+    assert all(g["kind"] in ("exact", "copy") for g in plain)
+    # a distance far beyond any pair: everything not grouped otherwise is "similar"
+    wide = run("--index", str(root / "idx"), "--similar", "--threshold", "1e6")
+    similar = as_sets(wide, "similar")
+    assert similar and all(g["kind"] in ("exact", "copy", "similar") for g in wide)
+    grouped = set().union(*as_sets(plain, "exact"), *as_sets(plain, "copy"))
+    assert not any(name in grouped for s in similar for name in s if name != "scene4.png")
