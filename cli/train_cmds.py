@@ -85,9 +85,10 @@ from .progress import stage_bars
 )
 @click.option(
     "--finetune",
-    type=click.Choice(["imagenet"]),
     default=None,
-    help="Start from torchvision's ImageNet weights with a new last layer.",
+    metavar="imagenet|PATH",
+    help="Start from torchvision's ImageNet weights, or from any AlexNet checkpoint (or "
+    "torchvision state dict) whatever its classes: conv and FC layers kept, a new last layer.",
 )
 @click.option(
     "--freeze",

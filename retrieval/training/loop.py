@@ -56,6 +56,7 @@ from retrieval.training.recipes import (
     scale_to_unit,
     warmup_factor,
 )
+from retrieval.training.start import check_fits, load_start
 from retrieval.training.validation import autocast_for, validate
 from retrieval.units import counted
 
@@ -122,6 +123,11 @@ class _Run:
             recipe = Recipe.from_dict(state["recipe"])  # the checkpoint's recipe wins
         self.options, self.output = options, output
         self.device = resolve_device(options.device)
+        # The fine-tuning start is read (and its architecture checked) before any data is.
+        start = load_start(recipe.finetune) if recipe.finetune and state is None else None
+        if start is not None:
+            check_fits(start, recipe.model_args(1, start.args.in_channels))
+        self.started_from = start.record() if start else (state or {}).get("started_from")
         self.data = open_run_data(data_dir, recipe)
         n_classes, channels = len(self.data.classes), self.data.channels
         if state is not None and list(state["classes"]) != self.data.classes:
@@ -145,7 +151,9 @@ class _Run:
         self.side = resize_for(recipe.image_size)
         cache_run_data(self.data, recipe.image_size, options)
         self.database = retrieval_sample(self.data, recipe.seed, options.retrieval_images)
-        self.model = build_model(recipe, n_classes, channels, pretrained=state is None)
+        self.model = build_model(
+            recipe, n_classes, channels, pretrained=state is None, start=start
+        )
         self.best: dict[str, Any] | None = None
         self.best_state: dict[str, torch.Tensor] | None = None
         if state is not None:
@@ -157,8 +165,9 @@ class _Run:
             self.pca = PCAColor.from_dict(train_state["pca"])
         else:
             self.prep, self.pca = measure_preprocessing(
-                recipe, self.data, self.side, run_workers(options)
+                recipe, self.data, self.side, run_workers(options), start
             )
+        del start  # 240 MB of weights, now in the model
         self.transform = BatchTransform(
             recipe.image_size, self.prep.mean, self.prep.std, self.pca, recipe.augmentation
         )
@@ -225,6 +234,7 @@ class _Run:
             metrics=self.history,
             best=self.best,
             finished=finished,
+            started_from=self.started_from,
             data={
                 "source": self.data.source,
                 "train": len(self.data.train),
