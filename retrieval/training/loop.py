@@ -151,9 +151,7 @@ class _Run:
         self.side = resize_for(recipe.image_size)
         cache_run_data(self.data, recipe.image_size, options)
         self.database = retrieval_sample(self.data, recipe.seed, options.retrieval_images)
-        self.model = build_model(
-            recipe, n_classes, channels, pretrained=state is None, start=start
-        )
+        self.model = build_model(recipe, n_classes, channels, pretrained=state is None, start=start)
         self.best: dict[str, Any] | None = None
         self.best_state: dict[str, torch.Tensor] | None = None
         if state is not None:

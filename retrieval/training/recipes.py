@@ -1,5 +1,6 @@
 """Training recipes: the paper's (section 5), OneCycle for short budgets, and fine-tuning
-torchvision's ImageNet weights or any AlexNet checkpoint; and the network and learning-rate schedule each one starts from.
+torchvision's ImageNet weights or any AlexNet checkpoint; and the network and learning-rate
+schedule each one starts from.
 
 A :class:`Recipe` holds everything that decides the trained weights (the seed included), so a
 checkpoint that stores it says how it was made, and ``--resume`` continues with exactly it.

@@ -96,8 +96,8 @@ def load_into(model: AlexNet, start: StartingPoint, channels: int) -> None:
     conv1 = state["features.0.weight"]
     if conv1.shape[1] != channels:
         summed = conv1.sum(dim=1, keepdim=True)
-        state["features.0.weight"] = summed if channels == 1 else (summed / channels).repeat(
-            1, channels, 1, 1
+        state["features.0.weight"] = (
+            summed if channels == 1 else (summed / channels).repeat(1, channels, 1, 1)
         )
     missing, unexpected = model.load_state_dict(state, strict=False)
     if unexpected or set(missing) != head:
