@@ -357,6 +357,7 @@ class _Run:
         if self.best is None or score > self.best["score"]:
             self.best = {"epoch": row["epoch"], "select": self.recipe.select, "score": score}
             self.best_state = self.current_state()
+        row["kept_epoch"] = self.best["epoch"]  # so a log alone can mark it (figures/curves.py)
         self.keep_to_budget()
         row["epochs"] = self.recipe.epochs  # the log line says the end as it now stands
         finished = self.epoch >= self.recipe.epochs
