@@ -68,6 +68,11 @@ class LoadedModel:
         return record
 
     @property
+    def class_names(self) -> dict[str, str]:
+        """Readable names of WordNet-id classes, as training found them (``words.txt``)."""
+        return dict(self.metadata.get("class_names") or {})
+
+    @property
     def started_from(self) -> dict[str, Any] | None:
         """The weights a fine-tuned checkpoint started from (source, sha256, arch, classes)."""
         return self.metadata.get("started_from")
@@ -185,7 +190,7 @@ def _load_file(path: Path) -> LoadedModel:
         state = data["model"]
         preprocessing = Preprocessing.from_dict(data["preprocessing"])
         classes = data.get("classes")
-        keys = ("recipe", "epoch", "metrics", "started_from")
+        keys = ("recipe", "epoch", "metrics", "started_from", "class_names")
         metadata = {k: data[k] for k in keys if data.get(k) is not None}
     else:
         state = data.get("state_dict", data)

@@ -24,6 +24,7 @@ from torch.nn import functional as F
 from retrieval.atomic import atomic_write_text
 from retrieval.devices import resolve_device
 from retrieval.errors import DataError
+from retrieval.images.class_names import names_for
 from retrieval.model.preprocess import Preprocessing
 from retrieval.model.weights import save_checkpoint
 from retrieval.progress import silent
@@ -132,6 +133,9 @@ class _Run:
         n_classes, channels = len(self.data.classes), self.data.channels
         if state is not None and list(state["classes"]) != self.data.classes:
             raise DataError(f"--resume: {data_dir} has other classes than {output}")
+        # Readable names of WordNet-id class folders (a words.txt beside the data), kept with
+        # the weights so evaluate and the figures can name the classes without the data.
+        self.class_names = names_for(self.data.classes, data_dir) or None
         self.plan = ""
         if state is None and options.time_budget:
             plan = plan_for_time(
@@ -233,6 +237,7 @@ class _Run:
             best=self.best,
             finished=finished,
             started_from=self.started_from,
+            class_names=self.class_names,
             data={
                 "source": self.data.source,
                 "train": len(self.data.train),
