@@ -38,10 +38,19 @@ def read_words(path: str | Path) -> dict[str, str]:
     return names
 
 
-@functools.lru_cache(maxsize=256)
 def _words_in(folder: Path) -> dict[str, str]:
+    """The mapping in ``folder/words.txt`` (read again only when the file changes)."""
     path = folder / WORDS_FILE
-    return read_words(path) if path.is_file() else {}
+    try:
+        stat = path.stat()
+    except OSError:
+        return {}
+    return _read_cached(str(path), stat.st_mtime_ns, stat.st_size)
+
+
+@functools.lru_cache(maxsize=64)
+def _read_cached(path: str, mtime_ns: int, size: int) -> dict[str, str]:
+    return read_words(path)
 
 
 def names_near(folder: str | Path, levels: int = LEVELS) -> dict[str, str]:
@@ -75,3 +84,11 @@ def display_name(label: str, names: Mapping[str, str] | None, *, with_id: bool =
     if not name or name == label:
         return label
     return f"{name} ({label})" if with_id else name
+
+
+def name_of(label: str, path: str | Path) -> str | None:
+    """The readable name of an indexed image's label (its folder), from a ``words.txt`` near the
+    image; None for a label that is no WordNet id or that no ``words.txt`` names."""
+    if not WNID.match(label or ""):
+        return None
+    return names_near(Path(path).parent).get(label)
