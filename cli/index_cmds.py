@@ -247,7 +247,7 @@ def _started_from(info: dict) -> list[tuple[str, str]]:
     start = info.get("started_from")
     if not start:
         return []
-    classes = f", {len(start['classes'])} classes" if start.get("classes") else ""
+    classes = f", {start['num_classes']} classes" if start.get("num_classes") else ""
     return [("fine-tuned", f"from {start['source']} (sha256 {start['sha256'][:12]}{classes})")]
 
 

@@ -96,7 +96,7 @@ def test_finetune_from_a_checkpoint_trains_indexes_queries_and_info_names_it(
     assert not torch.equal(tuned.model.classifier[4].weight, original.model.classifier[4].weight)
     recorded = tuned.started_from
     assert recorded["source"] == str(start.resolve()) and recorded["sha256"] == original.sha256
-    assert recorded["classes"] == [f"other{i}" for i in range(5)]
+    assert recorded["classes"] == [f"other{i}" for i in range(5)] and recorded["num_classes"] == 5
 
     index = tmp_path / "index"
     result = CliRunner().invoke(

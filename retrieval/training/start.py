@@ -20,6 +20,10 @@ from retrieval.model.alexnet import AlexNet, ModelArgs
 from retrieval.model.preprocess import Preprocessing
 from retrieval.model.weights import GREY_MEAN, GREY_STD, load_model
 
+# A start's class names are recorded up to this many (ImageNet's 1,000 would swell every
+# manifest built from the checkpoint; their number is always recorded).
+RECORDED_CLASSES = 100
+
 
 @dataclass
 class StartingPoint:
@@ -34,11 +38,13 @@ class StartingPoint:
 
     def record(self) -> dict[str, Any]:
         """What the checkpoint keeps of it (plain data, so ``weights_only`` loading works)."""
+        named = self.classes and len(self.classes) <= RECORDED_CLASSES
         return {
             "source": self.source,
             "sha256": self.sha256,
             "arch": self.args.to_dict(),
-            "classes": list(self.classes) if self.classes else None,
+            "num_classes": self.args.num_classes,
+            "classes": list(self.classes) if named else None,
         }
 
     def mean_std(self, channels: int) -> tuple[tuple[float, ...], tuple[float, ...]]:
