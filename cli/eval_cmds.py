@@ -52,6 +52,13 @@ from .progress import stage_bars
     help="Also average the paper's ten crops.",
 )
 @click.option("--batch-size", type=click.IntRange(min=1), default=128, show_default=True)
+@click.option(
+    "-o",
+    "--output",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    help="With --weights: draw the confusion matrix here (PNG; the classes on the axes).",
+)
 @device_option
 @precision_option
 @workers_option
@@ -65,6 +72,7 @@ def evaluate_command(
     map_depth,
     ten_crop,
     batch_size,
+    output,
     device,
     precision,
     workers,
@@ -76,6 +84,8 @@ def evaluate_command(
     if not weights and index_dir is not None:
         retrieval = True  # an index and no classifier: there is only one thing to evaluate
     if retrieval:
+        if output is not None:
+            raise click.UsageError("-o draws a classifier's confusion matrix: give --weights")
         from retrieval.evaluation.retrieval_quality import evaluate_retrieval
 
         with open_index(
@@ -111,6 +121,9 @@ def evaluate_command(
             workers=workers,
             progress=bars,
         )
+    if output is not None:
+        report.draw_confusion(output)
+        click.echo(f"confusion matrix: {output}", err=True)
     if as_json:
         emit_json(report.to_dict())
         return
@@ -124,7 +137,14 @@ def evaluate_command(
             f"top-5 {100 * report.top5_ten_crop:.2f}%"
         )
     for name, accuracy in report.per_class.items():
-        click.echo(f"  {name}: {100 * accuracy:.1f}%")
+        click.echo(f"  {report.display(name, with_id=True)}: {100 * accuracy:.1f}%")
+    if report.largest_confusions:
+        click.echo("most confused (true -> predicted):")
+        for cell in report.largest_confusions:
+            click.echo(
+                f"  {cell['true']} -> {cell['predicted']}: {cell['count']} "
+                f"({100 * cell['share_of_true']:.1f}% of {cell['true']})"
+            )
 
 
 @click.command("recall")

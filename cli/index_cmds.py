@@ -235,6 +235,7 @@ def info_command(index_dir, as_json):
             "model",
             f"{info['model']} (AlexNet {info['arch']}, sha256 {info['weights_sha256'][:12]})",
         ),
+        *_started_from(info),
         ("layer", f"{info['layer']}, {info['dim']}-d, {info['metric']} distance"),
         ("precision", info["precision"] + (assumed if info["assumed"] else "") + _agreement(info)),
         (
@@ -247,6 +248,14 @@ def info_command(index_dir, as_json):
     ]
     for name, value in lines:
         click.echo(f"{name:<11} {value}")
+
+
+def _started_from(info: dict) -> list[tuple[str, str]]:
+    start = info.get("started_from")
+    if not start:
+        return []
+    classes = f", {start['num_classes']} classes" if start.get("num_classes") else ""
+    return [("fine-tuned", f"from {start['source']} (sha256 {start['sha256'][:12]}{classes})")]
 
 
 @click.command("remove")

@@ -11,13 +11,24 @@ from .progress import stage_bars
 
 
 @click.command("train")
-@click.argument("data_dir", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.argument(
+    "data_dir", required=False, type=click.Path(exists=True, file_okay=False, path_type=Path)
+)
 @click.option(
     "-o",
     "--output",
     type=click.Path(dir_okay=False, path_type=Path),
     required=True,
-    help="Checkpoint to write (a .metrics.jsonl log goes next to it).",
+    help="Checkpoint to write (a .metrics.jsonl log and .curves.png go next to it); with "
+    "--plot, the picture.",
+)
+@click.option(
+    "--plot",
+    "plot_log",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    default=None,
+    metavar="METRICS.jsonl",
+    help="Draw the training curves of a run's metrics log into -o (no training).",
 )
 @click.option(
     "--recipe",
@@ -85,9 +96,10 @@ from .progress import stage_bars
 )
 @click.option(
     "--finetune",
-    type=click.Choice(["imagenet"]),
     default=None,
-    help="Start from torchvision's ImageNet weights with a new last layer.",
+    metavar="imagenet|PATH",
+    help="Start from torchvision's ImageNet weights, or from any AlexNet checkpoint (or "
+    "torchvision state dict) whatever its classes: conv and FC layers kept, a new last layer.",
 )
 @click.option(
     "--freeze",
@@ -158,6 +170,7 @@ from .progress import stage_bars
 def train_command(
     data_dir,
     output,
+    plot_log,
     recipe,
     arch,
     batch_norm,
@@ -188,10 +201,27 @@ def train_command(
 ):
     """Train AlexNet on DATA_DIR (train/ and val/ class folders, one folder of classes, or the
     four idx files of (Fashion-)MNIST) and write a checkpoint for `retrieve index --weights`."""
+    from retrieval.figures.curves import curves_path, read_metrics, save_curves
+
+    if plot_log is not None:
+        if data_dir is not None:
+            raise click.UsageError("--plot draws a log: leave out DATA_DIR")
+        save_curves(read_metrics(plot_log), output, title=plot_log.name)
+        click.echo(str(output))
+        return
+    if data_dir is None:
+        raise click.UsageError("give DATA_DIR (or --plot METRICS.jsonl)")
     from retrieval.training.augment import Augmentation
     from retrieval.training.budget import parse_duration
-    from retrieval.training.loop import describe_epoch, make_recipe, train
+    from retrieval.training.loop import describe_epoch, make_recipe, metrics_log_path, train
     from retrieval.training.prepare import RunOptions
+
+    curves = curves_path(output)
+
+    def on_epoch(row: dict) -> None:
+        click.echo(describe_epoch(row), err=True)
+        # Redrawn from the log each epoch, so a long run's picture can be opened as it goes.
+        save_curves(read_metrics(metrics_log_path(output)), curves, title=output.name)
 
     if freeze and not finetune:
         raise click.UsageError("--freeze needs --finetune")
@@ -241,12 +271,13 @@ def train_command(
             output,
             chosen,
             options,
-            on_epoch=lambda row: click.echo(describe_epoch(row), err=True),
+            on_epoch=on_epoch,
             on_start=lambda line: click.echo(line, err=True),
         )
     summary = {
         "checkpoint": str(result.checkpoint),
         "metrics_log": str(result.metrics_log),
+        "curves": str(curves) if curves.exists() else None,
         "epochs": result.epochs,
         "finished": result.finished,
         "seconds": result.seconds,
@@ -272,6 +303,8 @@ def train_command(
     if result.best:
         best = result.best
         click.echo(f"kept epoch {best['epoch']} (best {best['select']}: {best['score']:.3f})")
+    if curves.exists():
+        click.echo(f"curves: {curves}")
 
 
 def register(group: click.Group) -> None:

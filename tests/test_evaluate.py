@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
@@ -106,3 +107,93 @@ def test_class_folders_unknown_to_the_model_are_refused(checkpoint: Path, tmp_pa
     make_labelled_folder(tmp_path / "other", classes=5, per_class=1, size=32)
     with pytest.raises(DataError, match="not in the model's classes"):
         evaluate_classifier(checkpoint, tmp_path / "other", device="cpu", workers=0)
+
+
+def test_the_confusion_matrix_counts_every_image_once(checkpoint: Path, folder: Path) -> None:
+    report = evaluate_classifier(checkpoint, folder, device="cpu", workers=0, ten_crop=False)
+    matrix = np.array(report.confusion)
+    assert report.classes == CLASSES and matrix.shape == (3, 3)
+    assert matrix.sum() == report.images == 9
+    assert matrix.sum(axis=1).tolist() == [3, 3, 3]  # rows: the true classes
+    assert np.trace(matrix) / 9 == pytest.approx(report.top1)
+    for i, name in enumerate(CLASSES):
+        assert matrix[i, i] / 3 == pytest.approx(report.per_class[name])
+    # The columns are the classifier's own predictions, counted independently here.
+    loaded = load_model(checkpoint)
+    prep = loaded.preprocessing
+    images = open_eval_data(folder, CLASSES, 3)
+    transform = BatchTransform(prep.crop, prep.mean, prep.std)
+    logits, _ = classify(loaded.model, images, transform, prep.resize, 4, torch.device("cpu"))
+    assert matrix.sum(axis=0).tolist() == np.bincount(logits.argmax(1), minlength=3).tolist()
+
+
+def test_evaluate_draws_the_confusion_matrix_with_the_classes_on_its_axes(
+    checkpoint: Path, folder: Path, tmp_path: Path
+) -> None:
+    from PIL import Image
+
+    from retrieval.cli.main import cli
+    from retrieval.figures.confusion import confusion_figure
+
+    out = tmp_path / "confusion.png"
+    args = ["evaluate", str(folder), "--weights", str(checkpoint), "--no-ten-crop", "--json"]
+    result = CliRunner().invoke(cli, [*args, "--workers", "0", "-o", str(out)])
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.stdout)
+    assert sum(map(sum, data["confusion"])) == data["images"] == 9
+    assert data["classes"] == CLASSES
+    with Image.open(out) as image:
+        assert image.format == "PNG" and min(image.size) >= 500
+
+    figure = confusion_figure(np.array(data["confusion"]), CLASSES)
+    axes = figure.axes[0]
+    assert [t.get_text() for t in axes.get_xticklabels()] == CLASSES
+    assert [t.get_text() for t in axes.get_yticklabels()] == CLASSES
+    assert (axes.get_xlabel(), axes.get_ylabel()) == ("predicted class", "true class")
+    shares = axes.get_images()[0].get_array()
+    assert np.allclose(shares.sum(axis=1), 1.0)  # colours: each row's shares
+    assert sum(int(t.get_text()) for t in axes.texts) == 9  # the counts in the cells
+
+
+def test_many_classes_are_drawn_unnamed_and_their_largest_confusions_listed() -> None:
+    from retrieval.figures.confusion import LABELLED, confusion_figure, largest_confusions
+
+    n = LABELLED + 20
+    matrix = np.eye(n, dtype=int) * 5
+    matrix[3, 7], matrix[10, 2], matrix[50, 51] = 4, 2, 3
+    labels = [f"class{i}" for i in range(n)]
+    cells = largest_confusions(matrix, labels, n=10)
+    assert [(c["true"], c["predicted"], c["count"]) for c in cells] == [
+        ("class3", "class7", 4),
+        ("class50", "class51", 3),
+        ("class10", "class2", 2),
+    ]
+    assert cells[0]["share_of_true"] == pytest.approx(4 / 9)
+    axes = confusion_figure(matrix, labels).axes[0]
+    assert not axes.get_xticklabels() and not axes.texts
+    assert "largest confusions" in axes.get_title()
+
+
+def test_wordnet_id_classes_are_named_from_words_txt_beside_the_data(tmp_path: Path) -> None:
+    from retrieval.cli.main import cli
+
+    wnids = ["n01440764", "n02102040", "n02979186"]
+    path = tmp_path / "wnid.pt"
+    model = build_alexnet(ModelArgs(num_classes=3), seed=3)
+    prep = Preprocessing(resize=73, crop=64, mean=(0.6, 0.6, 0.6), std=(0.3, 0.3, 0.3))
+    save_checkpoint(path, model, prep, classes=wnids)
+    made = make_labelled_folder(tmp_path / "data" / "val", classes=3, per_class=2, size=40)
+    for wnid, shape in zip(wnids, made, strict=True):
+        (tmp_path / "data" / "val" / shape).rename(tmp_path / "data" / "val" / wnid)
+    (tmp_path / "data" / "words.txt").write_text(
+        "n01440764\ttench, Tinca tinca\nn02102040\tEnglish springer\nn02979186\tcassette player\n"
+    )
+    args = ["evaluate", str(tmp_path / "data"), "--weights", str(path), "--no-ten-crop"]
+    result = CliRunner().invoke(cli, [*args, "--workers", "0"])
+    assert result.exit_code == 0, result.output
+    assert "  tench (n01440764): " in result.stdout
+    assert "  cassette player (n02979186): " in result.stdout
+    report = evaluate_classifier(path, tmp_path / "data", device="cpu", workers=0, ten_crop=False)
+    assert report.names == dict(zip(wnids, ["tench", "English springer", "cassette player"]))
+    assert report.labels() == ["tench", "English springer", "cassette player"]  # the axes
+    assert report.draw_confusion(tmp_path / "c.png").exists()

@@ -11,6 +11,7 @@ from PIL import Image, ImageDraw, ImageFont, ImageOps
 
 from retrieval.atomic import atomic_write
 from retrieval.errors import ImageReadError, RetrieveError
+from retrieval.images.class_names import name_of
 from retrieval.images.decode import load_image
 from retrieval.images.walk import find_images
 from retrieval.results import QueryResult
@@ -40,6 +41,11 @@ def _fit_text(draw: ImageDraw.ImageDraw, text: str, font: ImageFont.ImageFont, w
     while text and draw.textlength(text + "…", font=font) > width:
         text = text[:-1]
     return text + "…"
+
+
+def _readable(label: str, path: str) -> str:
+    """A WordNet-id folder (n01440764) by the name a ``words.txt`` near the image gives it."""
+    return name_of(label, path) or label
 
 
 def pick_queries(queries: Sequence[Path], n: int, seed: int) -> list[Path]:
@@ -83,7 +89,7 @@ def render_grid(results: Sequence[QueryResult], output: Path, *, tile: int = 128
         y = header + row_number * (tile + caption + pad)
         canvas.paste(_tile(result.query, tile), (pad, y))
         draw.rectangle([pad - 3, y - 3, pad + tile + 2, y + tile + 2], outline=QUERY_FRAME, width=3)
-        query_label = Path(result.query).parent.name
+        query_label = _readable(Path(result.query).parent.name, result.query)
         draw.text(
             (pad, y + tile + 4), _fit_text(draw, query_label, font, tile), fill=TEXT, font=font
         )
@@ -91,7 +97,10 @@ def render_grid(results: Sequence[QueryResult], output: Path, *, tile: int = 128
             x = neighbours_x + column * (tile + pad)
             canvas.paste(_tile(neighbor.path, tile), (x, y))
             draw.text(
-                (x, y + tile + 4), _fit_text(draw, neighbor.label, font, tile), fill=TEXT, font=font
+                (x, y + tile + 4),
+                _fit_text(draw, _readable(neighbor.label, neighbor.path), font, tile),
+                fill=TEXT,
+                font=font,
             )
             draw.text(
                 (x, y + tile + 4 + font.size + 2),

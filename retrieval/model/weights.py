@@ -56,13 +56,26 @@ class LoadedModel:
     def describe(self) -> dict[str, Any]:
         """Where the model came from, as a manifest records it (``source`` is absolute, so an
         index built with ``--weights model.pt`` finds the file from any directory)."""
-        return {
+        record = {
             "source": self.source,
             "sha256": self.sha256,
             "arch": self.args.to_dict(),
             "layer": "fc7",
             "preprocessing": self.preprocessing.to_dict(),
         }
+        if self.started_from:  # a fine-tuned checkpoint: what it grew from (`retrieve info`)
+            record["started_from"] = self.started_from
+        return record
+
+    @property
+    def class_names(self) -> dict[str, str]:
+        """Readable names of WordNet-id classes, as training found them (``words.txt``)."""
+        return dict(self.metadata.get("class_names") or {})
+
+    @property
+    def started_from(self) -> dict[str, Any] | None:
+        """The weights a fine-tuned checkpoint started from (source, sha256, arch, classes)."""
+        return self.metadata.get("started_from")
 
     def identity(
         self, precision: str = "fp32", *, reduce: str | None = None, normalize: bool = False
@@ -177,7 +190,8 @@ def _load_file(path: Path) -> LoadedModel:
         state = data["model"]
         preprocessing = Preprocessing.from_dict(data["preprocessing"])
         classes = data.get("classes")
-        metadata = {k: data[k] for k in ("recipe", "epoch", "metrics") if k in data}
+        keys = ("recipe", "epoch", "metrics", "started_from", "class_names")
+        metadata = {k: data[k] for k in keys if data.get(k) is not None}
     else:
         state = data.get("state_dict", data)
         args = _infer_args(state, path)

@@ -202,6 +202,7 @@ class Index:
                 "count": snapshot.count,
                 "skipped": int(manifest.get("skipped", 0)),
                 "model": model["source"],
+                "started_from": model.get("started_from"),  # a fine-tuned model's start
                 "weights_sha256": identity["weights_sha256"],
                 "arch": identity["arch"]["arch"],
                 "layer": identity["layer"],

@@ -29,6 +29,7 @@ from starlette.routing import Route
 
 from retrieval import Index, QueryResult, RetrieveError
 from retrieval.errors import ImageReadError
+from retrieval.images.class_names import name_of
 from retrieval.results import MAX_K
 from retrieval.serve.batcher import QueryBatcher, Upload, top_classes
 from retrieval.serve.collection import CollectionViews, links
@@ -106,7 +107,7 @@ def create_app(index: Index, options: ServeOptions = ServeOptions()) -> Any:
         answer = await request.app.state.batcher.ask(upload)
         if answer.result.error:
             raise Refused(400, answer.result.error)
-        return JSON(_shaped(answer.result, answer.classes, started))
+        return JSON(_shaped(answer.result, answer.classes, started, index))
 
     async def neighbors(request: Request) -> Response:
         started = time.perf_counter()
@@ -117,7 +118,7 @@ def create_app(index: Index, options: ServeOptions = ServeOptions()) -> Any:
         except KeyError:
             raise Refused(404, f"no indexed image has id {row_id}") from None
         classes = await to_thread.run_sync(top_classes, index, [row_id])
-        return JSON(_shaped(result, classes, started))
+        return JSON(_shaped(result, classes, started, index))
 
     async def images(request: Request) -> Response:
         params = request.query_params
@@ -253,18 +254,37 @@ async def _indexed_row(index: Index, text: str):
 # -- shaping -----------------------------------------------------------------------------------
 
 
-def _shaped(result: QueryResult, classes: list[tuple[str, float]], started: float) -> dict:
-    """What ``retrieve query --json`` prints, plus image links, the model's classes and time."""
+def _shaped(
+    result: QueryResult, classes: list[tuple[str, float]], started: float, index: Index
+) -> dict:
+    """What ``retrieve query --json`` prints, plus image links, the model's classes (with
+    readable names of WordNet ids, as the checkpoint records them) and time."""
     data = result.to_dict()
     for neighbor in data["neighbors"]:
-        neighbor.update(links(neighbor["id"]))
-    data["classes"] = [{"label": label, "probability": p} for label, p in classes]
+        neighbor.update(links(neighbor["id"]), **_name(neighbor["label"], neighbor["path"]))
+    names = index.model.class_names if classes else {}
+    data["classes"] = [
+        {"label": label, "probability": p, **({"name": names[label]} if label in names else {})}
+        for label, p in classes
+    ]
     data["took_ms"] = round((time.perf_counter() - started) * 1000, 2)
     return data
 
 
 def _row_json(row) -> dict:
-    return {"id": row.id, "path": row.path, "label": row.label, **links(row.id)}
+    return {
+        "id": row.id,
+        "path": row.path,
+        "label": row.label,
+        **_name(row.label, row.path),
+        **links(row.id),
+    }
+
+
+def _name(label: str, path: str) -> dict:
+    """``{"name": "tench"}`` for a WordNet-id folder a ``words.txt`` near the image names."""
+    name = name_of(label, path)
+    return {"name": name} if name else {}
 
 
 # -- errors and background work ----------------------------------------------------------------

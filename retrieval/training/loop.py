@@ -24,6 +24,7 @@ from torch.nn import functional as F
 from retrieval.atomic import atomic_write_text
 from retrieval.devices import resolve_device
 from retrieval.errors import DataError
+from retrieval.images.class_names import names_for
 from retrieval.model.preprocess import Preprocessing
 from retrieval.model.weights import save_checkpoint
 from retrieval.progress import silent
@@ -56,6 +57,7 @@ from retrieval.training.recipes import (
     scale_to_unit,
     warmup_factor,
 )
+from retrieval.training.start import check_fits, load_start
 from retrieval.training.validation import autocast_for, validate
 from retrieval.units import counted
 
@@ -122,10 +124,18 @@ class _Run:
             recipe = Recipe.from_dict(state["recipe"])  # the checkpoint's recipe wins
         self.options, self.output = options, output
         self.device = resolve_device(options.device)
+        # The fine-tuning start is read (and its architecture checked) before any data is.
+        start = load_start(recipe.finetune) if recipe.finetune and state is None else None
+        if start is not None:
+            check_fits(start, recipe.model_args(1, start.args.in_channels))
+        self.started_from = start.record() if start else (state or {}).get("started_from")
         self.data = open_run_data(data_dir, recipe)
         n_classes, channels = len(self.data.classes), self.data.channels
         if state is not None and list(state["classes"]) != self.data.classes:
             raise DataError(f"--resume: {data_dir} has other classes than {output}")
+        # Readable names of WordNet-id class folders (a words.txt beside the data), kept with
+        # the weights so evaluate and the figures can name the classes without the data.
+        self.class_names = names_for(self.data.classes, data_dir) or None
         self.plan = ""
         if state is None and options.time_budget:
             plan = plan_for_time(
@@ -145,7 +155,7 @@ class _Run:
         self.side = resize_for(recipe.image_size)
         cache_run_data(self.data, recipe.image_size, options)
         self.database = retrieval_sample(self.data, recipe.seed, options.retrieval_images)
-        self.model = build_model(recipe, n_classes, channels, pretrained=state is None)
+        self.model = build_model(recipe, n_classes, channels, pretrained=state is None, start=start)
         self.best: dict[str, Any] | None = None
         self.best_state: dict[str, torch.Tensor] | None = None
         if state is not None:
@@ -157,8 +167,9 @@ class _Run:
             self.pca = PCAColor.from_dict(train_state["pca"])
         else:
             self.prep, self.pca = measure_preprocessing(
-                recipe, self.data, self.side, run_workers(options)
+                recipe, self.data, self.side, run_workers(options), start
             )
+        del start  # 240 MB of weights, now in the model
         self.transform = BatchTransform(
             recipe.image_size, self.prep.mean, self.prep.std, self.pca, recipe.augmentation
         )
@@ -225,6 +236,8 @@ class _Run:
             metrics=self.history,
             best=self.best,
             finished=finished,
+            started_from=self.started_from,
+            class_names=self.class_names,
             data={
                 "source": self.data.source,
                 "train": len(self.data.train),
@@ -349,6 +362,7 @@ class _Run:
         if self.best is None or score > self.best["score"]:
             self.best = {"epoch": row["epoch"], "select": self.recipe.select, "score": score}
             self.best_state = self.current_state()
+        row["kept_epoch"] = self.best["epoch"]  # so a log alone can mark it (figures/curves.py)
         self.keep_to_budget()
         row["epochs"] = self.recipe.epochs  # the log line says the end as it now stands
         finished = self.epoch >= self.recipe.epochs

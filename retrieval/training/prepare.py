@@ -25,6 +25,7 @@ from retrieval.training.augment import PCAColor, pixel_stats, resize_for
 from retrieval.training.datasets import DataSplits, open_training_data, stratified_split
 from retrieval.training.imagesets import FileImages, ImageSet, default_workers
 from retrieval.training.recipes import Recipe
+from retrieval.training.start import StartingPoint
 
 log = logging.getLogger(__name__)
 
@@ -53,16 +54,23 @@ def run_workers(options: RunOptions) -> int:
 
 
 def measure_preprocessing(
-    recipe: Recipe, data: DataSplits, side: int, workers: int = 0
+    recipe: Recipe,
+    data: DataSplits,
+    side: int,
+    workers: int = 0,
+    start: StartingPoint | None = None,
 ) -> tuple[Preprocessing, PCAColor]:
-    """Mean/std and colour PCA from a sample of the training set (section 4.1)."""
+    """Mean/std and colour PCA from a sample of the training set (section 4.1); a fine-tuned
+    network keeps the mean and std its starting weights were trained with."""
     generator = torch.Generator().manual_seed(recipe.seed)
     pick = torch.randperm(len(data.train), generator=generator)[:STATS_SAMPLE]
     batches = data.train.batches(pick, 256, side, workers=workers)
     sample = torch.cat([pixels for pixels, _ in batches])
     stats = pixel_stats(sample, seed=recipe.seed)
     mean, std = stats.mean, stats.std
-    if recipe.finetune:  # the pretrained weights expect ImageNet's statistics
+    if start is not None:  # the pretrained weights expect their own statistics
+        mean, std = start.mean_std(data.channels)
+    elif recipe.finetune:  # (ImageNet's, when no start is given)
         mean, std = (GREY_MEAN, GREY_STD) if data.channels == 1 else (IMAGENET_MEAN, IMAGENET_STD)
     prep = Preprocessing(side, recipe.image_size, tuple(mean), tuple(std), data.channels)
     return prep, stats.pca

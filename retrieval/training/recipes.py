@@ -1,5 +1,6 @@
 """Training recipes: the paper's (section 5), OneCycle for short budgets, and fine-tuning
-torchvision's ImageNet weights; and the network and learning-rate schedule each one starts from.
+torchvision's ImageNet weights or any AlexNet checkpoint; and the network and learning-rate
+schedule each one starts from.
 
 A :class:`Recipe` holds everything that decides the trained weights (the seed included), so a
 checkpoint that stores it says how it was made, and ``--resume`` continues with exactly it.
@@ -7,7 +8,9 @@ checkpoint that stores it says how it was made, and ``--resume`` continues with 
 
 from __future__ import annotations
 
+import os
 from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -21,8 +24,8 @@ from retrieval.model.alexnet import (
     ModelArgs,
     init_as_paper,
 )
-from retrieval.model.weights import load_model
 from retrieval.training.augment import Augmentation
+from retrieval.training.start import StartingPoint, load_into, load_start
 
 RECIPES = ("paper", "onecycle")
 
@@ -67,7 +70,9 @@ class Recipe:
     # "lsuv": He's, then each layer scaled to unit output on training images (``scale_to_unit``).
     init: str = "lsuv"
     augmentation: Augmentation = field(default_factory=Augmentation)
-    finetune: str | None = None  # "imagenet": start from torchvision's weights
+    # "imagenet" (torchvision's weights) or a checkpoint's absolute path: start from it with a
+    # new last layer (training/start.py)
+    finetune: str | None = None
     freeze: str | None = None  # "features": train only the classifier
     val_fraction: float | None = None  # hold out this share of train (else val/, test/, t10k)
     subset: int | None = None  # train on this many images (stratified), for quick runs
@@ -110,9 +115,12 @@ def make_recipe(name: str = "onecycle", **overrides: Any) -> Recipe:
     if recipe.epochs is not None and recipe.steps is not None:
         raise RetrieveError("give --epochs or --steps, not both")
     if recipe.finetune not in (None, "imagenet"):
-        raise RetrieveError(f"--finetune {recipe.finetune}: only 'imagenet' is supported")
+        path = Path(recipe.finetune)
+        if not path.is_file():
+            raise WeightsError(f"--finetune {recipe.finetune}: expected imagenet or a weights file")
+        recipe = replace(recipe, finetune=os.path.abspath(path))  # a resumed run finds it
     plain = recipe.arch == "torchvision" and not recipe.batch_norm and recipe.groups == 1
-    if recipe.finetune and not plain:
+    if recipe.finetune == "imagenet" and not plain:
         raise RetrieveError(
             "--finetune imagenet needs --arch torchvision without --batch-norm or --groups "
             "(the weights' layout)"
@@ -172,10 +180,15 @@ def warmup_factor(recipe: Recipe, global_step: int) -> float:
 
 
 def build_model(
-    recipe: Recipe, n_classes: int, channels: int, *, pretrained: bool = True
+    recipe: Recipe,
+    n_classes: int,
+    channels: int,
+    *,
+    pretrained: bool = True,
+    start: StartingPoint | None = None,
 ) -> AlexNet:
-    """The network a recipe starts from (``pretrained=False`` skips loading ImageNet weights,
-    for a resumed run that overwrites them anyway)."""
+    """The network a recipe starts from (``pretrained=False`` skips loading the fine-tuning
+    start, for a resumed run that overwrites it anyway; ``start``: one already loaded)."""
     args = recipe.model_args(n_classes, channels)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(recipe.seed)  # the same seed gives the same initial weights
@@ -185,13 +198,7 @@ def build_model(
         elif recipe.init in ("kaiming", "lsuv") and not recipe.finetune:
             init_kaiming(model)
     if recipe.finetune and pretrained:
-        state = dict(load_model("imagenet").model.state_dict())
-        del state["classifier.6.weight"], state["classifier.6.bias"]  # new classes, new head
-        if channels == 1:  # grey input: conv1 sees the same value in R, G and B
-            state["features.0.weight"] = state["features.0.weight"].sum(dim=1, keepdim=True)
-        missing, unexpected = model.load_state_dict(state, strict=False)
-        if unexpected or set(missing) != {"classifier.6.weight", "classifier.6.bias"}:
-            raise WeightsError(f"ImageNet weights do not fit: {missing} {unexpected}")
+        load_into(model, start or load_start(recipe.finetune), channels)  # new classes, new head
     if recipe.freeze == "features":
         model.features.requires_grad_(False)
     return model

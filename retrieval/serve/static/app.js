@@ -60,11 +60,11 @@ function tile(item, caption) {
   const img = document.createElement("img");
   img.src = item.thumb_url + "?size=256";
   const name = item.path.split("/").pop();
-  img.alt = (item.label || name) + " (" + name + ")";
+  img.alt = (item.name || item.label || name) + " (" + name + ")";
   img.loading = "lazy";
   const label = document.createElement("span");
   label.className = "label";
-  label.textContent = item.label || name;
+  label.textContent = item.name || item.label || name;  // name: a WordNet id made readable
   button.append(img, label);
   if (caption) {
     const distance = document.createElement("span");
@@ -84,7 +84,7 @@ function show(answer, imageUrl) {
   const classes = $("#classes");
   classes.replaceChildren(...answer.classes.map((c) => {
     const li = document.createElement("li");
-    li.textContent = c.label + " " + (100 * c.probability).toFixed(1) + "%";
+    li.textContent = (c.name || c.label) + " " + (100 * c.probability).toFixed(1) + "%";
     return li;
   }));
   $("#results").replaceChildren(
