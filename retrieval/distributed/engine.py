@@ -74,6 +74,7 @@ class RunReport:
     actors: int = 0
     # Per model actor ("host:pid"): the rows it handled and the seconds it spent on them.
     actor_work: dict[str, ActorWork] = field(default_factory=dict)
+    log: str = ""  # the file Ray's own output went to (ray_logs.py)
 
     def describe_actors(self) -> str:
         """One line of how the work spread, e.g. ``2 model actors: 1,204 rows (busy 92%),
@@ -98,7 +99,9 @@ def connect(options: RayOptions) -> None:
         # At least 4 logical CPUs: with 2, the model actor and the part reader leave no CPU for
         # decoding and a resumed run deadlocks.
         cpus = options.num_cpus or max(LOCAL_CLUSTER_CPUS, usable_cores())
-        ray.init(num_cpus=cpus, include_dashboard=False, log_to_driver=False)
+        # "local": a new cluster even where ray_current_cluster names one started on this
+        # machine by `ray start` (ray.init would join that one, and refuse num_cpus).
+        ray.init(address="local", num_cpus=cpus, include_dashboard=False, log_to_driver=False)
     else:
         ray.init(address=options.address, log_to_driver=False)
 
@@ -108,13 +111,17 @@ def extract_with_ray(
     weights: str,
     out: Path,
     options: RayOptions = RayOptions(),
-    on_part: Callable[[int, int], None] | None = None,
-    on_batch: Callable[[int], None] | None = None,
+    progress: Callable[[int, int], None] | None = None,
     preprocessing: dict | None = None,
 ) -> RunReport:
     """Extract every file of ``source`` into fc7 shards in ``out`` (resuming a run there).
+
+    ``progress(done, total)``: files done (earlier runs' parts included), after each batch.
     ``preprocessing``: the one an index recorded (an update embeds as its index did), else the
-    weights' own."""
+    weights' own. Ray's own output goes to a log file, not the terminal
+    (:mod:`retrieval.distributed.ray_logs`): ``report.log`` and an INFO line name it.
+    """
+    from retrieval.distributed.ray_logs import ray_logs_to
     from retrieval.model.preprocess import Preprocessing
     from retrieval.model.weights import load_model
 
@@ -128,35 +135,47 @@ def extract_with_ray(
     if preprocessing is not None:
         loaded.preprocessing = Preprocessing.from_dict(preprocessing)
     out = Path(out)
-    connect(options)
-    device, num_gpus, actors = _placement(options, ray.cluster_resources())
-    # CPU actors: the driver's CPU stands for the nodes' (alike on a local cluster; on a mixed
-    # cluster pass --precision explicitly).
-    options = replace(options, precision=choose_precision(options.precision, device))
-    identity = {**loaded.describe(), "precision": options.precision}
-    write_identity(out, identity, loaded.fc7_dim)
-    manifest = plan(out, source, identity, options.part_files)
-    report = RunReport(out)
-    todo = [p for p in manifest.parts if not (out / f"fc7-{p.number:05d}.npy").exists()]
-    report.parts_done_before = len(manifest.parts) - len(todo)
-    if report.parts_done_before:
-        log.info(
-            "resuming: %d of %d parts already written",
-            report.parts_done_before,
-            len(manifest.parts),
+    with ray_logs_to() as logs:
+        connect(options)
+        report = RunReport(out, log=str(logs.open_file()))
+        device, num_gpus, actors = _placement(options, ray.cluster_resources())
+        # CPU actors: the driver's CPU stands for the nodes' (alike on a local cluster; on a
+        # mixed cluster pass --precision explicitly).
+        options = replace(options, precision=choose_precision(options.precision, device))
+        identity = {**loaded.describe(), "precision": options.precision}
+        write_identity(out, identity, loaded.fc7_dim)
+        manifest = plan(out, source, identity, options.part_files)
+        todo = [p for p in manifest.parts if not (out / f"fc7-{p.number:05d}.npy").exists()]
+        report.parts_done_before = len(manifest.parts) - len(todo)
+        if report.parts_done_before:
+            log.info(
+                "resuming: %d of %d parts already written",
+                report.parts_done_before,
+                len(manifest.parts),
+            )
+        job = _Job(
+            weights,
+            loaded.sha256,
+            loaded.preprocessing.to_dict(),
+            device,
+            num_gpus,
+            actors,
+            options,
         )
-    job = _Job(
-        weights, loaded.sha256, loaded.preprocessing.to_dict(), device, num_gpus, actors, options
-    )
-    report.actors = actors
-    if todo:
-        parts = _run_parts(out, manifest, todo, job, on_batch, report.actor_work)
-        for number, (images, skipped) in parts:
-            report.parts_written.append(number)
-            report.images += images
-            report.skipped += skipped
-            if on_part is not None:
-                on_part(number, images + skipped)
+        report.actors = actors
+        done_before = manifest.files - sum(p.count for p in todo)
+        on_batch = None
+        if progress is not None:
+            progress(done_before, manifest.files)
+            on_batch = lambda seen: progress(done_before + seen, manifest.files)  # noqa: E731
+        if todo:
+            with logs.relay_stderr():
+                for number, (images, skipped) in _run_parts(
+                    out, manifest, todo, job, on_batch, report.actor_work
+                ):
+                    report.parts_written.append(number)
+                    report.images += images
+                    report.skipped += skipped
     report.seconds = time.perf_counter() - started
     return report
 
