@@ -4,16 +4,14 @@ The run plans as always (what is new or edited, on this machine: cheap), hands e
 files to the Ray engine (``retrieval.distributed``: decode tasks, model actors) as a file list,
 and pours the shards it writes into the staged chunks the commit reads, so an update over Ray
 commits the same generation a local run would. The engine's folder lives in the index
-directory (``ray-run/``): a killed run resumes by manifest part, and it is removed after the
-commit.
+directory (``ray-run/``): a killed run resumes by manifest part (``--chunk-size`` files, the
+unit a killed local run keeps too), and it is removed after the commit.
 """
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import shutil
-import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -70,17 +68,18 @@ def extract_on_ray(
         precision=identity.precision,
         num_cpus=max(LOCAL_CLUSTER_CPUS, usable_cores()) if options.ray_address is None else None,
         max_megapixels=options.extract.max_megapixels,
+        batch_size=options.extract.batch_size or RayOptions.batch_size,
+        part_files=options.chunk_size,  # the unit a killed run keeps, as a local run's chunk
     )
-    # Ray's own warnings go to stdout, which carries results: send them to stderr meanwhile.
-    with contextlib.redirect_stdout(sys.stderr):
-        done = extract_with_ray(
-            Source("list", (str(listing),)),
-            model.source,
-            run / "shards",
-            ray,
-            progress=progress,
-            preprocessing=identity.preprocessing,
-        )
+    # Ray's own output (stdout included) goes to its log file: retrieval.distributed.ray_logs.
+    done = extract_with_ray(
+        Source("list", (str(listing),)),
+        model.source,
+        run / "shards",
+        ray,
+        progress=progress,
+        preprocessing=identity.preprocessing,
+    )
     if done.actor_work:
         log.info("%s", done.describe_actors())
     planned = {f.path: f for f in files}

@@ -9,7 +9,9 @@ one file in Ray's session folder, beside Ray's own logs, for the length of a run
 
 - the ``ray`` and ``ray.data`` loggers' console handlers are swapped for that file (their file
   handlers stay), and Ray Data's progress bars are off (the caller draws its own);
-- Python warnings raised meanwhile (Ray's deprecations) are written to the file;
+- Python warnings raised meanwhile (Ray's deprecations) are written to the file, and so is what
+  Ray prints to ``sys.stdout`` (its error notices: a node's death with its raylet's last lines),
+  where the command's results go;
 - while the pipeline runs (:meth:`RayLogs.relay_stderr`), descriptor 2 is a pipe: lines in Ray's
   C++ log format go to the file, everything else (the progress bar, our own warnings) on to the
   terminal unchanged. It is set up after the cluster is joined, so no Ray daemon inherits it.
@@ -20,6 +22,7 @@ Everything is put back on leaving; nothing stays changed for the process.
 from __future__ import annotations
 
 import contextlib
+import io
 import logging
 import logging.handlers
 import os
@@ -50,6 +53,7 @@ class RayLogs:
         )
         self._early.setLevel(logging.INFO)
         self._file: logging.FileHandler | None = None
+        self._pending: list[str] = []
 
     @property
     def handler(self) -> logging.Handler:
@@ -72,6 +76,7 @@ class RayLogs:
         self._early.setTarget(self._file)
         self._early.flush()
         self._early.close()
+        self.raw("".join(self._pending))
         log.info("Ray's own logs: %s", self.path)
         return self.path
 
@@ -83,8 +88,9 @@ class RayLogs:
         self.handler.handle(record)
 
     def raw(self, text: str) -> None:
-        """A line Ray wrote itself (already formatted), as it is."""
+        """What Ray wrote itself (formatted already), as it is; kept until the file opens."""
         if self._file is None:
+            self._pending.append(text)
             return
         self._file.acquire()
         try:
@@ -136,6 +142,21 @@ def _relay_ends(terminal: int) -> tuple[int, int]:
     size = fcntl.ioctl(terminal, termios.TIOCGWINSZ, b"\0" * 8)
     fcntl.ioctl(write_end, termios.TIOCSWINSZ, size)
     return read_end, write_end
+
+
+class _ToLog(io.TextIOBase):
+    """``sys.stdout`` for the run: Ray prints its error notices there (a node's death, with the
+    tail of its raylet's log), where the results of the command go."""
+
+    def __init__(self, logs: RayLogs) -> None:
+        self.logs = logs
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, text: str) -> int:
+        self.logs.raw(text)
+        return len(text)
 
 
 def _session_logs() -> Path:
@@ -228,7 +249,7 @@ def ray_logs_to() -> Iterator[RayLogs]:
     context = ray.data.DataContext.get_current()
     bars = context.enable_progress_bars
     context.enable_progress_bars = False
-    with warnings.catch_warnings():
+    with warnings.catch_warnings(), contextlib.redirect_stdout(_ToLog(logs)):
         warnings.showwarning = lambda message, category, filename, lineno, *_: logs.warning(
             warnings.formatwarning(message, category, filename, lineno).rstrip()
         )
