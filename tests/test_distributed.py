@@ -123,15 +123,15 @@ def test_model_actor_killed_mid_run_loses_and_duplicates_nothing(
     extract_locally(source, str(small_model), tmp_path / "local", part_files=40)
     killed: list[int] = []
 
-    def kill_actor_once(rows_so_far: int) -> None:
-        if not killed:
+    def kill_actor_once(done: int, total: int) -> None:
+        if done and not killed:  # after the first batch came back
             for pid in _processes("ray::MapWorker(MapBatches(Fc7Actor))"):
                 os.kill(pid, signal.SIGKILL)
                 killed.append(pid)
 
     options = RayOptions(part_files=40, batch_size=2, actors=1, retries=3)
     report = extract_with_ray(
-        source, str(small_model), tmp_path / "ray", options, on_batch=kill_actor_once
+        source, str(small_model), tmp_path / "ray", options, progress=kill_actor_once
     )
     assert killed, "no model actor was found to kill"
     assert report.images == 18

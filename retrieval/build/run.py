@@ -90,7 +90,9 @@ def index_folder(
             times = StageTimes()
             staging = Staging(index_dir, _staging_identity(identity, options))
             if plan.extract and options.engine == "ray":
-                extract_on_ray(plan.extract, model, identity, index_dir, options, staging, report)
+                extract_on_ray(
+                    plan.extract, model, identity, index_dir, options, staging, report, progress
+                )
             elif plan.extract:
                 embedder = _embedder(model, identity, options, embedder)
                 times = _extract_to_staging(

@@ -18,6 +18,7 @@ import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -27,6 +28,10 @@ from retrieval.errors import RetrieveError
 from retrieval.images.decode import DEFAULT_MAX_MEGAPIXELS
 from retrieval.indexes.shards import ShardRows, SkippedRows, write_identity, write_shard
 from retrieval.units import counted
+
+if TYPE_CHECKING:
+    from retrieval.distributed.ray_logs import RayLogs
+    from retrieval.model.weights import LoadedModel
 
 log = logging.getLogger(__name__)
 
@@ -74,6 +79,7 @@ class RunReport:
     actors: int = 0
     # Per model actor ("host:pid"): the rows it handled and the seconds it spent on them.
     actor_work: dict[str, ActorWork] = field(default_factory=dict)
+    log: str = ""  # the file Ray's own output went to (ray_logs.py)
 
     def describe_actors(self) -> str:
         """One line of how the work spread, e.g. ``2 model actors: 1,204 rows (busy 92%),
@@ -88,19 +94,23 @@ class RunReport:
         return f"{counted(len(self.actor_work), 'model actor')}: {shares}"
 
 
-def connect(options: RayOptions) -> None:
-    """Join or start the cluster once per process (a test or a caller may have done it)."""
+def connect(options: RayOptions) -> bool:
+    """Join or start the cluster once per process (a test or a caller may have done it);
+    True when this call did, so the run disconnects at its end."""
     import ray
 
     if ray.is_initialized():
-        return
+        return False
     if options.address is None:
         # At least 4 logical CPUs: with 2, the model actor and the part reader leave no CPU for
         # decoding and a resumed run deadlocks.
         cpus = options.num_cpus or max(LOCAL_CLUSTER_CPUS, usable_cores())
-        ray.init(num_cpus=cpus, include_dashboard=False, log_to_driver=False)
+        # "local": a new cluster even where ray_current_cluster names one started on this
+        # machine by `ray start` (ray.init would join that one, and refuse num_cpus).
+        ray.init(address="local", num_cpus=cpus, include_dashboard=False, log_to_driver=False)
     else:
         ray.init(address=options.address, log_to_driver=False)
+    return True
 
 
 def extract_with_ray(
@@ -108,13 +118,17 @@ def extract_with_ray(
     weights: str,
     out: Path,
     options: RayOptions = RayOptions(),
-    on_part: Callable[[int, int], None] | None = None,
-    on_batch: Callable[[int], None] | None = None,
+    progress: Callable[[int, int], None] | None = None,
     preprocessing: dict | None = None,
 ) -> RunReport:
     """Extract every file of ``source`` into fc7 shards in ``out`` (resuming a run there).
+
+    ``progress(done, total)``: files done (earlier runs' parts included), after each batch.
     ``preprocessing``: the one an index recorded (an update embeds as its index did), else the
-    weights' own."""
+    weights' own. Ray's own output goes to a log file, not the terminal
+    (:mod:`retrieval.distributed.ray_logs`): ``report.log`` and an INFO line name it.
+    """
+    from retrieval.distributed.ray_logs import ray_logs_to
     from retrieval.model.preprocess import Preprocessing
     from retrieval.model.weights import load_model
 
@@ -128,15 +142,37 @@ def extract_with_ray(
     if preprocessing is not None:
         loaded.preprocessing = Preprocessing.from_dict(preprocessing)
     out = Path(out)
-    connect(options)
+    with ray_logs_to() as logs:
+        joined = connect(options)
+        try:
+            report = _run(source, weights, loaded, out, options, progress, logs)
+        finally:
+            if joined:  # what Ray prints after the run (a node's death notice) stays in the log
+                ray.shutdown()
+    report.seconds = time.perf_counter() - started
+    return report
+
+
+def _run(
+    source: Source,
+    weights: str,
+    loaded: LoadedModel,
+    out: Path,
+    options: RayOptions,
+    progress: Callable[[int, int], None] | None,
+    logs: RayLogs,
+) -> RunReport:
+    """The run once joined: place, plan (or resume) the manifest, embed the parts left."""
+    import ray
+
+    report = RunReport(out, log=str(logs.open_file()))
     device, num_gpus, actors = _placement(options, ray.cluster_resources())
-    # CPU actors: the driver's CPU stands for the nodes' (alike on a local cluster; on a mixed
-    # cluster pass --precision explicitly).
+    # CPU actors: the driver's CPU stands for the nodes' (alike on a local cluster; on a
+    # mixed cluster pass --precision explicitly).
     options = replace(options, precision=choose_precision(options.precision, device))
     identity = {**loaded.describe(), "precision": options.precision}
     write_identity(out, identity, loaded.fc7_dim)
     manifest = plan(out, source, identity, options.part_files)
-    report = RunReport(out)
     todo = [p for p in manifest.parts if not (out / f"fc7-{p.number:05d}.npy").exists()]
     report.parts_done_before = len(manifest.parts) - len(todo)
     if report.parts_done_before:
@@ -146,18 +182,28 @@ def extract_with_ray(
             len(manifest.parts),
         )
     job = _Job(
-        weights, loaded.sha256, loaded.preprocessing.to_dict(), device, num_gpus, actors, options
+        weights,
+        loaded.sha256,
+        loaded.preprocessing.to_dict(),
+        device,
+        num_gpus,
+        actors,
+        options,
     )
     report.actors = actors
+    done_before = manifest.files - sum(p.count for p in todo)
+    on_batch = None
+    if progress is not None:
+        progress(done_before, manifest.files)
+        on_batch = lambda seen: progress(done_before + seen, manifest.files)  # noqa: E731
     if todo:
-        parts = _run_parts(out, manifest, todo, job, on_batch, report.actor_work)
-        for number, (images, skipped) in parts:
-            report.parts_written.append(number)
-            report.images += images
-            report.skipped += skipped
-            if on_part is not None:
-                on_part(number, images + skipped)
-    report.seconds = time.perf_counter() - started
+        with logs.relay_stderr():
+            for number, (images, skipped) in _run_parts(
+                out, manifest, todo, job, on_batch, report.actor_work
+            ):
+                report.parts_written.append(number)
+                report.images += images
+                report.skipped += skipped
     return report
 
 
@@ -245,58 +291,134 @@ def _run_parts(
     """Every unfinished part through one pipeline, so the actors (and their models) live for
     the whole run; a part's shard is written as soon as each of its keys came back once.
 
-    The part lists are read in tasks, one part each (pyarrow, not ``read_parquet``, which
-    needs fsspec's HTTP filesystem when fsspec is installed), so the driver never holds the
-    whole listing; it holds only the rows of the parts still being filled.
+    A node that dies takes its tasks, actors and the blocks in its object store with it. Ray
+    retries the tasks and restarts the actors; a block it cannot rebuild (an actor's output)
+    fails the pipeline. The rows already back are kept, and another round embeds only the
+    files still missing, up to ``retries`` rounds; a Python error is not retried.
     """
+    # Output in input order: parts then finish one after another, so the driver holds about one
+    # part's rows at a time and a killed run keeps every part finished before it.
+    ray_data_context().execution_options.preserve_order = True
+    counts = {part.number: part.count for part in todo}
+    filling: dict[int, dict[int, tuple]] = {number: {} for number in counts}
+    seen = 0
+    retries = job.options.retries
+    for attempt in range(retries + 1):
+        dataset = _first_round(out, manifest, todo, job) if attempt == 0 else None
+        if dataset is None:
+            dataset = _missing_rows(out, manifest, counts, filling, job)
+        try:
+            for batch in _pipeline(dataset, job).iter_batches(
+                batch_size=None, batch_format="numpy"
+            ):
+                for i, key in enumerate(batch["key"]):
+                    number = int(batch["part"][i])
+                    # A retried block may bring a row twice, or after its part was written.
+                    if counts[number] < 0 or int(key) in filling[number]:
+                        continue
+                    rows = filling[number]
+                    rows[int(key)] = tuple(batch[c][i] for c in _COLUMNS)
+                    seen += 1
+                    work = actor_work.setdefault(str(batch["actor"][i]), ActorWork())
+                    work.rows += 1
+                    work.seconds += float(batch["busy_seconds"][i])
+                    if len(rows) == counts[number]:
+                        files = read_part(out, manifest, number)
+                        yield number, _write_part(out, number, files, filling.pop(number))
+                        counts[number] = -1
+                if on_batch is not None:
+                    on_batch(seen)
+            break
+        except Exception as exc:  # Ray wraps worker failures in many classes; one line for the user
+            first_line = str(exc).splitlines()[0] if str(exc) else ""
+            unfinished = sorted(n for n, c in counts.items() if c >= 0)
+            if not unfinished:
+                break  # every row came back before the failure
+            if attempt < retries and _lost_to_the_cluster(exc):
+                missing = sum(counts[n] - len(filling[n]) for n in unfinished)
+                log.warning(
+                    "lost part of the cluster (%s); embedding the %s still missing again",
+                    type(exc).__name__,
+                    counted(missing, "file"),
+                )
+                log.info("%s: %s", type(exc).__name__, first_line)
+                continue
+            raise RetrieveError(
+                f"parts {unfinished[:5]}{' ...' if len(unfinished) > 5 else ''} failed, retries "
+                f"included ({retries}): {type(exc).__name__}: {first_line}; "
+                "run again to resume"
+            ) from exc
+    missing = sorted(n for n, c in counts.items() if c >= 0)
+    if missing:
+        raise RetrieveError(f"parts {missing[:5]}: some files never came back; run again")
+
+
+def ray_data_context():
+    import ray.data
+
+    return ray.data.DataContext.get_current()
+
+
+def _first_round(out: Path, manifest: Manifest, todo: list[Part], job: _Job):
+    """The unfinished parts' lists, read in tasks, one part each (pyarrow, not
+    ``read_parquet``, which needs fsspec's HTTP filesystem when fsspec is installed), so the
+    driver never holds the whole listing; it holds only the rows of the parts being filled."""
     import ray.data
 
     from retrieval.distributed.tasks import read_part_lists
 
-    # Output in input order: parts then finish one after another, so the driver holds about one
-    # part's rows at a time and a killed run keeps every part finished before it.
-    ray.data.DataContext.get_current().execution_options.preserve_order = True
     paths = [{"part_list": str(manifest.part_path(out, part.number))} for part in todo]
-    dataset = ray.data.from_items(paths, override_num_blocks=len(paths)).map_batches(
+    return ray.data.from_items(paths, override_num_blocks=len(paths)).map_batches(
         read_part_lists,
         batch_size=1,
         batch_format="pyarrow",
         num_cpus=1,
         fn_kwargs={"rows_per_block": DECODE_BLOCK_BATCHES * job.options.batch_size},
     )
-    counts = {part.number: part.count for part in todo}
-    filling: dict[int, dict[int, tuple]] = {number: {} for number in counts}
-    seen = 0
-    try:
-        for batch in _pipeline(dataset, job).iter_batches(batch_size=None, batch_format="numpy"):
-            for i, key in enumerate(batch["key"]):
-                number = int(batch["part"][i])
-                # A retried block may bring a row twice, or after its part was written.
-                if counts[number] < 0 or int(key) in filling[number]:
-                    continue
-                rows = filling[number]
-                rows[int(key)] = tuple(batch[c][i] for c in _COLUMNS)
-                seen += 1
-                work = actor_work.setdefault(str(batch["actor"][i]), ActorWork())
-                work.rows += 1
-                work.seconds += float(batch["busy_seconds"][i])
-                if len(rows) == counts[number]:
-                    files = read_part(out, manifest, number)
-                    yield number, _write_part(out, number, files, filling.pop(number))
-                    counts[number] = -1
-            if on_batch is not None:
-                on_batch(seen)
-    except Exception as exc:  # Ray wraps worker failures in many classes; one line for the user
-        first_line = str(exc).splitlines()[0] if str(exc) else ""
-        unfinished = sorted(n for n, c in counts.items() if c >= 0)
-        raise RetrieveError(
-            f"parts {unfinished[:5]}{' ...' if len(unfinished) > 5 else ''} failed, retries "
-            f"included ({job.options.retries}): {type(exc).__name__}: {first_line}; "
-            "run again to resume"
-        ) from exc
-    missing = sorted(n for n, c in counts.items() if c >= 0)
-    if missing:
-        raise RetrieveError(f"parts {missing[:5]}: some files never came back; run again")
+
+
+def _missing_rows(out: Path, manifest: Manifest, counts: dict, filling: dict, job: _Job):
+    """A later round's input: the rows of unfinished parts that never came back."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+    import ray.data
+
+    rows_per_block = DECODE_BLOCK_BATCHES * job.options.batch_size
+    blocks = []
+    for number, count in counts.items():
+        if count < 0:
+            continue
+        table = pq.read_table(manifest.part_path(out, number))
+        done = pa.array(list(filling[number]), pa.int64())
+        table = table.filter(pc.invert(pc.is_in(table["key"], value_set=done)))
+        blocks += [table.slice(i, rows_per_block) for i in range(0, table.num_rows, rows_per_block)]
+    return ray.data.from_arrow(blocks)
+
+
+def _lost_to_the_cluster(exc: BaseException) -> bool:
+    """Whether ``exc`` (or what it wraps) is a node, worker, actor or object lost to the
+    cluster, which another round can redo, rather than an error of the code."""
+    import ray.exceptions as rex
+
+    lost = (
+        rex.ObjectLostError,
+        rex.RayActorError,
+        rex.WorkerCrashedError,
+        rex.NodeDiedError,
+        rex.LocalRayletDiedError,
+    )
+    seen: set[int] = set()
+    stack: list[BaseException | None] = [exc]
+    while stack:
+        current = stack.pop()
+        if current is None or id(current) in seen:
+            continue
+        seen.add(id(current))
+        if isinstance(current, lost):
+            return True
+        stack += [current.__cause__, current.__context__, getattr(current, "cause", None)]
+    return False
 
 
 _COLUMNS = ("size", "mtime", "sha256", "reason", "detail", "fc7")
