@@ -6,24 +6,25 @@
 Issue 21's pipeline has two stages, measured apart and added up:
 
 1. **Candidates**, at ``--steps`` and ``--n`` images, on synthetic data: fc7-like vectors (a
-   low-rank latent around classes and instances, ReLU'd; memory-mapped) and, from the same
-   latent, 64-bit "perceptual hashes" of each image under its 8 flips/rotations (signs of random
-   projections plus per-image noise: a copy lands a few bits from its source, images of one
-   instance ~10-20 bits apart, unrelated ones ~32). ``--copies`` of the rows are edited copies of
-   the row before. Signals: fc7 neighbours under the copies' 99th-percentile distance, and
-   Hamming neighbours within ``--radius`` bits over the 8 isometries; their union is what reaches
-   verification, some of it decided cheaply (hash and fc7 both close), the rest by geometry.
+   low-rank latent around classes and instances, ReLU'd; memory-mapped) and 64-bit hashes of
+   each image under its 8 flips/rotations and of its 49 70%-windows (each instance its own
+   random codes, an image ~10% of their bits flipped, a copy ~4% of its source's: the pairs
+   within 6-10 bits per image come out near Imagenette val's real pHash over 8 isometries, which
+   the report prints beside them). ``--copies`` of the rows are edited copies of the row before.
+   The signals are the library's (``retrieval.duplicates.candidates``: fc7 neighbours under
+   each image's own background, hashes over the isometries, window hashes) when the tool's code
+   has them; else today's near pass (``retrieval.collection.near``, ivf) and a stand-in hash
+   search written here (faiss ``IndexBinaryIVF``), no crop-robust signal. Their union is what
+   reaches verification.
 2. **Verification**, timed per pair on real images (Imagenette val: an original against an
    edited copy made by bench/duplicates.py's own edits, and against its nearest other image by
-   pHash over 8 isometries, half each), then multiplied by the pairs that reach it at each N.
+   pHash over 8 isometries, half each; copies and others timed apart, since most candidates at
+   scale are not copies), then multiplied by the pairs that reach it. The library's
+   ``verify_pair`` when it has one (signatures made beforehand, as the index does), else a
+   stand-in (ORB + RANSAC similarity + NCC of the aligned overlap, OpenCV).
 
-Each stage calls the library's own code when ``--pythonpath`` (or the bench's tree) has it and
-says which it ran; where the library has no such stage yet, a stand-in written here runs and is
-named as such in the report: ``fc7_candidates`` (today: ``retrieval.collection.near`` ivf),
-``hash_candidates`` (stand-in: faiss ``IndexBinaryIVF``, k nearest of each isometry's code),
-``crop_candidates`` (none yet), ``verify_pair`` (stand-in: ORB + RANSAC similarity + NCC of
-the aligned overlap, mirrored tried too, OpenCV). Times grow by the fitted power of N from the
-steps and are projected to 1,000,000; peak memory is the process's max RSS after each stage.
+Times grow by the power of N fitted over the steps and are projected to 1,000,000; peak memory
+is the process's max RSS. ``--pythonpath`` puts the tool's code first on the path.
 """
 
 from __future__ import annotations
