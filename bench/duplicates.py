@@ -811,6 +811,12 @@ def main(argv: Sequence[str] | None = None) -> None:
         capture_output=True,
         text=True,
     ).stdout.strip()[:90]
+    changed = subprocess.run(
+        ["git", "-C", args.pythonpath or str(ROOT), "status", "--porcelain", "retrieval"],
+        capture_output=True,
+        text=True,
+    ).stdout.strip()
+    commit += " + uncommitted changes" if changed else ""
     lines += [
         f"- collection: {len(collection.sources)} sources from Imagenette val (seed {args.seed}), "
         f"{roles['copy']} edited copies ({args.edits} each, distinct kinds), "
