@@ -627,7 +627,8 @@ def run_tool(args, collection: Collection, weights: str, name: str, log) -> dict
             continue
         members = [number[os.path.realpath(m["path"])] for m in group["members"]]
         groups.append(members)
-        evidence.append({k: v for k, v in group.items() if k != "members"})
+        proof = [m["evidence"] for m in group["members"] if m.get("evidence")]
+        evidence.append({**{k: v for k, v in group.items() if k != "members"}, "evidence": proof})
     label = components_from_groups(len(collection.items), groups)
     log(f"tool ({name}): index {indexed:.0f} s, duplicates {searched:.0f} s, groups {kinds}")
     return {
@@ -639,7 +640,26 @@ def run_tool(args, collection: Collection, weights: str, name: str, log) -> dict
         "evidence_sample": evidence[:5],
         "label": label,
         **score(collection, label),
+        **mistakes(collection, label, groups, evidence),
     }
+
+
+def mistakes(collection: Collection, label: np.ndarray, groups, evidence) -> dict:
+    """What to tune on: the false pairs inside the tool's groups (with the group's evidence) and
+    the original-to-copy pairs it missed (with the edit's parameters); 300 of each at most."""
+    items = collection.items
+    false = []
+    for members, proof in zip(groups, evidence):
+        for x, a in enumerate(members):
+            for b in members[x + 1 :]:
+                if items[a].source != items[b].source and len(false) < 300:
+                    false.append({"a": items[a].path, "b": items[b].path, "group": proof})
+    missed = [
+        {"original": items[it.source].path, "copy": it.path, "kind": it.kind, "what": it.what}
+        for i, it in enumerate(items)
+        if it.role == "copy" and label[i] != label[it.source]
+    ]
+    return {"false_pairs_found": false, "missed_copies": missed[:300]}
 
 
 # -- the report ----------------------------------------------------------------------------------
