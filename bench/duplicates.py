@@ -614,7 +614,11 @@ def run_tool(args, collection: Collection, weights: str, name: str, log) -> dict
         weights,
         log_to=logfile,
     )
+    before = logfile.stat().st_size
     out, searched = retrieve(args, "duplicates", "--index", str(index), "--json", log_to=logfile)
+    with open(logfile) as f:  # what the tool said on stderr (its summary: candidates, verified)
+        f.seek(before)
+        said = [line.strip() for line in f if line.strip() and not line.startswith("$ ")]
     number = {os.path.realpath(it.path): i for i, it in enumerate(collection.items)}
     groups, kinds, evidence = [], {}, []
     for line in out.splitlines():
@@ -637,6 +641,7 @@ def run_tool(args, collection: Collection, weights: str, name: str, log) -> dict
         "index_seconds": indexed,
         "duplicates_seconds": searched,
         "group_kinds": kinds,
+        "tool_said": said[-8:],
         "evidence_sample": evidence[:5],
         "label": label,
         **score(collection, label),
@@ -879,6 +884,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     for (a, b), who in sorted(flagged.items(), key=lambda kv: -len(kv[1]))[:15]:
         names = [Path(collection.items[i].path).name for i in (a, b)]
         lines.append(f"  - {names[0]} / {names[1]}: {', '.join(who)}")
+    for t in tools:
+        if t["tool_said"]:
+            lines.append(f"- {t['name']} said (stderr): " + " / ".join(t["tool_said"][-3:])[:400])
     if peer_info:
         lines.append(
             f"- hashing all files (3 hashes x 8 isometries): {peer_info['hash_seconds']:.0f} s"
