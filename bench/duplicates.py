@@ -861,6 +861,13 @@ def main(argv: Sequence[str] | None = None) -> None:
             else:
                 raise SystemExit(f"--models: untrained or trained, not {name!r}")
             tools.append(run_tool(args, collection, weights, name, log))
+            t = tools[-1]  # at once, so a run cut short still tells
+            log(
+                f"{t['name']}: pairs {t['pairs']}, false {t['pairs'] - t['true_pairs']}, precision "
+                f"{t['precision']:.3f}, recall {t['recall']:.3f}, F1 {t['f1']:.3f}; by edit "
+                + ", ".join(f"{k} {v:.2f}" for k, v in t["recall_by_kind"].items())
+                + f"; second shots {t['second_shots_joined']} + {t['real_second_shots_joined']}"
+            )
     peer_info = {}
     if not args.tool_only:
         peers, peer_info = run_peers(collection, log)
