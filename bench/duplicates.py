@@ -568,8 +568,15 @@ def retrieve(args, *cli_args: str, log_to: Path) -> tuple[str, float]:
     with open(log_to, "a") as err:
         err.write(f"$ retrieve {' '.join(cli_args)}\n")
         err.flush()
+        # `python -c` puts the working directory first on sys.path: run in the tool's tree, or a
+        # bench started in another checkout would import that checkout's code
         done = subprocess.run(
-            command, stdout=subprocess.PIPE, stderr=err, text=True, env=tool_env(args.pythonpath)
+            command,
+            stdout=subprocess.PIPE,
+            stderr=err,
+            text=True,
+            env=tool_env(args.pythonpath),
+            cwd=args.pythonpath or ROOT,
         )
     if done.returncode != 0:
         raise SystemExit(f"retrieve {cli_args[0]} failed (exit {done.returncode}); see {log_to}")
