@@ -53,3 +53,69 @@ def test_memory_bytes_is_the_serialized_size(xb) -> None:
     assert index_memory_bytes(flat) > N * DIM * 4
     assert index_ram_bytes(flat) > index_memory_bytes(flat)  # IDMap2's hash map
     assert index_memory_bytes(index) < index_memory_bytes(flat) / 4
+
+
+# -- bench/duplicates.py: its own edits, the hashes over 8 isometries, the pair scoring ----------
+
+from duplicates import (  # noqa: E402
+    KINDS,
+    Collection,
+    Item,
+    components_from_groups,
+    edit_image,
+    hamming,
+    hash_isometries,
+    score,
+)
+from PIL import Image, ImageFilter  # noqa: E402
+
+
+def photo(seed: int = 0, size: tuple[int, int] = (64, 48)) -> Image.Image:
+    """Smooth random colours: enough structure for a perceptual hash to see."""
+    noise = np.random.default_rng(seed).integers(0, 256, (size[1] // 4, size[0] // 4, 3))
+    small = Image.fromarray(noise.astype(np.uint8))
+    return small.resize(size, Image.Resampling.BICUBIC).filter(ImageFilter.GaussianBlur(1))
+
+
+def test_each_edit_kind_makes_its_own_change() -> None:
+    image, rng = photo(), np.random.default_rng(0)
+    out = {kind: edit_image(image, kind, rng) for kind in KINDS}
+    assert out["jpeg"][2] <= 30 and out["jpeg"][0].size == image.size
+    assert 0.29 * 64 <= out["shrink"][0].width <= 0.38 * 64
+    assert out["crop"][0].width < 0.8 * 64 and out["crop"][0].height < 0.8 * 48
+    assert out["rotate"][0].size in {(48, 64), (64, 48)} and out["rotate"][1].startswith("rotate")
+    assert out["border"][0].width * out["border"][0].height > 64 * 48
+    assert out["grey"][0].mode == "L"
+    for kind in ("mirror", "caption", "tone"):
+        diff = np.abs(np.asarray(out[kind][0], float) - np.asarray(image, float)).mean()
+        assert diff > 1, kind
+
+
+def test_hashes_over_isometries_pair_a_rotated_copy_that_plain_hashes_miss() -> None:
+    image = photo(1, (64, 64))
+    turned = image.transpose(Image.Transpose.ROTATE_90)
+    for method in ("phash", "pdq"):
+        a = hash_isometries(image, method)[None]
+        b = hash_isometries(turned, method)[None]
+        assert hamming(a, b, isometries=True)[0, 0] <= 4, method
+        assert hamming(a, b)[0, 0] > 10, method
+
+
+def test_score_counts_pairs_inside_groups_and_pairs_of_two_originals_apart() -> None:
+    items = [
+        Item("o0", "original", 0),
+        Item("o1", "original", 1),
+        Item("c0m", "copy", 0, "mirror"),
+        Item("c0c", "copy", 0, "crop"),
+        Item("s0a", "second", 0),
+        Item("s0b", "second", 0),
+    ]
+    collection = Collection("", items, [0])
+    # one group {o0, o1, c0m} and the two second shots together; c0c alone
+    label = components_from_groups(len(items), [[0, 1], [1, 2], [4, 5]])
+    s = score(collection, label)
+    assert (s["pairs"], s["true_pairs"], s["truth"], s["original_pairs"]) == (3, 1, 3, 1)
+    assert s["precision"] == pytest.approx(1 / 3) and s["recall"] == pytest.approx(1 / 3)
+    assert s["without_original_pairs"]["precision"] == pytest.approx(1 / 2)
+    assert s["recall_by_kind"] == {"mirror": 1.0, "crop": 0.0}
+    assert (s["second_shots_joined"], s["second_shots"]) == (1, 1)
