@@ -113,6 +113,16 @@ def _run(*args: object) -> subprocess.CompletedProcess:
     )
 
 
+def _index_locally(photos: Path, index_dir: Path, model: Path) -> None:
+    from click.testing import CliRunner
+
+    from retrieval.cli.main import cli
+
+    args = ["index", str(photos), "--index", str(index_dir), "--weights", str(model)]
+    result = CliRunner().invoke(cli, args, catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+
+
 def _assert_same_index(got: Path, want: Path) -> None:
     """Same rows, and vectors equal to the bit (the mapper is batch-invariant)."""
     a, b = stored_vectors(got), stored_vectors(want)
@@ -127,8 +137,7 @@ def test_a_node_killed_mid_run_has_its_work_redone_and_the_index_equals_the_loca
     cluster, second = two_nodes
     photos = tmp_path / "photos"
     make_labelled_folder(photos, classes=3, per_class=16, size=40)
-    local = _run("index", photos, "--index", tmp_path / "local", "--weights", small_model)
-    assert local.returncode == 0, local.stderr
+    _index_locally(photos, tmp_path / "local", small_model)
     args = ("index", photos, "--index", tmp_path / "ray", "--weights", small_model)
     args += ("--engine", "ray", "--address", cluster.address, "--batch-size", "2")
     driver = subprocess.Popen(
@@ -149,6 +158,8 @@ def test_a_node_killed_mid_run_has_its_work_redone_and_the_index_equals_the_loca
         out, err = driver.communicate(timeout=RUN_SECONDS)
     finally:
         driver.kill()
+    if os.environ.get("SHOW_DRIVER"):
+        print(driver.returncode, err)
     if driver.returncode != 0:  # allowed: one line, and the next run resumes
         assert len(err.strip().splitlines()) == 1 and "run again" in err, err
         again = _run(*args)
@@ -165,8 +176,7 @@ def test_a_driver_killed_mid_run_resumes_by_manifest_part(
     cluster, _ = two_nodes
     photos = tmp_path / "photos"
     make_labelled_folder(photos, classes=3, per_class=8, size=40)  # 24 files: 4 parts of 6
-    local = _run("index", photos, "--index", tmp_path / "local", "--weights", small_model)
-    assert local.returncode == 0, local.stderr
+    _index_locally(photos, tmp_path / "local", small_model)
     args = ("index", photos, "--index", tmp_path / "ray", "--weights", small_model)
     args += ("--engine", "ray", "--address", cluster.address, "--chunk-size", "6")
     args += ("--batch-size", "2")
