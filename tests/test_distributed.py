@@ -400,3 +400,25 @@ def test_the_stderr_relay_sends_rays_cpp_lines_to_the_log_and_the_rest_to_the_te
         assert _route(b"[not a ray line", fd, logged.append, final=True) == b""
     assert logged == [cpp.decode()]
     assert terminal.read_bytes() == bar + bar + b"INFO: done\n" + b"[not a ray line"
+
+
+def test_only_what_the_cluster_lost_gets_another_round_not_a_python_error() -> None:
+    """A node's death (however Ray Data wraps it) is redone; an error of the code is not."""
+    import ray.exceptions as rex
+
+    from retrieval.distributed.engine import _lost_to_the_cluster
+
+    def wrapped(inner: BaseException) -> BaseException:
+        try:
+            try:
+                raise inner
+            except BaseException as exc:
+                raise RuntimeError("Ray Data: the dataset failed") from exc
+        except RuntimeError as outer:
+            return outer
+
+    assert _lost_to_the_cluster(wrapped(rex.NodeDiedError("node 127.0.0.1 died")))
+    assert _lost_to_the_cluster(wrapped(rex.ActorDiedError()))
+    assert _lost_to_the_cluster(rex.WorkerCrashedError())
+    assert not _lost_to_the_cluster(wrapped(ValueError("a bug")))
+    assert not _lost_to_the_cluster(RetrieveError("bad weights"))

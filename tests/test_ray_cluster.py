@@ -158,8 +158,6 @@ def test_a_node_killed_mid_run_has_its_work_redone_and_the_index_equals_the_loca
         out, err = driver.communicate(timeout=RUN_SECONDS)
     finally:
         driver.kill()
-    if os.environ.get("SHOW_DRIVER"):
-        print(driver.returncode, err)
     if driver.returncode != 0:  # allowed: one line, and the next run resumes
         assert len(err.strip().splitlines()) == 1 and "run again" in err, err
         again = _run(*args)
