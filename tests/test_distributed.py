@@ -378,3 +378,47 @@ def test_a_part_reaches_the_decoders_in_blocks_not_whole(tmp_path) -> None:
     blocks = list(read_part_lists(pa.table({"part_list": [str(part)]}), rows_per_block=4))
     assert [b.num_rows for b in blocks] == [4, 4, 2]
     assert pa.concat_tables(blocks).equals(rows)
+
+
+def test_the_stderr_relay_sends_rays_cpp_lines_to_the_log_and_the_rest_to_the_terminal(
+    tmp_path: Path,
+) -> None:
+    """A progress bar redraws its line without ending it, and its text holds "[": it reaches
+    the terminal whole and at once; Ray's C++ lines, even right after a partial bar, the log."""
+    from retrieval.distributed.ray_logs import _route
+
+    cpp = b"[2026-12-07 08:14:42,403 E 27867 27867] core_worker.cc:2465: Actor ...\n"
+    bar = "\rindexing:  50%|█    | 6/12 [00:01<00:01, 4.1img/s]".encode()
+    terminal = tmp_path / "terminal"
+    logged: list[str] = []
+    with open(terminal, "wb") as handle:
+        fd = handle.fileno()
+        assert _route(bar, fd, logged.append, final=False) == b""  # nothing held back
+        rest = _route(bar + cpp[:20], fd, logged.append, final=False)
+        assert rest == cpp[:20]  # may be a C++ line: waits for its end
+        assert _route(rest + cpp[20:] + b"INFO: done\n", fd, logged.append, final=False) == b""
+        assert _route(b"[not a ray line", fd, logged.append, final=True) == b""
+    assert logged == [cpp.decode()]
+    assert terminal.read_bytes() == bar + bar + b"INFO: done\n" + b"[not a ray line"
+
+
+def test_only_what_the_cluster_lost_gets_another_round_not_a_python_error() -> None:
+    """A node's death (however Ray Data wraps it) is redone; an error of the code is not."""
+    import ray.exceptions as rex
+
+    from retrieval.distributed.engine import _lost_to_the_cluster
+
+    def wrapped(inner: BaseException) -> BaseException:
+        try:
+            try:
+                raise inner
+            except BaseException as exc:
+                raise RuntimeError("Ray Data: the dataset failed") from exc
+        except RuntimeError as outer:
+            return outer
+
+    assert _lost_to_the_cluster(wrapped(rex.NodeDiedError("node 127.0.0.1 died")))
+    assert _lost_to_the_cluster(wrapped(rex.ActorDiedError()))
+    assert _lost_to_the_cluster(rex.WorkerCrashedError())
+    assert not _lost_to_the_cluster(wrapped(ValueError("a bug")))
+    assert not _lost_to_the_cluster(RetrieveError("bad weights"))
