@@ -223,7 +223,8 @@ def _geometry(path_a: str, path_b: str, images: ImageCache, options: VerifyOptio
                 matrix, mirrored, (cover_a, uncovered_a, a), (cover_b, outside_b, b_used)
             )
             if overlap < options.overlap:
-                verdict.edits.append(f"painted over ({1 - agree:.0%} of it differs)")
+                kept = [e for e in verdict.edits if e != "re-encoded"]
+                verdict.edits = [*kept, f"painted over ({1 - agree:.0%} of it differs)"]
             return verdict
         best = verdict
     best.test = "none passed"
