@@ -1,8 +1,8 @@
 """The edits a photo's copies go through, made on the collection's own images to calibrate on.
 
 Each is what a phone, an editor or a messenger does to a picture: re-encode it badly, shrink it,
-crop it off-centre, mirror it, turn it, letterbox it, drop its colour, put a caption under it,
-brighten it. Parameters are drawn per image from a seeded generator, so a calibration is
+crop it off-centre, mirror it, turn it, letterbox it, drop its colour, put a caption under or
+over it, brighten it. Parameters are drawn per image from a seeded generator, so a calibration is
 reproducible and no single setting is what gets measured.
 """
 
@@ -56,15 +56,17 @@ def edited(image: Image.Image, edit: str, rng: np.random.Generator) -> Image.Ima
         return ImageOps.expand(image, border=pad, fill=colour)
     if edit == "greyscale":
         return image.convert("L").convert("RGB")
-    if edit == "caption":
+    if edit == "caption":  # a bar under the picture, or over its bottom (as memes do)
         bar = max(12, round(height * float(rng.uniform(0.12, 0.22))))
-        canvas = Image.new("RGB", (width, height + bar), (255, 255, 255))
+        over = rng.random() < 0.5
+        canvas = Image.new("RGB", (width, height if over else height + bar), (255, 255, 255))
         canvas.paste(image, (0, 0))
+        top = height - bar if over else height
         draw = ImageDraw.Draw(canvas)
+        draw.rectangle((0, top, width, top + bar), fill=(255, 255, 255))
         words = "".join(chr(int(c)) for c in rng.integers(97, 123, 14))
-        draw.text(
-            (max(2, width // 20), height + bar // 4), f"{words[:6]} {words[6:]}", fill=(0, 0, 0)
-        )
+        place = (max(2, width // 20), top + bar // 4)
+        draw.text(place, f"{words[:6]} {words[6:]}", fill=(0, 0, 0))
         return canvas
     if edit == "brightness":
         brighter = ImageEnhance.Brightness(image).enhance(float(rng.uniform(0.7, 1.35)))

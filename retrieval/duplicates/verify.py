@@ -48,7 +48,11 @@ class VerifyOptions:
     thumbnail: float = 0.90  # same framing: correlation of the 32 px thumbnails, at least
     inliers: int = 15  # geometry: RANSAC inliers, at least
     overlap: float = 0.80  # geometry: correlation of the aligned overlap, at least
-    min_cover: float = 0.25  # geometry: the overlap covers this much of the smaller picture
+    # geometry, when something is painted over part of it (a caption, a logo): this share of
+    # the overlap's textured blocks correlate at `overlap`, with this many inliers at least
+    blocks: float = 0.60
+    painted_inliers: int = 100
+    contained: float = 0.90  # geometry: one picture lies this much inside the other
 
 
 @dataclass
@@ -207,13 +211,20 @@ def _geometry(path_a: str, path_b: str, images: ImageCache, options: VerifyOptio
             continue
         b = images.grey(path_b)
         b_used = np.ascontiguousarray(b[:, ::-1]) if mirrored else b
-        overlap, cover_a, cover_b, uncovered_a, outside_b = _overlap(a, b_used, matrix)
+        overlap, agree, cover_a, cover_b, uncovered_a, outside_b = _overlap(a, b_used, matrix)
         verdict = Verdict(False, "geometry", 64, overlap, inliers)
-        if overlap >= options.overlap and max(cover_a, cover_b) >= options.min_cover:
+        painted = inliers >= options.painted_inliers and agree >= options.blocks
+        # Two pictures each partly outside the other are two views (a pan, a second shot),
+        # not a copy: a copy is the picture, or a part of it, or it inside a larger frame.
+        inside = max(cover_a, cover_b) >= options.contained
+        if inside and (overlap >= options.overlap or painted):
             verdict.copy = True
             verdict.edits, verdict.padded = _geometry_edits(
                 matrix, mirrored, (cover_a, uncovered_a, a), (cover_b, outside_b, b_used)
             )
+            if overlap < options.overlap:
+                kept = [e for e in verdict.edits if e != "re-encoded"]
+                verdict.edits = [*kept, f"painted over ({1 - agree:.0%} of it differs)"]
             return verdict
         best = verdict
     best.test = "none passed"
@@ -260,8 +271,9 @@ def _fit(found_a, found_b) -> tuple[np.ndarray, int] | None:
 
 
 def _overlap(a: np.ndarray, b: np.ndarray, matrix: np.ndarray):
-    """(correlation of the overlap, share of ``a`` it covers, share of ``b`` it covers, the mask
-    of ``a``'s pixels ``b`` does not cover, the mask of ``b``'s pixels that fall outside ``a``)."""
+    """(correlation of the overlap, the share of its textured blocks that agree, share of ``a``
+    it covers, share of ``b`` it covers, the mask of ``a``'s pixels ``b`` does not cover, the
+    mask of ``b``'s pixels that fall outside ``a``)."""
     import cv2
 
     height, width = a.shape
@@ -274,7 +286,7 @@ def _overlap(a: np.ndarray, b: np.ndarray, matrix: np.ndarray):
     outside = lands < 255
     cover_b = 1.0 - float(outside.mean())
     if mask.sum() < 64:
-        return 0.0, cover_a, cover_b, ~mask, outside
+        return 0.0, 0.0, cover_a, cover_b, ~mask, outside
     ys, xs = np.nonzero(mask)
     top, bottom, left, right = ys.min(), ys.max() + 1, xs.min(), xs.max() + 1
     scale = min(1.0, COMPARE_SIDE / max(bottom - top, right - left))
@@ -282,7 +294,27 @@ def _overlap(a: np.ndarray, b: np.ndarray, matrix: np.ndarray):
     x = cv2.resize(a[top:bottom, left:right], size, interpolation=cv2.INTER_AREA)
     y = cv2.resize(warped[top:bottom, left:right], size, interpolation=cv2.INTER_AREA)
     keep = cv2.resize(mask[top:bottom, left:right].astype(np.uint8), size) > 0
-    return correlation(x[keep], y[keep]), cover_a, cover_b, ~mask, outside
+    agree = _blocks_agreeing(x, y, keep)
+    return correlation(x[keep], y[keep]), agree, cover_a, cover_b, ~mask, outside
+
+
+def _blocks_agreeing(x: np.ndarray, y: np.ndarray, keep: np.ndarray, grid: int = 6) -> float:
+    """The share of a grid's textured blocks (inside the overlap) where the two correlate at
+    0.8 or more: a caption or a logo painted over part of a copy spoils a few blocks, not all."""
+    rows = np.array_split(np.arange(x.shape[0]), grid)
+    cols = np.array_split(np.arange(x.shape[1]), grid)
+    agree = counted = 0
+    for r in rows:
+        for c in cols:
+            inside = keep[np.ix_(r, c)]
+            if inside.mean() < 0.9:
+                continue
+            bx, by = x[np.ix_(r, c)][inside], y[np.ix_(r, c)][inside]
+            if bx.std() < 4 and by.std() < 4:
+                continue  # flat: says nothing
+            counted += 1
+            agree += correlation(bx, by) >= 0.8
+    return agree / counted if counted >= grid else 0.0
 
 
 def _margin(image: np.ndarray, outside: np.ndarray) -> str | None:
