@@ -115,7 +115,8 @@ def edit_image(
     if kind == "grey":
         return image.convert("L"), "greyscale", quality
     if kind == "caption":
-        return _caption(image, rng), "caption", quality
+        captioned, what = _caption(image, rng)
+        return captioned, what, quality
     if kind == "tone":
         b = float(rng.choice([-1, 1]) * rng.uniform(0.2, 0.45))
         c = float(rng.choice([-1, 1]) * rng.uniform(0.2, 0.45))
@@ -133,14 +134,15 @@ def _colour(rng: np.random.Generator) -> tuple[int, int, int]:
     return tuple(int(v) for v in rng.integers(0, 256, 3))
 
 
-def _caption(image: Image.Image, rng: np.random.Generator) -> Image.Image:
+def _caption(image: Image.Image, rng: np.random.Generator) -> tuple[Image.Image, str]:
     """A meme/messenger caption: a bar of text over the picture or added above/below it."""
     w, h = image.size
     bar = max(12, round(h * rng.uniform(0.12, 0.22)))
     fill = (255, 255, 255) if rng.random() < 0.5 else (0, 0, 0)
     ink = (0, 0, 0) if fill == (255, 255, 255) else (255, 255, 255)
     top = rng.random() < 0.5
-    if rng.random() < 0.5:  # over the picture
+    over = rng.random() < 0.5
+    if over:  # over the picture
         out, y = image.copy(), 0 if top else h - bar
     else:  # added to the canvas
         out = Image.new("RGB", (w, h + bar), fill)
@@ -151,7 +153,8 @@ def _caption(image: Image.Image, rng: np.random.Generator) -> Image.Image:
     text = " ".join(rng.choice(WORDS, size=int(rng.integers(2, 5))))
     font = ImageFont.load_default(size=max(8, round(bar * 0.6)))
     draw.text((round(w * 0.04), y + round(bar * 0.15)), text, fill=ink, font=font)
-    return out
+    where = f"{'over' if over else 'added'} at the {'top' if top else 'bottom'}"
+    return out, f"caption {where}, bar {bar / h:.0%} of the height"
 
 
 def second_shot(image: Image.Image, rng: np.random.Generator) -> tuple[Image.Image, Image.Image]:

@@ -252,8 +252,8 @@ def stand_in_hash_pairs(
 
 def verifier() -> tuple[Callable[[str, str], bool], str]:
     """(verify(path_a, path_b) -> a copy?, which code it is). The library's verify_pair with
-    each file's signature made first (in the pipeline they are made at index time and stored,
-    so that cost is timed apart by ``signature_seconds``)."""
+    each file's signature made first (in the pipeline the first duplicates pass makes them once
+    per file and keeps them by content, so that cost is timed apart by ``signature_seconds``)."""
     lead = lead_modules()
     if lead is None:
         return stand_in_verify, "stand-in: ORB 500 + RANSAC similarity + NCC >= 0.6 (OpenCV)"
@@ -523,8 +523,9 @@ def main() -> None:
         f"{pairs_1m * 16 / 2**20:.0f} MiB; the 4096-d vectors stay on disk"
     )
     say(
-        "- not measured: signatures (hashes, windows, thumbnails) are made at index time, beside "
-        "fc7, and are not part of this pass; verification on 2 cores would halve its time"
+        "- not measured: signatures (hashes, windows, thumbnails) are made once per file by the "
+        "first pass and kept by content, and are not part of this pass; verification on 2 cores "
+        "would halve its time"
     )
     say(
         f"- whole benchmark {time.perf_counter() - started:.0f} s; load average at end: "
