@@ -36,6 +36,7 @@ it can be another worktree's code; untrained (``random:0``) and with a checkpoin
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import shutil
@@ -543,14 +544,21 @@ def sweep_peer(collection: Collection, peer: Peer, codes: np.ndarray) -> dict:
 
 def run_peers(collection: Collection, log: Callable[[str], None]) -> tuple[list[dict], dict]:
     started = time.perf_counter()
-    codes = {m: [] for m in ("phash", "dhash", "pdq")}
+    methods = ["phash", "dhash"]
+    if importlib.util.find_spec("pdqhash") is not None:
+        methods.append("pdq")
+    else:  # PDQ where installable: pdqhash is an sdist that needs a C++ compiler
+        log("pdqhash is not installed (pip install pdqhash): PDQ is left out of this run")
+    codes = {m: [] for m in methods}
     for it in collection.items:
         image = Image.open(it.path).convert("RGB")
         for m in codes:
             codes[m].append(hash_isometries(image, m))
     hashed = time.perf_counter() - started
-    log(f"hashed {len(collection.items)} files x 8 isometries x 3 hashes in {hashed:.0f} s")
-    results = [sweep_peer(collection, p, np.stack(codes[p.method])) for p in PEERS]
+    files = len(collection.items)
+    log(f"hashed {files} files x 8 isometries x {len(codes)} hashes in {hashed:.0f} s")
+    peers = [p for p in PEERS if p.method in codes]
+    results = [sweep_peer(collection, p, np.stack(codes[p.method])) for p in peers]
     return results, {"hash_seconds": hashed}
 
 
