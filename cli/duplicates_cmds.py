@@ -4,7 +4,6 @@ duplicate" decisions remembered; ``--calibrate`` measures what the pass finds on
 
 from __future__ import annotations
 
-import hashlib
 import os
 from pathlib import Path
 
@@ -228,6 +227,7 @@ def _how(member) -> str:
 
 
 def _decide(index_dir, pair, forget: bool) -> None:
+    from retrieval.duplicates.actions import sha256_of
     from retrieval.duplicates.memory import DuplicatesMemory
 
     memory = DuplicatesMemory(index_dir)
@@ -237,7 +237,7 @@ def _decide(index_dir, pair, forget: bool) -> None:
         if forget:
             click.echo(f"forgot {memory.forget_decisions()} not-duplicate decisions")
             return
-        first, second = ((_sha256(p), os.path.abspath(p)) for p in pair)
+        first, second = ((sha256_of(p), os.path.abspath(p)) for p in pair)
         if not memory.record_not_duplicate(first, second):
             raise click.UsageError("those two files have the same bytes: they are exact copies")
         click.echo(
@@ -246,15 +246,6 @@ def _decide(index_dir, pair, forget: bool) -> None:
         )
     finally:
         memory.close()
-
-
-def _sha256(path: Path) -> str:
-    """The file's content hash, as the index stores it per row."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _calibrated(ix, options, histogram, as_json):

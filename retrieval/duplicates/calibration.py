@@ -170,12 +170,13 @@ def calibrate(
                 tally.copies += 1
                 background = max(backgrounds(found[j : j + 1, 1:])[0], own_background)
                 by_fc7 = row.id in ids[j] and gap <= options.candidates.ratio * background
-                if not _proposed(by_fc7, signatures.get(row.sha256), path, options.candidates):
+                copy = signature_of_file(path)
+                if not _proposed(by_fc7, signatures.get(row.sha256), copy, options.candidates):
                     continue
                 tally.proposed += 1
                 verdict = verify_pair(
                     (row.path, signatures.get(row.sha256)),
-                    (path, signature_of_file(path)),
+                    (path, copy),
                     images,
                     options.verify,
                 )
@@ -209,14 +210,13 @@ def calibrate(
     )
 
 
-def _proposed(by_fc7: bool, original, copy_path: str, options: CandidateOptions) -> bool:
+def _proposed(by_fc7: bool, original, copy, options: CandidateOptions) -> bool:
     """Would a signal pair the copy with its original? (fc7 as the caller found it; hashes
     under the 8 isometries; the windows, both ways.)"""
     if by_fc7:
         return True
     if original is None:
         return False
-    copy = signature_of_file(copy_path)
     if best_isometry(original.hashes, copy.hashes)[0] <= options.radius:
         return True
     window = min(

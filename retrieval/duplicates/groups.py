@@ -29,7 +29,7 @@ from retrieval.collection.near import NearOptions, near_pairs
 from retrieval.collection.vectors import IndexVectors
 from retrieval.duplicates.candidates import SIGNALS, CandidateOptions, candidate_pairs
 from retrieval.duplicates.hashes import WINDOWS, ImageSignature
-from retrieval.duplicates.keep import KEEP, Ranking
+from retrieval.duplicates.keep import KEEP, Ranking, under_reference
 from retrieval.duplicates.memory import DuplicatesMemory
 from retrieval.duplicates.signatures import signatures_for
 from retrieval.duplicates.verify import ImageCache, Verdict, VerifyOptions, verify_pair
@@ -134,11 +134,6 @@ class DuplicateReport:
         )
 
 
-def under_reference(path: str, references: Sequence[str]) -> bool:
-    """True when ``path`` lies inside one of the ``references`` folders (absolute paths)."""
-    return any(os.path.commonpath([path, ref]) == ref for ref in references)
-
-
 def find_duplicates(
     index: Index,
     options: DuplicateOptions = DuplicateOptions(),
@@ -148,9 +143,9 @@ def find_duplicates(
     rows = index.rows(limit=None)
     report = DuplicateReport(images=len(rows))
     references = tuple(os.path.abspath(r) for r in options.references)
+    stage = _stage(progress)
     memory = DuplicatesMemory(index.directory)
     try:
-        stage = _stage(progress)
         signatures = signatures_for(rows, memory, stage("signatures"))
         decided = memory.not_duplicates()
     finally:
@@ -161,9 +156,7 @@ def find_duplicates(
     stand_in = _exact_groups(rows, report, ranking, references)
     source = IndexVectors(index, rows)
     hashes, windows, has = _signature_arrays(rows, signatures)
-    found = candidate_pairs(
-        source, hashes, windows, has, options.candidates, _stage(progress)("candidates")
-    )
+    found = candidate_pairs(source, hashes, windows, has, options.candidates, stage("candidates"))
     report.signals = {
         name: int((found.source & bit).astype(bool).sum()) for bit, name in SIGNALS.items()
     }
@@ -179,7 +172,7 @@ def find_duplicates(
         pairs.append((a, b))
     pairs = sorted(set(pairs))
     report.candidates = len(pairs)
-    tick = _stage(progress)("verifying")
+    tick = stage("verifying")
 
     def verify(a: int, b: int) -> Verdict:
         """How ``b`` is a copy of ``a`` (or not)."""
@@ -214,7 +207,7 @@ def find_duplicates(
             order,
             options,
             report,
-            _stage(progress)("similar"),
+            stage("similar"),
             references,
         )
     return report

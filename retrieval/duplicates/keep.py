@@ -32,6 +32,11 @@ KEEP = ("best", "largest", "oldest", "first")
 LOSSLESS = {".png", ".tif", ".tiff", ".bmp", ".gif", ".ppm", ".pgm", ".pbm", ".qoi"}
 
 
+def under_reference(path: str, references: Sequence[str]) -> bool:
+    """True when ``path`` lies inside one of the ``references`` folders (absolute paths)."""
+    return any(os.path.commonpath([path, ref]) == ref for ref in references)
+
+
 def pixels(path: str) -> int:
     """Width x height from the file's header (0 when it cannot be read any more)."""
     from PIL import Image
@@ -98,9 +103,6 @@ class Ranking:
         value = self._sharpness(path)
         return math.floor(math.log(value) / math.log(1.3)) if value > 0 else -(10**9)
 
-    def _referenced(self, row: Row) -> bool:
-        return any(os.path.commonpath([row.path, ref]) == ref for ref in self.references)
-
     def order(self, rows: Sequence[Row]) -> list[Row]:
         key = {
             "best": lambda r: (
@@ -116,7 +118,7 @@ class Ranking:
             "oldest": lambda r: (r.mtime_ns, r.path),
             "first": lambda r: (r.path,),
         }[self.keep]
-        return sorted(rows, key=lambda r: (not self._referenced(r), key(r)))
+        return sorted(rows, key=lambda r: (not under_reference(r.path, self.references), key(r)))
 
 
 def representative_order(
