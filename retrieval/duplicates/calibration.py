@@ -5,12 +5,14 @@ A seeded sample of the collection's own images is edited every way a copy drifts
 turned, bordered, greyscale, captioned, brightened), each copy written to a scratch folder and
 put through the same signals and the same verifier as the collection's pairs:
 
-- **recall per edit**: the share of copies that a signal proposes with their original *and* the
-  verifier accepts;
+- **recall per edit**: the share of copies that a signal proposes with their original, the
+  screen passes (:mod:`retrieval.duplicates.screen`) *and* the verifier accepts;
 - **precision**: the verifier is also run on each sampled image's nearest other images (by fc7,
   leaving out its nearest few, which may be its real duplicates); each one it accepts is a false
-  copy. Each image's edited copies count as one copy (a collection holds about one copy of an
-  image, not nine), so precision is ``accepted copies / 9 / (that + false copies)``;
+  copy (the verifier alone: the screen, which only drops pairs, is not given the chance to
+  spare it a false one, so the figure errs low). Each image's edited copies count as one copy
+  (a collection holds about one copy of an image, not nine), so precision is
+  ``accepted copies / 9 / (that + false copies)``;
 - the **similar tier's threshold**: the fc7 distance at which edited copies still make up
   ``precision`` of the pairs under it (each image's copies again weighing one), as before the
   verifier existed; it only bounds the unverified "similar" groups.
@@ -34,6 +36,7 @@ from retrieval.duplicates.candidates import CandidateOptions, backgrounds
 from retrieval.duplicates.edits import EDITS, edited, encoded
 from retrieval.duplicates.hashes import best_isometry, hamming
 from retrieval.duplicates.memory import DuplicatesMemory
+from retrieval.duplicates.screen import ScreenOptions, screen_one
 from retrieval.duplicates.signatures import signature_of_file, signatures_for
 from retrieval.duplicates.verify import ImageCache, VerifyOptions, verify_pair
 from retrieval.errors import ImageReadError, RetrieveError
@@ -55,13 +58,14 @@ class CalibrationOptions:
     negatives: int = 10  # neighbours per sample after those, verified as "different images"
     seed: int = 0
     candidates: CandidateOptions = field(default_factory=CandidateOptions)
+    screen: ScreenOptions = field(default_factory=ScreenOptions)
     verify: VerifyOptions = field(default_factory=VerifyOptions)
 
 
 @dataclass
 class EditRecall:
     copies: int = 0
-    proposed: int = 0  # a signal paired the copy with its original
+    proposed: int = 0  # a signal paired the copy with its original and the screen passed it
     verified: int = 0  # ... and the verifier accepted the pair
 
     @property
@@ -172,6 +176,9 @@ def calibrate(
                 by_fc7 = row.id in ids[j] and gap <= options.candidates.ratio * background
                 copy = signature_of_file(path)
                 if not _proposed(by_fc7, signatures.get(row.sha256), copy, options.candidates):
+                    continue
+                ratio = gap / max(background, 1e-12)
+                if not screen_one(signatures.get(row.sha256), copy, ratio, options.screen):
                     continue
                 tally.proposed += 1
                 verdict = verify_pair(

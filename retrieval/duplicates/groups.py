@@ -28,9 +28,10 @@ import numpy as np
 from retrieval.collection.near import NearOptions, near_pairs
 from retrieval.collection.vectors import IndexVectors
 from retrieval.duplicates.candidates import SIGNALS, CandidateOptions, candidate_pairs
-from retrieval.duplicates.hashes import WINDOWS, ImageSignature
+from retrieval.duplicates.hashes import SIDE, WINDOWS, ImageSignature
 from retrieval.duplicates.keep import KEEP, Ranking, under_reference
 from retrieval.duplicates.memory import DuplicatesMemory
+from retrieval.duplicates.screen import ScreenOptions, screen_pairs
 from retrieval.duplicates.signatures import signatures_for
 from retrieval.duplicates.verify import ImageCache, Verdict, VerifyOptions, verify_pair
 
@@ -54,6 +55,7 @@ class DuplicateOptions:
     references: tuple[str, ...] = ()  # folders whose files always lead and never move
     similar_threshold: float | None = None  # fc7 distance of the similar tier; None: no tier
     candidates: CandidateOptions = field(default_factory=CandidateOptions)
+    screen: ScreenOptions = field(default_factory=ScreenOptions)
     verify: VerifyOptions = field(default_factory=VerifyOptions)
     near: NearOptions = field(default_factory=NearOptions)  # the similar tier's pass
 
@@ -107,6 +109,7 @@ class DuplicateReport:
     images: int
     groups: list[Group] = field(default_factory=list)
     candidates: int = 0  # pairs the signals proposed
+    screened: int = 0  # of those, pairs verified on their pixels (the rest showed no sign)
     verified: int = 0  # pairs the verifier accepted
     decided: int = 0  # candidate pairs left out by the user's decisions
     signals: dict[str, int] = field(default_factory=dict)  # candidates per signal
@@ -130,7 +133,8 @@ class DuplicateReport:
         spare = sum(len(g.members) - 1 for g in self.groups if g.kind != "similar")
         return (
             f"{self.images} images: {'; '.join(parts)}; {spare} files beside their "
-            f"representatives ({self.candidates} candidate pairs checked, {self.verified} verified)"
+            f"representatives ({self.candidates} candidate pairs, {self.screened} compared on "
+            f"their pixels, {self.verified} verified)"
         )
 
 
@@ -155,23 +159,28 @@ def find_duplicates(
     order = cache(lambda positions: tuple(ranking.order([rows[p] for p in positions])))
     stand_in = _exact_groups(rows, report, ranking, references)
     source = IndexVectors(index, rows)
-    hashes, windows, has = _signature_arrays(rows, signatures)
+    hashes, windows, thumbs, has = _signature_arrays(rows, signatures)
     found = candidate_pairs(source, hashes, windows, has, options.candidates, stage("candidates"))
     report.signals = {
         name: int((found.source & bit).astype(bool).sum()) for bit, name in SIGNALS.items()
     }
     verdicts: dict[tuple[int, int], Verdict] = {}
-    pairs = []
-    for a, b in zip(stand_in[found.a].tolist(), stand_in[found.b].tolist()):
+    shown = screen_pairs(
+        found.a, found.b, found.ratio, thumbs, hashes, windows, has, options.screen
+    )
+    pairs, proposed = set(), set()
+    for a, b, keep in zip(stand_in[found.a].tolist(), stand_in[found.b].tolist(), shown):
         if a == b:
             continue
         a, b = min(a, b), max(a, b)
         if tuple(sorted((rows[a].sha256, rows[b].sha256))) in decided:
             report.decided += 1
             continue
-        pairs.append((a, b))
-    pairs = sorted(set(pairs))
-    report.candidates = len(pairs)
+        proposed.add((a, b))
+        if keep:
+            pairs.add((a, b))
+    pairs = sorted(pairs)
+    report.candidates, report.screened = len(proposed), len(pairs)
     tick = stage("verifying")
 
     def verify(a: int, b: int) -> Verdict:
@@ -224,15 +233,18 @@ def _stage(progress: Progress | None) -> Callable[[str], Callable[[int, int], No
 
 def _signature_arrays(
     rows: Sequence[Row], signatures: dict[str, ImageSignature]
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """(hashes N x 8, windows N x WINDOWS, thumbnails N x SIDE x SIDE, has N) by position."""
     hashes = np.zeros((len(rows), 8), np.uint64)
     windows = np.zeros((len(rows), WINDOWS), np.uint64)
+    thumbs = np.zeros((len(rows), SIDE, SIDE), np.uint8)
     has = np.zeros(len(rows), bool)
     for position, row in enumerate(rows):
         found = signatures.get(row.sha256)
         if found is not None:
-            hashes[position], windows[position], has[position] = found.hashes, found.windows, True
-    return hashes, windows, has
+            hashes[position], windows[position] = found.hashes, found.windows
+            thumbs[position], has[position] = found.thumb, True
+    return hashes, windows, thumbs, has
 
 
 def _exact_groups(

@@ -256,6 +256,7 @@ def _duplicates_json(
             "sampled": calibration.sampled,
         },
         "candidates": report.candidates,
+        "screened": report.screened,
         "verified": report.verified,
         "keep": keep,
         "summary": report.summary(),

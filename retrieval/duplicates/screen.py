@@ -1,0 +1,226 @@
+"""Which candidate pairs are worth opening the files for: a screen on the signatures alone.
+
+Verification decodes both pictures and matches keypoints (milliseconds a pair); most candidate
+pairs are not copies (on the benchmark's collection 96% are not: an image's 10 nearest by fc7
+and by window hash are mostly other photos). The screen keeps a pair when any sign of an edited
+copy shows in what the signatures already hold, and drops it otherwise:
+
+- **fc7 close for both images**: the pair's distance at most ``ratio`` of their background
+  (photometric edits, resizes, borders and most captions sit far below it; other photos at 0.9
+  and above);
+- **the same framing**: the 32 px thumbnails correlate under some flip or quarter turn, over the
+  whole picture or all but one band (a caption or a logo painted over a strip of it);
+- **a crop**: one picture's pHash within ``window_bits`` of a 70% window of the other, and its
+  thumbnail correlates with that window's part of the other's thumbnail;
+- **a frame**: one thumbnail matches inside the other (cv2.matchTemplate at a few scales): a
+  border, a letterbox, a caption bar added, a picture inside a screenshot.
+
+Correlations are normalised (blind to brightness and contrast). The bars are loose on purpose:
+verification decides; the screen only spares it the pairs that show no sign of a copy.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from retrieval.duplicates.hashes import GRID, SIDE, WINDOW, WINDOW_BASE, ImageSignature
+
+BAND = SIDE // 4  # a painted-over strip: a quarter of the picture's height or width
+# (width, height) of the smaller picture inside the larger, as shares of the larger's sides:
+# borders and letterboxes (both sides, or one), caption bars added above or below
+FRAME_SCALES = (
+    (0.9, 0.9),
+    (0.8, 0.8),
+    (0.7, 0.7),
+    (0.6, 0.6),
+    (1.0, 0.9),
+    (1.0, 0.8),
+    (1.0, 0.7),
+    (0.9, 1.0),
+    (0.8, 1.0),
+    (0.7, 1.0),
+)
+
+
+@dataclass(frozen=True)
+class ScreenOptions:
+    """The screen's bars (see the module docstring); verification is stricter on every one."""
+
+    ratio: float = 0.8  # fc7: distance / the pair's background, at most
+    framing: float = 0.8  # thumbnails, whole picture, best isometry
+    banded: float = 0.85  # thumbnails, all but one quarter band
+    window_bits: int = 14  # crop: pHash bits to the nearest window, at most
+    window: float = 0.6  # crop: correlation with that window's part of the thumbnail
+    frame: float = 0.75  # frame: template match inside the other thumbnail
+    frame_ratio: float = 1.1  # frame: only tried on pairs this close by fc7 (costly)
+
+
+def screen_pairs(
+    a: np.ndarray,
+    b: np.ndarray,
+    ratio: np.ndarray,
+    thumbs: np.ndarray,
+    hashes: np.ndarray,
+    windows: np.ndarray,
+    has: np.ndarray,
+    options: ScreenOptions = ScreenOptions(),
+) -> np.ndarray:
+    """A mask over the pairs ``(a[i], b[i])``: True where verification should look.
+
+    ``thumbs`` (N x SIDE x SIDE uint8), ``hashes`` (N x 8), ``windows`` (N x WINDOWS) and
+    ``has`` (N) come from the images' signatures; a pair with an image lacking one is kept."""
+    keep = ~(has[a] & has[b]) | (ratio <= options.ratio)
+    for start in range(0, len(a), 8192):
+        part = slice(start, start + 8192)
+        todo = np.flatnonzero(~keep[part]) + start
+        if not len(todo):
+            continue
+        x, y = thumbs[a[todo]], thumbs[b[todo]]
+        score, isometry = framing(x, y)
+        passed = score >= options.framing
+        passed |= banded(x, y, isometry) >= options.banded
+        passed |= _crop(a[todo], b[todo], thumbs, hashes, windows, options)
+        passed |= _crop(b[todo], a[todo], thumbs, hashes, windows, options)
+        keep[todo[passed]] = True
+    todo = np.flatnonzero(~keep & (ratio <= options.frame_ratio))
+    for i in todo:
+        if frame_match(thumbs[a[i]], thumbs[b[i]]) >= options.frame:
+            keep[i] = True
+    return keep
+
+
+def screen_one(
+    first: ImageSignature | None,
+    second: ImageSignature | None,
+    ratio: float,
+    options: ScreenOptions = ScreenOptions(),
+) -> bool:
+    """:func:`screen_pairs` for one pair of signatures (calibration's edited copies)."""
+    if first is None or second is None:
+        return True
+    one = np.zeros(1, np.int64)
+    return bool(
+        screen_pairs(
+            one,
+            one + 1,
+            np.asarray([ratio], np.float32),
+            np.stack([first.thumb, second.thumb]),
+            np.stack([first.hashes, second.hashes]),
+            np.stack([first.windows, second.windows]),
+            np.ones(2, bool),
+            options,
+        )[0]
+    )
+
+
+def _normalised(x: np.ndarray) -> np.ndarray:
+    """Rows of ``x`` (any trailing shape) made zero-mean and unit-norm over their last two axes."""
+    x = x.astype(np.float32)
+    x -= x.mean(axis=(-2, -1), keepdims=True)
+    norm = np.sqrt((x * x).sum(axis=(-2, -1), keepdims=True))
+    return x / np.maximum(norm, 1e-6)
+
+
+def _orientations(x: np.ndarray) -> list[np.ndarray]:
+    """Views of thumbnails M x S x S under the 8 isometries (hashes.orient's order)."""
+    out = []
+    for base in (x, x.transpose(0, 2, 1)):
+        out += [base, base[:, :, ::-1], base[:, ::-1, :], base[:, ::-1, ::-1]]
+    return out
+
+
+def framing(x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per pair (``x``, ``y``: M x S x S): the best correlation of ``x`` under an isometry
+    with ``y``, and that isometry."""
+    xn, yn = _normalised(x), _normalised(y)
+    scores = np.stack([np.einsum("pij,pij->p", t, yn) for t in _orientations(xn)], axis=1)
+    return scores.max(axis=1), scores.argmax(axis=1)
+
+
+def banded(x: np.ndarray, y: np.ndarray, isometry: np.ndarray) -> np.ndarray:
+    """Per pair: the best correlation of ``x`` (turned by ``isometry``) with ``y`` leaving out
+    one quarter band (top, bottom, left or right)."""
+    turned = np.stack(_orientations(x), axis=1)[np.arange(len(x)), isometry]
+    best = np.full(len(x), -1.0, np.float32)
+    for rows, cols in (
+        (slice(BAND, None), slice(None)),
+        (slice(None, -BAND), slice(None)),
+        (slice(None), slice(BAND, None)),
+        (slice(None), slice(None, -BAND)),
+    ):
+        part = _normalised(turned[:, rows, cols]) * _normalised(y[:, rows, cols])
+        best = np.maximum(best, part.sum(axis=(1, 2)))
+    return best
+
+
+def _window_grid() -> tuple[np.ndarray, np.ndarray]:
+    """For each window, where its SIDE x SIDE samples fall in a SIDE px thumbnail (y, x)."""
+    side = round(WINDOW_BASE * WINDOW)
+    starts = np.round(np.linspace(0, WINDOW_BASE - side, GRID)) * SIDE / WINDOW_BASE
+    step = (np.arange(SIDE) + 0.5) * (side * SIDE / WINDOW_BASE) / SIDE - 0.5
+    ys = np.stack([top + step for top in starts for _ in starts])
+    xs = np.stack([left + step for _ in starts for left in starts])
+    return ys, xs
+
+
+WINDOW_YS, WINDOW_XS = _window_grid()
+
+
+def _sample(thumbs: np.ndarray, ys: np.ndarray, xs: np.ndarray) -> np.ndarray:
+    """Bilinear samples of each thumbnail on its own grid: thumbs M x S x S, ys / xs M x S."""
+    ys, xs = np.clip(ys, 0, SIDE - 1), np.clip(xs, 0, SIDE - 1)
+    y0, x0 = np.floor(ys).astype(int), np.floor(xs).astype(int)
+    y1, x1 = np.minimum(y0 + 1, SIDE - 1), np.minimum(x0 + 1, SIDE - 1)
+    wy, wx = (ys - y0)[:, :, None], (xs - x0)[:, None, :]
+    rows = np.arange(len(thumbs))[:, None, None]
+    t = thumbs.astype(np.float32)
+
+    def at(yy: np.ndarray, xx: np.ndarray) -> np.ndarray:
+        return t[rows, yy[:, :, None], xx[:, None, :]]
+
+    top = at(y0, x0) * (1 - wx) + at(y0, x1) * wx
+    bottom = at(y1, x0) * (1 - wx) + at(y1, x1) * wx
+    return top * (1 - wy) + bottom * wy
+
+
+def _crop(
+    whole: np.ndarray,
+    part: np.ndarray,
+    thumbs: np.ndarray,
+    hashes: np.ndarray,
+    windows: np.ndarray,
+    options: ScreenOptions,
+) -> np.ndarray:
+    """Per pair: is ``part`` a crop of ``whole``? Its pHash near one of ``whole``'s windows and
+    its thumbnail like that window's part of ``whole``'s (the nearest two windows tried)."""
+    bits = np.bitwise_count(windows[whole] ^ hashes[part, :1])
+    found = np.zeros(len(whole), bool)
+    for nearest in np.argsort(bits, axis=1, kind="stable")[:, :2].T:
+        close = bits[np.arange(len(whole)), nearest] <= options.window_bits
+        if not close.any():
+            continue
+        rows = np.flatnonzero(close)
+        region = _sample(thumbs[whole[rows]], WINDOW_YS[nearest[rows]], WINDOW_XS[nearest[rows]])
+        score = (_normalised(region) * _normalised(thumbs[part[rows]])).sum(axis=(1, 2))
+        found[rows[score >= options.window]] = True
+    return found
+
+
+def frame_match(x: np.ndarray, y: np.ndarray) -> float:
+    """The best normalised match of either thumbnail, shrunk by FRAME_SCALES, inside the other
+    (both as they are: a frame keeps the picture's orientation)."""
+    import cv2
+
+    best = -1.0
+    for big, small in ((x, y), (y, x)):
+        big = big.astype(np.float32)
+        small = small.astype(np.float32)
+        for width, height in FRAME_SCALES:
+            size = (max(4, round(SIDE * width)), max(4, round(SIDE * height)))
+            template = cv2.resize(small, size, interpolation=cv2.INTER_AREA)
+            if template.std() < 2:  # flat: any match would be noise
+                continue
+            best = max(best, float(cv2.matchTemplate(big, template, cv2.TM_CCOEFF_NORMED).max()))
+    return best

@@ -1,0 +1,53 @@
+"""The screen before verification: every kind of edited copy passes it on its signatures alone,
+a different picture does not (unless fc7 calls the pair close for both images), and the
+duplicates pass verifies only what passed it."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from retrieval.duplicates.edits import EDITS, edited
+from retrieval.duplicates.hashes import signature
+from retrieval.duplicates.screen import ScreenOptions, screen_one, screen_pairs
+from tests.corpus import scene
+
+FAR = 1.05  # an fc7 ratio no copy shortcut accepts: the thumbnails must show the copy
+
+
+@pytest.mark.parametrize("edit", EDITS)
+def test_every_edit_passes_the_screen_on_its_signature_alone(edit: str) -> None:
+    for seed in range(4):
+        original = scene(seed, (256, 192))
+        copy = edited(original, edit, np.random.default_rng(seed))
+        assert screen_one(signature(original), signature(copy), FAR), (edit, seed)
+
+
+def test_different_pictures_are_screened_out_unless_fc7_calls_them_close() -> None:
+    signatures = [signature(scene(seed, (256, 192))) for seed in range(12)]
+    kept = [
+        screen_one(signatures[i], signatures[j], FAR)
+        for i in range(len(signatures))
+        for j in range(i + 1, len(signatures))
+    ]
+    assert sum(kept) <= 2, f"{sum(kept)} of {len(kept)} pairs of different scenes kept"
+    assert screen_one(signatures[0], signatures[1], ScreenOptions().ratio)
+
+
+def test_a_pair_without_a_signature_is_kept_for_verification() -> None:
+    assert screen_one(None, signature(scene(0)), FAR)
+
+
+def test_screen_pairs_masks_a_batch_in_order() -> None:
+    originals = [scene(seed, (256, 192)) for seed in range(3)]
+    mirrored = [image.transpose(Image.Transpose.FLIP_LEFT_RIGHT) for image in originals]
+    signatures = [signature(image) for image in originals + mirrored]
+    thumbs = np.stack([s.thumb for s in signatures])
+    hashes = np.stack([s.hashes for s in signatures])
+    windows = np.stack([s.windows for s in signatures])
+    a = np.array([0, 1, 2, 0, 1])
+    b = np.array([3, 4, 5, 1, 2])  # three copies, then two different scenes
+    ratio = np.full(len(a), FAR, np.float32)
+    kept = screen_pairs(a, b, ratio, thumbs, hashes, windows, np.ones(len(thumbs), bool))
+    assert kept.tolist() == [True, True, True, False, False]
