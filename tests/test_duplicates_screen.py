@@ -51,3 +51,20 @@ def test_screen_pairs_masks_a_batch_in_order() -> None:
     ratio = np.full(len(a), FAR, np.float32)
     kept = screen_pairs(a, b, ratio, thumbs, hashes, windows, np.ones(len(thumbs), bool))
     assert kept.tolist() == [True, True, True, False, False]
+
+
+def test_the_inverted_hamming_index_finds_near_codes_as_the_exact_one_does() -> None:
+    """Above EXACT_UP_TO images the Hamming searches probe an inverted file: a copy's hash a few
+    bits from its original's must still be found (against the exact index's answer)."""
+    from retrieval.duplicates.candidates import _codes, hamming_index
+
+    rng = np.random.default_rng(0)
+    words = rng.integers(0, 2**63, 30_000, dtype=np.uint64)
+    flips = np.packbits(rng.random((2_000, 64)) < 0.05, axis=1).view(">u8")[:, 0]
+    queries = _codes(words[:2_000] ^ flips.astype(np.uint64))
+    exact = hamming_index(_codes(words), exact=True, nprobe=1)
+    inverted = hamming_index(_codes(words), exact=False, nprobe=32)
+    assert inverted.nlist > 100 and inverted.nprobe == 32
+    _, truth = exact.search(queries, 1)
+    _, found = inverted.search(queries, 1)
+    assert np.mean(found[:, 0] == truth[:, 0]) >= 0.95

@@ -33,6 +33,11 @@ FROM_HASH = 2
 FROM_WINDOW = 4
 SIGNALS = {FROM_FC7: "fc7", FROM_HASH: "hash", FROM_WINDOW: "window"}
 EXACT_UP_TO = 20_000  # vectors searched exactly (all in memory: 20,000 x 4096 x 4 = 328 MB)
+# Inverted lists probed per query above EXACT_UP_TO images (a search scans about
+# 2 sqrt(nprobe M) of M codes). Hashes: 8 queries an image, and a copy's hash is a few bits from
+# its original's; windows: one query an image, a crop up to 14 bits from its window, so more.
+HASH_NPROBE = 32
+WINDOW_NPROBE = 256
 
 
 @dataclass(frozen=True)
@@ -121,23 +126,49 @@ def backgrounds(distances: np.ndarray) -> np.ndarray:
     return np.where(np.isfinite(mean) & (mean > 0), mean, fallback).astype(np.float32)
 
 
+def hamming_index(codes: np.ndarray, exact: bool, nprobe: int):
+    """A faiss binary index of 64-bit ``codes`` (M x 8 uint8): exact (all pairs) when asked,
+    else an inverted file of about sqrt(nprobe M) lists, ``nprobe`` of them probed per query,
+    so a search costs about sqrt(M), not M. Its centroids are codes drawn from ``codes``
+    (binary k-means would cost minutes at a million images and buys little for codes this
+    near: a copy's hash sits a few bits from its original, so both usually fall to one
+    centroid). A near code in a list left unprobed is missed: bench/duplicates_scale.py
+    measures that as the planted copies found."""
+    import faiss
+
+    if exact:
+        index = faiss.IndexBinaryFlat(64)
+        index.add(codes)
+        return index
+    lists = max(1, min(len(codes), int(np.sqrt(nprobe * len(codes)))))
+    centroids = np.random.default_rng(0).choice(len(codes), lists, replace=False)
+    quantizer = faiss.IndexBinaryFlat(64)
+    quantizer.add(codes[np.sort(centroids)])
+    index = faiss.IndexBinaryIVF(quantizer, 64, lists)
+    index.is_trained = True
+    index.nprobe = min(nprobe, lists)
+    index.add(codes)
+    index.keep = quantizer  # faiss holds a pointer only: keep its quantizer alive with it
+    return index
+
+
+def _codes(values: np.ndarray) -> np.ndarray:
+    """uint64 hashes (any shape) as faiss binary codes: rows of 8 bytes."""
+    return np.ascontiguousarray(values).view(np.uint8).reshape(-1, 8)
+
+
 def hash_pairs(hashes: np.ndarray, has: np.ndarray, radius: int) -> tuple[np.ndarray, np.ndarray]:
     """Pairs (a < b) whose hashes are within ``radius`` bits under some isometry.
 
     ``hashes`` is N x 8 uint64 (ISOMETRIES order), ``has`` marks the rows that have one."""
-    import faiss
-
     positions = np.flatnonzero(has)
     if len(positions) < 2:
         return np.zeros(0, np.int64), np.zeros(0, np.int64)
-    base = np.ascontiguousarray(hashes[positions, 0]).view(np.uint8).reshape(-1, 8)
-    index = faiss.IndexBinaryFlat(64)
-    index.add(base)
+    index = hamming_index(_codes(hashes[positions, 0]), len(positions) <= EXACT_UP_TO, HASH_NPROBE)
     found_a, found_b = [], []
     for start in range(0, len(positions), 4096):
         chunk = positions[start : start + 4096]
-        queries = np.ascontiguousarray(hashes[chunk]).view(np.uint8).reshape(-1, 8)
-        lims, _, labels = index.range_search(queries, radius + 1)  # faiss: distance < radius
+        lims, _, labels = index.range_search(_codes(hashes[chunk]), radius + 1)  # distance <
         own = np.repeat(np.repeat(chunk, 8), np.diff(lims).astype(np.int64))
         other = positions[labels]
         keep = own != other
@@ -151,20 +182,16 @@ def window_pairs(
     hashes: np.ndarray, windows: np.ndarray, has: np.ndarray, k: int, max_bits: int
 ) -> tuple[np.ndarray, np.ndarray]:
     """Pairs (a < b): b among the ``k`` images whose windows come nearest a's pHash."""
-    import faiss
-
     positions = np.flatnonzero(has)
     if len(positions) < 2:
         return np.zeros(0, np.int64), np.zeros(0, np.int64)
     per = windows.shape[1]
-    index = faiss.IndexBinaryFlat(64)
-    index.add(np.ascontiguousarray(windows[positions]).view(np.uint8).reshape(-1, 8))
+    index = hamming_index(_codes(windows[positions]), len(positions) <= EXACT_UP_TO, WINDOW_NPROBE)
     wanted = min(index.ntotal, 4 * k * 2)  # windows of one image crowd the nearest: ask more
     found_a, found_b = [], []
     for start in range(0, len(positions), 4096):
         chunk = positions[start : start + 4096]
-        queries = np.ascontiguousarray(hashes[chunk, 0]).view(np.uint8).reshape(-1, 8)
-        bits, labels = index.search(queries, wanted)
+        bits, labels = index.search(_codes(hashes[chunk, 0]), wanted)
         for own, got, apart in zip(chunk, labels, bits):
             images = positions[got[(got >= 0) & (apart <= max_bits)] // per]
             images = list(dict.fromkeys(i for i in images.tolist() if i != own))[:k]
