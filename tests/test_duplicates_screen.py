@@ -68,3 +68,41 @@ def test_the_inverted_hamming_index_finds_near_codes_as_the_exact_one_does() -> 
     _, truth = exact.search(queries, 1)
     _, found = inverted.search(queries, 1)
     assert np.mean(found[:, 0] == truth[:, 0]) >= 0.95
+
+
+def test_retrieve_index_signs_new_images_unless_told_not_to(tmp_path, small_model) -> None:
+    """The first duplicates pass finds the signatures ready: `retrieve index` signs each new
+    image (by content, beside the index); --no-signatures leaves that to the first pass."""
+    import json
+
+    from click.testing import CliRunner
+
+    from retrieval import Index
+    from retrieval.cli.main import cli
+    from retrieval.duplicates.hashes import signature
+    from retrieval.duplicates.memory import DuplicatesMemory
+
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    for seed in range(3):
+        scene(seed, (96, 72)).save(folder / f"scene{seed}.png")
+
+    def index(name: str, *extra: str) -> dict:
+        args = ["index", str(folder), "--index", str(tmp_path / name)]
+        result = CliRunner().invoke(cli, [*args, "--weights", str(small_model), *extra, "--json"])
+        assert result.exit_code == 0, result.output
+        return json.loads(result.stdout)
+
+    assert index("plain", "--no-signatures")["signed"] is None
+    assert index("signed")["signed"] == 3
+    with Index.open(tmp_path / "signed") as opened:
+        rows = opened.rows(limit=None)
+    for directory, expected in (("plain", 0), ("signed", 3)):
+        memory = DuplicatesMemory(tmp_path / directory)
+        kept = memory.signatures(r.sha256 for r in rows)
+        memory.close()
+        assert len(kept) == expected
+    first = next(r for r in rows if r.path.endswith("scene0.png"))
+    assert np.array_equal(kept[first.sha256].hashes, signature(scene(0, (96, 72))).hashes)
+    (folder / "scene3.png").write_bytes((folder / "scene0.png").read_bytes())
+    assert index("signed")["signed"] == 0  # the same bytes: already signed

@@ -16,6 +16,7 @@ from retrieval.images.decode import load_image
 
 if TYPE_CHECKING:
     from retrieval.indexes.rows import Row
+    from retrieval.search.index import Index
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +40,21 @@ def signature_of_file(path: str) -> ImageSignature:
     small = signature(image)
     width, height = upright_size(path)
     return ImageSignature(small.hashes, small.windows, small.thumb, width, height, small.grey)
+
+
+def sign_index(index: Index, progress: Callable[[int, int], None] | None = None) -> int:
+    """Signs every indexed image that has no signature yet (``retrieve index`` does it right
+    after indexing, so the first duplicates pass finds them ready); how many it signed."""
+    rows = index.rows(limit=None)
+    memory = DuplicatesMemory(index.directory)
+    try:
+        known = len(memory.signatures(r.sha256 for r in rows))
+        missing = len({r.sha256 for r in rows}) - known
+        if missing:
+            signatures_for(rows, memory, progress)
+    finally:
+        memory.close()
+    return missing
 
 
 def signatures_for(
