@@ -34,13 +34,14 @@ FRAME_SCALES = (
     (0.9, 0.9),
     (0.8, 0.8),
     (0.7, 0.7),
-    (0.6, 0.6),
     (1.0, 0.9),
     (1.0, 0.8),
     (1.0, 0.7),
+    (1.0, 0.6),
     (0.9, 1.0),
     (0.8, 1.0),
     (0.7, 1.0),
+    (0.6, 1.0),
 )
 
 
@@ -85,8 +86,9 @@ def screen_pairs(
         passed |= _crop(b[todo], a[todo], thumbs, hashes, windows, options)
         keep[todo[passed]] = True
     todo = np.flatnonzero(~keep & (ratio <= options.frame_ratio))
+    templates = _Templates(thumbs)
     for i in todo:
-        if frame_match(thumbs[a[i]], thumbs[b[i]]) >= options.frame:
+        if frame_match(templates, int(a[i]), int(b[i]), options.frame) >= options.frame:
             keep[i] = True
     return keep
 
@@ -208,19 +210,45 @@ def _crop(
     return found
 
 
-def frame_match(x: np.ndarray, y: np.ndarray) -> float:
+class _Templates:
+    """Each thumbnail as float32 and shrunk to each of FRAME_SCALES (None where flat), made
+    once per image: an image takes part in many pairs."""
+
+    def __init__(self, thumbs: np.ndarray, keep: int = 4096) -> None:
+        self.thumbs, self.keep = thumbs, keep
+        self._made: dict[int, tuple[np.ndarray, list[np.ndarray | None]]] = {}
+
+    def __call__(self, position: int) -> tuple[np.ndarray, list[np.ndarray | None]]:
+        import cv2
+
+        found = self._made.get(position)
+        if found is None:
+            whole = self.thumbs[position].astype(np.float32)
+            shrunk: list[np.ndarray | None] = []
+            for width, height in FRAME_SCALES:
+                size = (max(4, round(SIDE * width)), max(4, round(SIDE * height)))
+                template = cv2.resize(whole, size, interpolation=cv2.INTER_AREA)
+                flat = cv2.meanStdDev(template)[1][0, 0] < 2  # any match would be noise
+                shrunk.append(None if flat else template)
+            if len(self._made) >= self.keep:
+                self._made.pop(next(iter(self._made)))
+            found = self._made[position] = (whole, shrunk)
+        return found
+
+
+def frame_match(templates: _Templates, first: int, second: int, enough: float = 1.0) -> float:
     """The best normalised match of either thumbnail, shrunk by FRAME_SCALES, inside the other
-    (both as they are: a frame keeps the picture's orientation)."""
+    (both as they are: a frame keeps the picture's orientation); stops once ``enough``."""
     import cv2
 
     best = -1.0
-    for big, small in ((x, y), (y, x)):
-        big = big.astype(np.float32)
-        small = small.astype(np.float32)
-        for width, height in FRAME_SCALES:
-            size = (max(4, round(SIDE * width)), max(4, round(SIDE * height)))
-            template = cv2.resize(small, size, interpolation=cv2.INTER_AREA)
-            if template.std() < 2:  # flat: any match would be noise
-                continue
-            best = max(best, float(cv2.matchTemplate(big, template, cv2.TM_CCOEFF_NORMED).max()))
+    for big, small in ((first, second), (second, first)):
+        whole = templates(big)[0]
+        for template in templates(small)[1]:
+            if template is not None:
+                best = max(
+                    best, cv2.minMaxLoc(cv2.matchTemplate(whole, template, cv2.TM_CCOEFF_NORMED))[1]
+                )
+                if best >= enough:
+                    return best
     return best
