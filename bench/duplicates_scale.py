@@ -611,10 +611,10 @@ def main() -> None:
     )
     say(
         f"- not in the total: signatures (hashes, windows, thumbnails), "
-        f"{timing['ms_signature']:.1f} ms a file, made once per file by the first duplicates pass "
-        f"and kept by content ({timing['ms_signature'] * 1e6 / 1000 / 3600:.1f} hours on one core "
-        "at 1,000,000 files, once); the screen and verification run in one process here (the "
-        "pass's own verification too)"
+        f"{timing['ms_signature']:.1f} ms a file (decoded from disk), made once per file by "
+        f"`retrieve index` (or else the first duplicates pass) and kept by content "
+        f"({timing['ms_signature'] * 1e6 / 1000 / 3600:.1f} hours on one core at 1,000,000 "
+        "files, once); the screen and verification run in one process here"
     )
     say(
         f"- whole benchmark {time.perf_counter() - started:.0f} s; load average at end: "
