@@ -368,22 +368,11 @@ def _second_shot(
     import cv2
 
     grid = SECOND_SHOT_GRID
-    rows = np.array_split(np.arange(x.shape[0]), grid)
-    cols = np.array_split(np.arange(x.shape[1]), grid)
-    corr = np.full((grid, grid), np.nan)
-    both = np.zeros((grid, grid), bool)
-    for i, r in enumerate(rows):
-        for j, c in enumerate(cols):
-            inside = keep[np.ix_(r, c)]
-            if inside.size == 0 or inside.mean() < 0.9:
-                continue
-            bx, by = x[np.ix_(r, c)][inside], y[np.ix_(r, c)][inside]
-            spread_x, spread_y = float(bx.std()), float(by.std())
-            if max(spread_x, spread_y) < TEXTURED:
-                continue  # flat in both: says nothing
-            # textured in one only counts too: an object moved over a clear sky is flat there
-            corr[i, j] = correlation(bx, by)
-            both[i, j] = min(spread_x, spread_y) >= TEXTURED
+    corr, spread_x, spread_y = _block_statistics(x, y, keep, grid)
+    # flat in both says nothing; textured in one only counts (an object moved over a clear sky
+    # is flat there), textured in both is what the overall agreement is judged on
+    corr[np.maximum(spread_x, spread_y) < TEXTURED] = np.nan
+    both = ~np.isnan(corr) & (np.minimum(spread_x, spread_y) >= TEXTURED)
     textured = ~np.isnan(corr)
     if not painted and both.sum() >= grid:
         median = float(np.median(corr[both]))
@@ -396,6 +385,39 @@ def _second_shot(
     if largest >= options.moved_blocks:
         return f"a second shot: something moved ({largest} of {grid * grid} blocks differ)"
     return None
+
+
+def _block_statistics(
+    x: np.ndarray, y: np.ndarray, keep: np.ndarray, grid: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per block of a ``grid`` x ``grid`` split (numpy's array_split): the correlation of ``x``
+    and ``y`` over the kept pixels (NaN where under 90% of the block is kept) and each one's
+    standard deviation, from block sums in one pass instead of a loop over the blocks."""
+    starts = [
+        np.array([part[0] if len(part) else 0 for part in np.array_split(np.arange(n), grid)])
+        for n in x.shape
+    ]
+    sizes = [np.array([len(p) for p in np.array_split(np.arange(n), grid)]) for n in x.shape]
+
+    def sums(values: np.ndarray) -> np.ndarray:
+        out = np.add.reduceat(np.add.reduceat(values, starts[0], axis=0), starts[1], axis=1)
+        out[sizes[0] == 0, :] = 0  # reduceat gives a lone element for an empty slice
+        out[:, sizes[1] == 0] = 0
+        return out
+
+    k = keep.astype(np.float64)
+    a, b = x.astype(np.float64) * k, y.astype(np.float64) * k
+    count = sums(k)
+    area = np.outer(sizes[0], sizes[1])
+    with np.errstate(invalid="ignore", divide="ignore"):
+        mean_a, mean_b = sums(a) / count, sums(b) / count
+        var_a = np.maximum(sums(a * a) / count - mean_a**2, 0)
+        var_b = np.maximum(sums(b * b) / count - mean_b**2, 0)
+        cov = sums(a * b) / count - mean_a * mean_b
+        norm = np.sqrt(var_a * var_b)
+        corr = np.where(norm > 0, cov / np.where(norm > 0, norm, 1), 0.0)
+        corr[(area == 0) | (count < 0.9 * area)] = np.nan
+    return corr, np.sqrt(var_a), np.sqrt(var_b)
 
 
 def _painted_bands(textured: np.ndarray, differ: np.ndarray) -> np.ndarray:
