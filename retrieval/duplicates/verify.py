@@ -10,6 +10,13 @@
    warped onto the first, and the correlation of the *overlap* at ``overlap`` or more. Enough
    inliers alone are not enough: a re-shoot of a building matches keypoints too, but its
    aligned pixels differ (parallax, light, people); an edited copy's do not.
+3. **Second shots** (both tests): a re-shoot of a still scene can pass either test on its whole
+   overlap, because the static part dominates the correlation. So each pair is also compared on
+   a 12 x 12 grid of blocks (``_second_shot``): an edited copy agrees block by block everywhere
+   except where something was painted on one of the two, which is a caption bar or a border
+   along an edge (peeled off first) or a small logo; a second shot has either blocks that only
+   roughly agree all over (the view moved: the median block correlation is low) or a connected
+   patch of disagreeing blocks away from the edges (something in the scene moved).
 
 Every verdict carries its evidence: what was compared, the numbers, and what the edit looks like
 ("mirrored", "cropped to 64%", "border added", ...).
@@ -53,6 +60,16 @@ class VerifyOptions:
     blocks: float = 0.60
     painted_inliers: int = 100
     contained: float = 0.90  # geometry: one picture lies this much inside the other
+    # second shots (both tests; numbers from bench/duplicates.py's 2,380 verified copies of nine
+    # edits, the garbage truck of Imagenette val and 150 synthetic moved-object re-shoots):
+    # the median correlation of blocks textured in both pictures is 0.89 or more for every
+    # original-to-copy pair and 0.78 or more for every copy-to-copy pair accepted on its overlap
+    # correlation; the truck's is 0.61-0.62 either way round. 0.75 lies between.
+    block_median: float = 0.75
+    # the largest connected patch of disagreeing blocks (of 144), edge bands peeled: at most 6
+    # for any copy; 8 or more for 76% of the synthetic re-shoots (an object 22-40% of the
+    # picture's side moved by 15-40% of its width). 8 keeps a margin above the copies.
+    moved_blocks: int = 8
 
 
 @dataclass
@@ -143,9 +160,12 @@ def verify_pair(
         if thumbs >= options.thumbnail:
             smallest = min(sig_a.width, sig_a.height, sig_b.width, sig_b.height)
             framed = _same_framing(grey_a, grey_b, turn, smallest)
-            if framed is not None and framed >= options.same_framing:
-                edits = _framing_edits(sig_a, sig_b, turn)
-                return Verdict(True, "same framing", bits, framed, edits=edits)
+            if framed is not None and framed[0] >= options.same_framing:
+                x, y = framed[1], framed[2]
+                second = _second_shot(x, y, np.ones(x.shape, bool), options)
+                if second is None:
+                    edits = _framing_edits(sig_a, sig_b, turn)
+                    return Verdict(True, "same framing", bits, framed[0], edits=edits)
     verdict = _geometry(path_a, path_b, images, options)
     verdict.hash_bits = bits
     if verdict.copy and sig_a is not None and sig_b is not None and sig_a.grey != sig_b.grey:
@@ -153,10 +173,13 @@ def verify_pair(
     return verdict
 
 
-def _same_framing(a: np.ndarray, b: np.ndarray, turn: int, smallest: int) -> float | None:
+def _same_framing(
+    a: np.ndarray, b: np.ndarray, turn: int, smallest: int
+) -> tuple[float, np.ndarray, np.ndarray] | None:
     """Correlation of ``a`` turned by ``turn`` and ``b``, both at one size (at most the
-    smaller picture's own shorter side: detail it never had is not compared); None when their
-    shapes (after the turn) differ by more than 3% in aspect (not the same framing)."""
+    smaller picture's own shorter side: detail it never had is not compared), and the two at
+    that size; None when their shapes (after the turn) differ by more than 3% in aspect (not
+    the same framing)."""
     import cv2
 
     turned = orient(a, turn)
@@ -168,7 +191,7 @@ def _same_framing(a: np.ndarray, b: np.ndarray, turn: int, smallest: int) -> flo
     size = (side, side)
     x = cv2.resize(turned, size, interpolation=cv2.INTER_AREA)
     y = cv2.resize(b, size, interpolation=cv2.INTER_AREA)
-    return correlation(x, y)
+    return correlation(x, y), x, y
 
 
 def _framing_edits(a: ImageSignature, b: ImageSignature, turn: int) -> list[str]:
@@ -211,13 +234,20 @@ def _geometry(path_a: str, path_b: str, images: ImageCache, options: VerifyOptio
             continue
         b = images.grey(path_b)
         b_used = np.ascontiguousarray(b[:, ::-1]) if mirrored else b
-        overlap, agree, cover_a, cover_b, uncovered_a, outside_b = _overlap(a, b_used, matrix)
+        overlap, agree, cover_a, cover_b, uncovered_a, outside_b, compared = _overlap(
+            a, b_used, matrix
+        )
         verdict = Verdict(False, "geometry", 64, overlap, inliers)
         painted = inliers >= options.painted_inliers and agree >= options.blocks
         # Two pictures each partly outside the other are two views (a pan, a second shot),
         # not a copy: a copy is the picture, or a part of it, or it inside a larger frame.
         inside = max(cover_a, cover_b) >= options.contained
-        if inside and (overlap >= options.overlap or painted):
+        second = None
+        if inside and (overlap >= options.overlap or painted) and compared is not None:
+            second = _second_shot(*compared, options, painted=painted)
+            if second is not None:
+                verdict.edits = [second]
+        if inside and (overlap >= options.overlap or painted) and second is None:
             verdict.copy = True
             verdict.edits, verdict.padded = _geometry_edits(
                 matrix, mirrored, (cover_a, uncovered_a, a), (cover_b, outside_b, b_used)
@@ -273,7 +303,8 @@ def _fit(found_a, found_b) -> tuple[np.ndarray, int] | None:
 def _overlap(a: np.ndarray, b: np.ndarray, matrix: np.ndarray):
     """(correlation of the overlap, the share of its textured blocks that agree, share of ``a``
     it covers, share of ``b`` it covers, the mask of ``a``'s pixels ``b`` does not cover, the
-    mask of ``b``'s pixels that fall outside ``a``)."""
+    mask of ``b``'s pixels that fall outside ``a``, the two overlaps as compared and the mask
+    of the compared pixels (None when they hardly overlap))."""
     import cv2
 
     height, width = a.shape
@@ -286,7 +317,7 @@ def _overlap(a: np.ndarray, b: np.ndarray, matrix: np.ndarray):
     outside = lands < 255
     cover_b = 1.0 - float(outside.mean())
     if mask.sum() < 64:
-        return 0.0, 0.0, cover_a, cover_b, ~mask, outside
+        return 0.0, 0.0, cover_a, cover_b, ~mask, outside, None
     ys, xs = np.nonzero(mask)
     top, bottom, left, right = ys.min(), ys.max() + 1, xs.min(), xs.max() + 1
     scale = min(1.0, COMPARE_SIDE / max(bottom - top, right - left))
@@ -295,7 +326,8 @@ def _overlap(a: np.ndarray, b: np.ndarray, matrix: np.ndarray):
     y = cv2.resize(warped[top:bottom, left:right], size, interpolation=cv2.INTER_AREA)
     keep = cv2.resize(mask[top:bottom, left:right].astype(np.uint8), size) > 0
     agree = _blocks_agreeing(x, y, keep)
-    return correlation(x[keep], y[keep]), agree, cover_a, cover_b, ~mask, outside
+    overlap = correlation(x[keep], y[keep])
+    return overlap, agree, cover_a, cover_b, ~mask, outside, (x, y, keep)
 
 
 def _blocks_agreeing(x: np.ndarray, y: np.ndarray, keep: np.ndarray, grid: int = 6) -> float:
@@ -315,6 +347,95 @@ def _blocks_agreeing(x: np.ndarray, y: np.ndarray, keep: np.ndarray, grid: int =
             counted += 1
             agree += correlation(bx, by) >= 0.8
     return agree / counted if counted >= grid else 0.0
+
+
+SECOND_SHOT_GRID = 12  # blocks of about 10 x 10 px at COMPARE_SIDE: a moved object spans several
+TEXTURED = 8.0  # a block's grey-level spread (std) from which it has something to compare
+DISAGREE = 0.5  # a block pair correlating below this shows different things
+# Bands along an edge where most blocks disagree are taken as painted (a caption bar over the
+# picture: at most 22% of its height in bench/duplicates.py, so up to 3-4 lines of 12) and left
+# out before looking for a moved object; a second shot whose difference lies only there passes.
+EDGE_LINES = 4
+
+
+def _second_shot(
+    x: np.ndarray, y: np.ndarray, keep: np.ndarray, options: VerifyOptions, painted: bool = False
+) -> str | None:
+    """Why two aligned pictures are two shots of one scene rather than one picture edited, or
+    None when they look like one picture. ``painted``: the pair is accepted as painted over
+    (a caption on a textureless picture can be most of its texture), so the blocks' overall
+    agreement is not asked again; a moved patch still is."""
+    import cv2
+
+    grid = SECOND_SHOT_GRID
+    corr, spread_x, spread_y = _block_statistics(x, y, keep, grid)
+    # flat in both says nothing; textured in one only counts (an object moved over a clear sky
+    # is flat there), textured in both is what the overall agreement is judged on
+    corr[np.maximum(spread_x, spread_y) < TEXTURED] = np.nan
+    both = ~np.isnan(corr) & (np.minimum(spread_x, spread_y) >= TEXTURED)
+    textured = ~np.isnan(corr)
+    if not painted and both.sum() >= grid:
+        median = float(np.median(corr[both]))
+        if median < options.block_median:
+            return f"a second shot: its blocks only roughly agree (median {median:.2f})"
+    differ = textured & (np.nan_to_num(corr, nan=1.0) < DISAGREE)
+    differ &= ~_painted_bands(textured, differ)
+    count, labels = cv2.connectedComponents(differ.astype(np.uint8), connectivity=4)
+    largest = max((int((labels == n).sum()) for n in range(1, count)), default=0)
+    if largest >= options.moved_blocks:
+        return f"a second shot: something moved ({largest} of {grid * grid} blocks differ)"
+    return None
+
+
+def _block_statistics(
+    x: np.ndarray, y: np.ndarray, keep: np.ndarray, grid: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per block of a ``grid`` x ``grid`` split (numpy's array_split): the correlation of ``x``
+    and ``y`` over the kept pixels (NaN where under 90% of the block is kept) and each one's
+    standard deviation, from block sums in one pass instead of a loop over the blocks."""
+    starts = [
+        np.array([part[0] if len(part) else 0 for part in np.array_split(np.arange(n), grid)])
+        for n in x.shape
+    ]
+    sizes = [np.array([len(p) for p in np.array_split(np.arange(n), grid)]) for n in x.shape]
+
+    def sums(values: np.ndarray) -> np.ndarray:
+        out = np.add.reduceat(np.add.reduceat(values, starts[0], axis=0), starts[1], axis=1)
+        out[sizes[0] == 0, :] = 0  # reduceat gives a lone element for an empty slice
+        out[:, sizes[1] == 0] = 0
+        return out
+
+    k = keep.astype(np.float64)
+    a, b = x.astype(np.float64) * k, y.astype(np.float64) * k
+    count = sums(k)
+    area = np.outer(sizes[0], sizes[1])
+    with np.errstate(invalid="ignore", divide="ignore"):
+        mean_a, mean_b = sums(a) / count, sums(b) / count
+        var_a = np.maximum(sums(a * a) / count - mean_a**2, 0)
+        var_b = np.maximum(sums(b * b) / count - mean_b**2, 0)
+        cov = sums(a * b) / count - mean_a * mean_b
+        norm = np.sqrt(var_a * var_b)
+        corr = np.where(norm > 0, cov / np.where(norm > 0, norm, 1), 0.0)
+        corr[(area == 0) | (count < 0.9 * area)] = np.nan
+    return corr, np.sqrt(var_a), np.sqrt(var_b)
+
+
+def _painted_bands(textured: np.ndarray, differ: np.ndarray) -> np.ndarray:
+    """The blocks of the lines along each edge, up to EDGE_LINES deep, in which most textured
+    blocks differ: where a caption bar or a band painted over the picture lies."""
+    band = np.zeros(differ.shape, bool)
+    for grid_t, grid_d, out in ((textured, differ, band), (textured.T, differ.T, band.T)):
+        for order in (range(len(grid_t)), range(len(grid_t) - 1, -1, -1)):
+            for depth, line in enumerate(order):
+                if depth >= EDGE_LINES:
+                    break
+                seen = grid_t[line]
+                if not seen.any():
+                    continue  # nothing there to judge (a flat strip): look one line further in
+                if grid_d[line][seen].mean() < 0.5:
+                    break
+                out[line] = True
+    return band
 
 
 def _margin(image: np.ndarray, outside: np.ndarray) -> str | None:
