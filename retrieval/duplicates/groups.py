@@ -19,6 +19,7 @@ import logging
 import os
 from collections import defaultdict
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from functools import cache
 from typing import TYPE_CHECKING, Any
@@ -27,6 +28,7 @@ import numpy as np
 
 from retrieval.collection.near import NearOptions, near_pairs
 from retrieval.collection.vectors import IndexVectors
+from retrieval.devices import usable_cores
 from retrieval.duplicates.candidates import SIGNALS, CandidateOptions, candidate_pairs
 from retrieval.duplicates.hashes import SIDE, WINDOWS, ImageSignature
 from retrieval.duplicates.keep import KEEP, Ranking, under_reference
@@ -192,14 +194,18 @@ def find_duplicates(
             options.verify,
         )
 
-    for n, (a, b) in enumerate(pairs):
-        verdict = verify(a, b)
-        if verdict.copy:
-            verdicts[(a, b)] = verdict
-            if verdict.padded:  # its extra pixels are a margin, not picture: it never leads
-                ranking.padded.add(rows[a if verdict.padded == "first" else b].id)
-        if tick and (n % 32 == 31 or n == len(pairs) - 1):
-            tick(n + 1, len(pairs))
+    # Decoding, ORB and the matcher release the GIL: one thread per core verifies, a block of
+    # pairs at a time (results in the pairs' order, so the groups do not depend on the threads).
+    with ThreadPoolExecutor(max(1, usable_cores())) as pool:
+        for start in range(0, len(pairs), 1024):
+            block = pairs[start : start + 1024]
+            for (a, b), verdict in zip(block, pool.map(lambda pair: verify(*pair), block)):
+                if verdict.copy:
+                    verdicts[(a, b)] = verdict
+                    if verdict.padded:  # its extra pixels are a margin, not picture: never leads
+                        ranking.padded.add(rows[a if verdict.padded == "first" else b].id)
+            if tick:
+                tick(start + len(block), len(pairs))
     report.verified = len(verdicts)
     copies = _copy_groups(rows, verdicts, order, source, references, verify)
     for members in copies:

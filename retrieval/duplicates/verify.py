@@ -25,6 +25,7 @@ Every verdict carries its evidence: what was compared, the numbers, and what the
 from __future__ import annotations
 
 import math
+import threading
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -96,17 +97,26 @@ class Verdict:
 
 class ImageCache:
     """Each image's grey working copy and its keypoints (as it is and mirrored), computed once
-    per pass and kept in a small LRU (pairs come sorted by their first image)."""
+    per pass and kept in a small LRU (pairs come sorted by their first image). Threads share
+    it: the LRU's bookkeeping under a lock, decoding outside it (two threads that want one
+    new image may both decode it; the first to finish is kept)."""
 
     def __init__(self, size: int = 1024) -> None:
         self.size = size
         self._kept: dict[str, dict[str, Any]] = {}
+        self._lock = threading.Lock()
 
     def _entry(self, path: str) -> dict[str, Any]:
-        entry = self._kept.pop(path) if path in self._kept else {"grey": _working_image(path)}
-        self._kept[path] = entry
-        while len(self._kept) > self.size:
-            self._kept.pop(next(iter(self._kept)))
+        with self._lock:
+            entry = self._kept.pop(path, None)
+            if entry is not None:
+                self._kept[path] = entry
+                return entry
+        made = {"grey": _working_image(path)}
+        with self._lock:
+            entry = self._kept.setdefault(path, made)
+            while len(self._kept) > self.size:
+                self._kept.pop(next(iter(self._kept)))
         return entry
 
     def grey(self, path: str) -> np.ndarray | None:
