@@ -210,6 +210,11 @@ def _spec(spec_class, index_type, reduce, normalize):
 
 
 def _stage_line(times: dict) -> str:
+    if times.get("engine") == "ray":
+        return (
+            f"stage busy times: not measured (the Ray cluster's workers read, decoded and "
+            f"embedded the files); the whole run took {times['wall']:.1f}s"
+        )
     rate = times["images"] / times["wall"] if times.get("wall") else 0.0
     stages = ", ".join(
         f"{k} {times[k]:.1f}s" for k in ("read", "decode", "preprocess", "model", "write")

@@ -112,7 +112,9 @@ def index_folder(
     report.seconds = time.perf_counter() - started
     times.wall = report.seconds
     report.times = {k: round(v, 3) for k, v in vars(times).items()}
-    if options.engine != "ray":  # Ray's workers decode out of sight of these counters
+    if options.engine == "ray":  # Ray's workers read, decode and embed out of sight of these
+        report.times = {"engine": "ray", "wall": round(report.seconds, 3)}
+    else:
         report.decoded = {
             "gpu": times.gpu_decoded,
             "cpu": times.cpu_decoded,
