@@ -95,6 +95,18 @@ class DuplicatesMemory:
                     )
         return found
 
+    def unsigned(self, digests: Iterable[str]) -> set[str]:
+        """Those of ``digests`` with no stored signature (their blobs are not read)."""
+        wanted = set(digests)
+        with self._lock:
+            listed = list(wanted)
+            for start in range(0, len(listed), 500):
+                chunk = listed[start : start + 500]
+                marks = ",".join("?" * len(chunk))
+                query = f"SELECT sha256 FROM signatures WHERE sha256 IN ({marks})"
+                wanted.difference_update(d for (d,) in self.db.execute(query, chunk))
+        return wanted
+
     def keep_signatures(self, signatures: dict[str, ImageSignature]) -> None:
         rows = [
             (

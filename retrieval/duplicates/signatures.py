@@ -48,13 +48,11 @@ def sign_index(index: Index, progress: Callable[[int, int], None] | None = None)
     rows = index.rows(limit=None)
     memory = DuplicatesMemory(index.directory)
     try:
-        known = len(memory.signatures(r.sha256 for r in rows))
-        missing = len({r.sha256 for r in rows}) - known
-        if missing:
-            signatures_for(rows, memory, progress)
+        missing = memory.unsigned(r.sha256 for r in rows)
+        _sign({r.sha256: r.path for r in rows if r.sha256 in missing}, memory, progress)
     finally:
         memory.close()
-    return missing
+    return len(missing)
 
 
 def signatures_for(
@@ -66,8 +64,21 @@ def signatures_for(
     that cannot be read any more has none (it takes part through fc7 alone)."""
     found = memory.signatures(r.sha256 for r in rows)
     missing = {r.sha256: r.path for r in rows if r.sha256 not in found}
-    if not missing:
-        return found
+    if missing:
+        found.update(_sign(missing, memory, progress, keep=True))
+    return found
+
+
+def _sign(
+    missing: dict[str, str],
+    memory: DuplicatesMemory,
+    progress: Callable[[int, int], None] | None,
+    keep: bool = False,
+) -> dict[str, ImageSignature]:
+    """Signs the files ``missing`` names (sha256: path) in a pool of threads, stores each
+    block of them as it goes, and returns them when ``keep`` (else an empty dict: a whole
+    collection's signatures need not sit in memory at once)."""
+    kept: dict[str, ImageSignature] = {}
     fresh: dict[str, ImageSignature] = {}
     done = 0
 
@@ -88,8 +99,8 @@ def signatures_for(
                 progress(done, len(missing))
             if len(fresh) >= 4096:
                 memory.keep_signatures(fresh)
-                found.update(fresh)
+                kept.update(fresh if keep else {})
                 fresh = {}
     memory.keep_signatures(fresh)
-    found.update(fresh)
-    return found
+    kept.update(fresh if keep else {})
+    return kept
