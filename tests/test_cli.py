@@ -45,6 +45,7 @@ def test_index_json_summary(photos, in_tmp, small_model) -> None:
     data = json.loads(run("index", "images", "--weights", small_model, "--json").stdout)
     assert data["added"] == 12 and data["skipped"] == 1
     assert data["skip_reasons"] == {"not an image": 1}
+    assert data["decoded"] == {"gpu": 0, "cpu": 12, "cpu_after_gpu_failure": 0, "skipped": 1}
 
 
 def test_query_lists_k_neighbours_nearest_first(indexed) -> None:

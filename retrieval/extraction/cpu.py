@@ -43,6 +43,7 @@ class _Files(Dataset):
         if data is None:
             return record, None, times
         pixels = decode_on_cpu(record, data, times, self.preprocessing, self.max_megapixels)
+        times.cpu_decoded += int(pixels is not None)
         return record, pixels, times
 
 

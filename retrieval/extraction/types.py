@@ -62,9 +62,9 @@ class StageTimes:
     wall: float = 0.0
     images: int = 0
     skipped: int = 0
-    # Which road each image took on the CUDA path (all zero on the CPU path): decoded by nvjpeg,
-    # decoded by Pillow because it is not for nvjpeg (PNG, progressive, large, CMYK), and
-    # decoded by Pillow because nvjpeg failed on it (a count that should be zero).
+    # Which road each image took: decoded by nvjpeg, decoded by Pillow (every image on the CPU
+    # path; on the CUDA path those not for nvjpeg: PNG, progressive, large, CMYK), and decoded
+    # by Pillow because nvjpeg failed on it (a count that should be zero).
     gpu_decoded: int = 0
     cpu_decoded: int = 0
     gpu_fallback: int = 0
