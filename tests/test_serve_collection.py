@@ -137,7 +137,7 @@ def test_keep_picks_each_groups_lead_as_retrieve_duplicates_keep_does(
     by_path = client.get("/api/duplicates", params={**params, "keep": "first"}).json()
     assert (by_size["keep"], by_path["keep"]) == ("best", "first")
     assert by_path["cached"] is False  # another question, not the largest-first answer again
-    # The edited copy is a JPEG q20 of the same pixels: fewer bytes, but first by path.
+    # The edited copy is a JPEG q50 of the same pixels: fewer bytes, but first by path.
     near_by_size, near_by_path = by_size["groups"][1], by_path["groups"][1]
     assert near_by_size["representative"] == str(files["edited_original"])
     assert near_by_path["representative"] == str(files["edited"])
