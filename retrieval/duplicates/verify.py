@@ -18,6 +18,9 @@
    roughly agree all over (the view moved: the median block correlation is low) or a connected
    patch of disagreeing blocks away from the edges (something in the scene moved).
 
+Small pictures are weaker evidence: below COMPARE_SIDE the correlation bars close towards 1
+in proportion and fewer pHash bits may differ (:func:`size_bar`, :func:`framing_bits`).
+
 Every verdict carries its evidence: what was compared, the numbers, and what the edit looks like
 ("mirrored", "cropped to 64%", "border added", ...).
 """
