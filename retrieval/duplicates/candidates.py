@@ -1,4 +1,4 @@
-"""Candidate pairs from two cheap signals, neither of them all-pairs; verification decides.
+"""Candidate pairs from three cheap signals, none of them all-pairs; verification decides.
 
 - **fc7**: each image's ``k`` nearest neighbours, kept when close *for that image*: the pair's
   distance over the image's own background (the mean distance to its farther neighbours, ranks
@@ -12,7 +12,9 @@
   ``k`` nearest images kept: an off-centre crop meets the picture it was cut from.
 
 Exact neighbours up to ``NearOptions`` ``auto``'s limit; above it, a PCA copy in an inverted file
-(the near pass's machinery), each candidate's distance then computed on the full vectors.
+(the near pass's machinery), each candidate's distance then computed on the full vectors. The
+two Hamming searches likewise: exact up to EXACT_UP_TO images, then a binary inverted file
+(:func:`hamming_index`).
 """
 
 from __future__ import annotations

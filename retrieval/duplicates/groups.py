@@ -3,7 +3,8 @@
 - **exact**: the same bytes (sha256, stored per row; no file is read).
 - **copy**: the same picture up to an edit, each pair *verified* on its pixels
   (:mod:`retrieval.duplicates.verify`) after cheap signals proposed it
-  (:mod:`retrieval.duplicates.candidates`); groups are the connected components of verified
+  (:mod:`retrieval.duplicates.candidates`) and its signatures showed a sign of a copy
+  (:mod:`retrieval.duplicates.screen`); groups are the connected components of verified
   pairs. This is what ``retrieve duplicates`` reports by default.
 - **similar**: fc7 within the calibrated near-duplicate distance but not verified: bursts,
   re-shoots, the same subject again. Shown only when asked for.
