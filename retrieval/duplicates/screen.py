@@ -214,8 +214,9 @@ def _crop(
 
 
 class _Templates:
-    """Each thumbnail as float32 and shrunk to each of FRAME_SCALES (None where flat), made
-    once per image: an image takes part in many pairs."""
+    """Each thumbnail as float32 and shrunk to each of FRAME_SCALES (None where flat), kept for
+    the last ``keep`` images made: an image takes part in many pairs, which come sorted by
+    their first image."""
 
     def __init__(self, thumbs: np.ndarray, keep: int = 4096) -> None:
         self.thumbs, self.keep = thumbs, keep
