@@ -96,9 +96,9 @@ def window_hashes(image) -> np.ndarray:
     )
     side = _WINDOW_LOW.shape[1]
     blocks = []
-    for top in _WINDOW_STARTS:
+    for top in WINDOW_STARTS:
         rows = _WINDOW_LOW @ base[top : top + side]  # 8 x WINDOW_BASE
-        blocks += [rows[:, left : left + side] @ _WINDOW_LOW.T for left in _WINDOW_STARTS]
+        blocks += [rows[:, left : left + side] @ _WINDOW_LOW.T for left in WINDOW_STARTS]
     return hashes_of(np.stack(blocks))
 
 
@@ -159,19 +159,20 @@ def _lanczos_rows(size_in: int, size_out: int) -> np.ndarray:
 
 
 _DCT_LOW = _dct_rows(SIDE)
-_WINDOW_SIDE = round(WINDOW_BASE * WINDOW)
-_WINDOW_STARTS = np.round(np.linspace(0, WINDOW_BASE - _WINDOW_SIDE, GRID)).astype(int)
-_WINDOW_LOW = _DCT_LOW @ _lanczos_rows(_WINDOW_SIDE, SIDE)  # shrink, then the DCT's low rows
+WINDOW_SIDE = round(WINDOW_BASE * WINDOW)
+WINDOW_STARTS = np.round(np.linspace(0, WINDOW_BASE - WINDOW_SIDE, GRID)).astype(int)
+_WINDOW_LOW = _DCT_LOW @ _lanczos_rows(WINDOW_SIDE, SIDE)  # shrink, then the DCT's low rows
 
 
 def orient(thumb: np.ndarray, isometry: int) -> np.ndarray:
-    """The thumbnail turned by isometry ``isometry`` (the pixels behind hash ``isometry``)."""
-    base = thumb.T if isometry >= 4 else thumb
+    """The thumbnail turned by isometry ``isometry`` (the pixels behind hash ``isometry``); a
+    picture is its last two axes, so a stack of them turns alike."""
+    base = np.swapaxes(thumb, -1, -2) if isometry >= 4 else thumb
     step = isometry % 4
     if step in (1, 3):
-        base = base[:, ::-1]
+        base = base[..., ::-1]
     if step in (2, 3):
-        base = base[::-1, :]
+        base = base[..., ::-1, :]
     return np.ascontiguousarray(base)
 
 

@@ -72,40 +72,38 @@ class DuplicatesMemory:
 
     def signatures(self, digests: Iterable[str]) -> dict[str, ImageSignature]:
         """The stored signatures among ``digests``."""
-        wanted = list(dict.fromkeys(digests))
-        found: dict[str, ImageSignature] = {}
-        with self._lock:
-            for start in range(0, len(wanted), 500):
-                chunk = wanted[start : start + 500]
-                marks = ",".join("?" * len(chunk))
-                query = (
-                    "SELECT sha256, hashes, windows, thumb, width, height, grey FROM signatures "
-                    f"WHERE sha256 IN ({marks})"
-                )
-                for digest, hashes, windows, thumb, width, height, grey in self.db.execute(
-                    query, chunk
-                ):
-                    found[digest] = ImageSignature(
-                        np.frombuffer(hashes, "<u8").astype(np.uint64),
-                        np.frombuffer(windows, "<u8").astype(np.uint64),
-                        np.frombuffer(thumb, np.uint8).reshape(SIDE, SIDE),
-                        int(width),
-                        int(height),
-                        bool(grey),
-                    )
-        return found
+        columns = "sha256, hashes, windows, thumb, width, height, grey"
+        return {
+            digest: ImageSignature(
+                np.frombuffer(hashes, "<u8").astype(np.uint64),
+                np.frombuffer(windows, "<u8").astype(np.uint64),
+                np.frombuffer(thumb, np.uint8).reshape(SIDE, SIDE),
+                int(width),
+                int(height),
+                bool(grey),
+            )
+            for digest, hashes, windows, thumb, width, height, grey in self._stored(
+                columns, digests
+            )
+        }
 
     def unsigned(self, digests: Iterable[str]) -> set[str]:
         """Those of ``digests`` with no stored signature (their blobs are not read)."""
         wanted = set(digests)
+        return wanted - {digest for (digest,) in self._stored("sha256", wanted)}
+
+    def _stored(self, columns: str, digests: Iterable[str]) -> list[tuple]:
+        """``columns`` of the stored signatures among ``digests`` (asked 500 at a time: SQLite
+        bounds the parameters of one statement)."""
+        wanted = list(dict.fromkeys(digests))
+        found: list[tuple] = []
         with self._lock:
-            listed = list(wanted)
-            for start in range(0, len(listed), 500):
-                chunk = listed[start : start + 500]
+            for start in range(0, len(wanted), 500):
+                chunk = wanted[start : start + 500]
                 marks = ",".join("?" * len(chunk))
-                query = f"SELECT sha256 FROM signatures WHERE sha256 IN ({marks})"
-                wanted.difference_update(d for (d,) in self.db.execute(query, chunk))
-        return wanted
+                query = f"SELECT {columns} FROM signatures WHERE sha256 IN ({marks})"
+                found += self.db.execute(query, chunk).fetchall()
+        return found
 
     def keep_signatures(self, signatures: dict[str, ImageSignature]) -> None:
         rows = [

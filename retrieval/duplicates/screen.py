@@ -28,7 +28,15 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from retrieval.duplicates.hashes import GRID, SIDE, WINDOW, WINDOW_BASE, ImageSignature
+from retrieval.duplicates.hashes import (
+    ISOMETRIES,
+    SIDE,
+    WINDOW_BASE,
+    WINDOW_SIDE,
+    WINDOW_STARTS,
+    ImageSignature,
+    orient,
+)
 
 BAND = SIDE // 4  # a painted-over strip: a quarter of the picture's height or width
 # (width, height) of the smaller picture inside the larger, as shares of the larger's sides:
@@ -128,26 +136,22 @@ def _normalised(x: np.ndarray) -> np.ndarray:
     return x / np.maximum(norm, 1e-6)
 
 
-def _orientations(x: np.ndarray) -> list[np.ndarray]:
-    """Views of thumbnails M x S x S under the 8 isometries (hashes.orient's order)."""
-    out = []
-    for base in (x, x.transpose(0, 2, 1)):
-        out += [base, base[:, :, ::-1], base[:, ::-1, :], base[:, ::-1, ::-1]]
-    return out
-
-
 def framing(x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Per pair (``x``, ``y``: M x S x S): the best correlation of ``x`` under an isometry
     with ``y``, and that isometry."""
     xn, yn = _normalised(x), _normalised(y)
-    scores = np.stack([np.einsum("pij,pij->p", t, yn) for t in _orientations(xn)], axis=1)
+    scores = np.stack(
+        [np.einsum("pij,pij->p", orient(xn, turn), yn) for turn in range(len(ISOMETRIES))], axis=1
+    )
     return scores.max(axis=1), scores.argmax(axis=1)
 
 
 def banded(x: np.ndarray, y: np.ndarray, isometry: np.ndarray) -> np.ndarray:
     """Per pair: the best correlation of ``x`` (turned by ``isometry``) with ``y`` leaving out
     one quarter band (top, bottom, left or right)."""
-    turned = np.stack(_orientations(x), axis=1)[np.arange(len(x)), isometry]
+    turned = np.empty_like(x)
+    for turn in np.unique(isometry):
+        turned[isometry == turn] = orient(x[isometry == turn], int(turn))
     best = np.full(len(x), -1.0, np.float32)
     for rows, cols in (
         (slice(BAND, None), slice(None)),
@@ -162,9 +166,8 @@ def banded(x: np.ndarray, y: np.ndarray, isometry: np.ndarray) -> np.ndarray:
 
 def _window_grid() -> tuple[np.ndarray, np.ndarray]:
     """For each window, where its SIDE x SIDE samples fall in a SIDE px thumbnail (y, x)."""
-    side = round(WINDOW_BASE * WINDOW)
-    starts = np.round(np.linspace(0, WINDOW_BASE - side, GRID)) * SIDE / WINDOW_BASE
-    step = (np.arange(SIDE) + 0.5) * (side * SIDE / WINDOW_BASE) / SIDE - 0.5
+    starts = WINDOW_STARTS * SIDE / WINDOW_BASE
+    step = (np.arange(SIDE) + 0.5) * (WINDOW_SIDE * SIDE / WINDOW_BASE) / SIDE - 0.5
     ys = np.stack([top + step for top in starts for _ in starts])
     xs = np.stack([left + step for _ in starts for left in starts])
     return ys, xs
