@@ -53,6 +53,41 @@ def test_screen_pairs_masks_a_batch_in_order() -> None:
     assert kept.tolist() == [True, True, True, False, False]
 
 
+def test_batched_frame_scores_are_opencvs_template_match() -> None:
+    """The frame test runs batched (grouped convolutions, integral images); each pair's score
+    must be what OpenCV's TM_CCOEFF_NORMED gives, thumbnail by thumbnail and scale by scale."""
+    import cv2
+
+    from retrieval.duplicates.hashes import SIDE
+    from retrieval.duplicates.screen import FRAME_SCALES, frame_scores
+
+    thumbs = np.stack([signature(scene(seed, (160, 120))).thumb for seed in range(6)])
+    framed = np.full((SIDE, SIDE), 250, np.uint8)  # thumbnail 0 inside a white border
+    framed[3:29, 3:29] = cv2.resize(thumbs[0], (26, 26), interpolation=cv2.INTER_AREA)
+    grain = np.random.default_rng(0).integers(126, 131, (2, SIDE, SIDE)).astype(np.uint8)
+    thumbs = np.concatenate([thumbs, framed[None], grain])  # grain: too flat to match on
+    first, second = np.array([0, 0, 1, 2, 3, 4, 5, 0, 7]), np.array([6, 1, 2, 3, 4, 5, 6, 7, 8])
+
+    def reference(big: np.ndarray, small: np.ndarray) -> float:
+        best = -1.0
+        for width, height in FRAME_SCALES:
+            size = (max(4, round(SIDE * width)), max(4, round(SIDE * height)))
+            template = cv2.resize(small.astype(np.float32), size, interpolation=cv2.INTER_AREA)
+            if cv2.meanStdDev(template)[1][0, 0] >= 2:
+                match = cv2.matchTemplate(big.astype(np.float32), template, cv2.TM_CCOEFF_NORMED)
+                best = max(best, float(match.max()))
+        return best
+
+    expected = [
+        max(reference(thumbs[i], thumbs[j]), reference(thumbs[j], thumbs[i]))
+        for i, j in zip(first, second)
+    ]
+    got = frame_scores(thumbs, first, second)
+    np.testing.assert_allclose(got, expected, atol=1e-4)
+    assert got[0] > 0.9 and got[1:].max() < 0.9  # the framed copy, and nothing else
+    assert got[-1] == -1.0  # two flat pictures: no score at all
+
+
 def test_the_inverted_hamming_index_finds_near_codes_as_the_exact_one_does() -> None:
     """Above EXACT_UP_TO images the Hamming searches probe an inverted file: a copy's hash a few
     bits from its original's must still be found (against the exact index's answer)."""
@@ -67,6 +102,11 @@ def test_the_inverted_hamming_index_finds_near_codes_as_the_exact_one_does() -> 
     assert inverted.nlist > 100 and inverted.nprobe == 32
     _, truth = exact.search(queries, 1)
     _, found = inverted.search(queries, 1)
+    assert np.mean(found[:, 0] == truth[:, 0]) >= 0.95
+    # Few queries against many codes (the window index): fewer, longer lists, found as well
+    sized = hamming_index(_codes(words), exact=False, nprobe=32, queries=len(queries))
+    assert sized.nlist < inverted.nlist / 2
+    _, found = sized.search(queries, 1)
     assert np.mean(found[:, 0] == truth[:, 0]) >= 0.95
 
 

@@ -35,9 +35,9 @@ FROM_HASH = 2
 FROM_WINDOW = 4
 SIGNALS = {FROM_FC7: "fc7", FROM_HASH: "hash", FROM_WINDOW: "window"}
 EXACT_UP_TO = 20_000  # vectors searched exactly (all in memory: 20,000 x 4096 x 4 = 328 MB)
-# Inverted lists probed per query above EXACT_UP_TO images (a search scans about
-# 2 sqrt(nprobe M) of M codes). Hashes: 8 queries an image, and a copy's hash is a few bits from
-# its original's; windows: one query an image, a crop up to 14 bits from its window, so more.
+# Inverted lists probed per query above EXACT_UP_TO images (see hamming_index). Hashes: 8
+# queries an image, and a copy's hash is a few bits from its original's; windows: one query an
+# image, a crop up to 14 bits from its window, so more.
 HASH_NPROBE = 32
 WINDOW_NPROBE = 256
 
@@ -128,12 +128,16 @@ def backgrounds(distances: np.ndarray) -> np.ndarray:
     return np.where(np.isfinite(mean) & (mean > 0), mean, fallback).astype(np.float32)
 
 
-def hamming_index(codes: np.ndarray, exact: bool, nprobe: int):
+def hamming_index(codes: np.ndarray, exact: bool, nprobe: int, queries: int | None = None):
     """A faiss binary index of 64-bit ``codes`` (M x 8 uint8): exact (all pairs) when asked,
-    else an inverted file of about sqrt(nprobe M) lists, ``nprobe`` of them probed per query,
-    so a search costs about sqrt(M), not M. Its centroids are codes drawn from ``codes``
-    (binary k-means would cost minutes at a million images and buys little for codes this
-    near: a copy's hash sits a few bits from its original, so both usually fall to one
+    else an inverted file, ``nprobe`` lists probed per query. Building it compares every code
+    with every list's centroid (M L), and ``queries`` searches (Q, default M) each compare with
+    every centroid and scan nprobe lists of M / L codes: L = sqrt(Q nprobe M / (M + Q)) lists
+    make the whole cost least, about sqrt(M) a search when Q is near M. (The window index holds
+    49 codes an image against one query: sized for the queries alone it had 7 times the lists
+    and its building cost most of the window stage.) Its centroids are codes drawn from
+    ``codes`` (binary k-means would cost minutes at a million images and buys little for codes
+    this near: a copy's hash sits a few bits from its original, so both usually fall to one
     centroid). A near code in a list left unprobed is missed: bench/duplicates_scale.py
     measures that as the planted copies found."""
     import faiss
@@ -142,8 +146,9 @@ def hamming_index(codes: np.ndarray, exact: bool, nprobe: int):
         index = faiss.IndexBinaryFlat(64)
         index.add(codes)
         return index
-    lists = max(1, min(len(codes), int(np.sqrt(nprobe * len(codes)))))
-    centroids = np.random.default_rng(0).choice(len(codes), lists, replace=False)
+    count, asked = len(codes), queries or len(codes)
+    lists = max(1, min(count, int(np.sqrt(asked * nprobe * count / (count + asked)))))
+    centroids = np.random.default_rng(0).choice(count, lists, replace=False)
     quantizer = faiss.IndexBinaryFlat(64)
     quantizer.add(codes[np.sort(centroids)])
     index = faiss.IndexBinaryIVF(quantizer, 64, lists)
@@ -166,7 +171,8 @@ def hash_pairs(hashes: np.ndarray, has: np.ndarray, radius: int) -> tuple[np.nda
     positions = np.flatnonzero(has)
     if len(positions) < 2:
         return np.zeros(0, np.int64), np.zeros(0, np.int64)
-    index = hamming_index(_codes(hashes[positions, 0]), len(positions) <= EXACT_UP_TO, HASH_NPROBE)
+    exact = len(positions) <= EXACT_UP_TO
+    index = hamming_index(_codes(hashes[positions, 0]), exact, HASH_NPROBE, 8 * len(positions))
     found_a, found_b = [], []
     for start in range(0, len(positions), 4096):
         chunk = positions[start : start + 4096]
@@ -188,7 +194,8 @@ def window_pairs(
     if len(positions) < 2:
         return np.zeros(0, np.int64), np.zeros(0, np.int64)
     per = windows.shape[1]
-    index = hamming_index(_codes(windows[positions]), len(positions) <= EXACT_UP_TO, WINDOW_NPROBE)
+    exact = len(positions) <= EXACT_UP_TO
+    index = hamming_index(_codes(windows[positions]), exact, WINDOW_NPROBE, len(positions))
     wanted = min(index.ntotal, 4 * k * 2)  # windows of one image crowd the nearest: ask more
     found_a, found_b = [], []
     for start in range(0, len(positions), 4096):

@@ -169,7 +169,15 @@ def find_duplicates(
     }
     verdicts: dict[tuple[int, int], Verdict] = {}
     shown = screen_pairs(
-        found.a, found.b, found.ratio, thumbs, hashes, windows, has, options.screen
+        found.a,
+        found.b,
+        found.ratio,
+        thumbs,
+        hashes,
+        windows,
+        has,
+        options.screen,
+        stage("screening"),
     )
     pairs, proposed = set(), set()
     for a, b, keep in zip(stand_in[found.a].tolist(), stand_in[found.b].tolist(), shown):

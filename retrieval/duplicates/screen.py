@@ -12,8 +12,9 @@ copy shows in what the signatures already hold, and drops it otherwise:
   whole picture or all but one band (a caption or a logo painted over a strip of it);
 - **a crop**: one picture's pHash within ``window_bits`` of a 70% window of the other, and its
   thumbnail correlates with that window's part of the other's thumbnail;
-- **a frame**: one thumbnail matches inside the other (cv2.matchTemplate at a few scales): a
-  border, a letterbox, a caption bar added, a picture inside a screenshot.
+- **a frame**: one thumbnail matches inside the other (normalised template matching at a few
+  scales, batched as grouped convolutions): a border, a letterbox, a caption bar added, a
+  picture inside a screenshot.
 
 Correlations are normalised (blind to brightness and contrast). The bars are loose on purpose:
 verification decides; the screen only spares it the pairs that show no sign of a copy. They were
@@ -24,6 +25,8 @@ and 4.5% of the other pairs.
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -78,6 +81,7 @@ def screen_pairs(
     windows: np.ndarray,
     has: np.ndarray,
     options: ScreenOptions = ScreenOptions(),
+    progress: Callable[[int, int], None] | None = None,
 ) -> np.ndarray:
     """A mask over the pairs ``(a[i], b[i])``: True where verification should look.
 
@@ -87,20 +91,18 @@ def screen_pairs(
     for start in range(0, len(a), 8192):
         part = slice(start, start + 8192)
         todo = np.flatnonzero(~keep[part]) + start
-        if not len(todo):
-            continue
-        x, y = thumbs[a[todo]], thumbs[b[todo]]
-        score, isometry = framing(x, y)
-        passed = score >= options.framing
-        passed |= banded(x, y, isometry) >= options.banded
-        passed |= _crop(a[todo], b[todo], thumbs, hashes, windows, options)
-        passed |= _crop(b[todo], a[todo], thumbs, hashes, windows, options)
-        keep[todo[passed]] = True
-    todo = np.flatnonzero(~keep & (ratio <= options.frame_ratio))
-    templates = _Templates(thumbs)
-    for i in todo:
-        if frame_match(templates, int(a[i]), int(b[i]), options.frame) >= options.frame:
-            keep[i] = True
+        if len(todo):
+            x, y = thumbs[a[todo]], thumbs[b[todo]]
+            score, isometry = framing(x, y)
+            passed = score >= options.framing
+            passed |= banded(x, y, isometry) >= options.banded
+            passed |= _crop(a[todo], b[todo], thumbs, hashes, windows, options)
+            passed |= _crop(b[todo], a[todo], thumbs, hashes, windows, options)
+            keep[todo[passed]] = True
+            todo = todo[~passed & (ratio[todo] <= options.frame_ratio)]  # the costly test last
+            keep[todo[frame_scores(thumbs, a[todo], b[todo]) >= options.frame]] = True
+        if progress:
+            progress(min(start + 8192, len(a)), len(a))
     return keep
 
 
@@ -139,29 +141,36 @@ def _normalised(x: np.ndarray) -> np.ndarray:
 def framing(x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Per pair (``x``, ``y``: M x S x S): the best correlation of ``x`` under an isometry
     with ``y``, and that isometry."""
-    xn, yn = _normalised(x), _normalised(y)
-    scores = np.stack(
-        [np.einsum("pij,pij->p", orient(xn, turn), yn) for turn in range(len(ISOMETRIES))], axis=1
+    xn, yn = _normalised(x), _normalised(y).reshape(len(y), -1, 1)
+    scores = np.concatenate(
+        [
+            np.matmul(orient(xn, turn).reshape(len(x), 1, -1), yn)[:, :, 0]
+            for turn in range(len(ISOMETRIES))
+        ],
+        axis=1,
     )
     return scores.max(axis=1), scores.argmax(axis=1)
 
 
 def banded(x: np.ndarray, y: np.ndarray, isometry: np.ndarray) -> np.ndarray:
     """Per pair: the best correlation of ``x`` (turned by ``isometry``) with ``y`` leaving out
-    one quarter band (top, bottom, left or right)."""
+    one quarter band (top, bottom, left or right), from the sums over each band."""
     turned = np.empty_like(x)
     for turn in np.unique(isometry):
         turned[isometry == turn] = orient(x[isometry == turn], int(turn))
-    best = np.full(len(x), -1.0, np.float32)
-    for rows, cols in (
-        (slice(BAND, None), slice(None)),
-        (slice(None, -BAND), slice(None)),
-        (slice(None), slice(BAND, None)),
-        (slice(None), slice(None, -BAND)),
-    ):
-        part = _normalised(turned[:, rows, cols]) * _normalised(y[:, rows, cols])
-        best = np.maximum(best, part.sum(axis=(1, 2)))
-    return best
+    first, second = turned.astype(np.int32), y.astype(np.int32)  # exact sums below
+    left = SIDE * SIDE - BAND * SIDE  # pixels outside the band
+    sums = []  # per quantity: (4, M) sums over what each of the four bands leaves
+    for value in (first, second, first * first, second * second, first * second):
+        by_row, by_col = value.sum(axis=2), value.sum(axis=1)
+        bands = [by_row[:, :BAND], by_row[:, -BAND:], by_col[:, :BAND], by_col[:, -BAND:]]
+        total = by_row.sum(axis=1)
+        sums.append(np.stack([total - band.sum(axis=1) for band in bands]).astype(np.float64))
+    sx, sy, sxx, syy, sxy = sums
+    spread = np.maximum(sxx - sx * sx / left, 0) * np.maximum(syy - sy * sy / left, 0)
+    with np.errstate(all="ignore"):
+        score = np.where(spread > 1e-6, (sxy - sx * sy / left) / np.sqrt(spread), 0.0)
+    return score.max(axis=0).astype(np.float32)
 
 
 def _window_grid() -> tuple[np.ndarray, np.ndarray]:
@@ -216,46 +225,62 @@ def _crop(
     return found
 
 
-class _Templates:
-    """Each thumbnail as float32 and shrunk to each of FRAME_SCALES (None where flat), kept for
-    the last ``keep`` images made: an image takes part in many pairs, which come sorted by
-    their first image."""
-
-    def __init__(self, thumbs: np.ndarray, keep: int = 4096) -> None:
-        self.thumbs, self.keep = thumbs, keep
-        self._made: dict[int, tuple[np.ndarray, list[np.ndarray | None]]] = {}
-
-    def __call__(self, position: int) -> tuple[np.ndarray, list[np.ndarray | None]]:
-        import cv2
-
-        found = self._made.get(position)
-        if found is None:
-            whole = self.thumbs[position].astype(np.float32)
-            shrunk: list[np.ndarray | None] = []
-            for width, height in FRAME_SCALES:
-                size = (max(4, round(SIDE * width)), max(4, round(SIDE * height)))
-                template = cv2.resize(whole, size, interpolation=cv2.INTER_AREA)
-                flat = cv2.meanStdDev(template)[1][0, 0] < 2  # any match would be noise
-                shrunk.append(None if flat else template)
-            if len(self._made) >= self.keep:
-                self._made.pop(next(iter(self._made)))
-            found = self._made[position] = (whole, shrunk)
-        return found
+def frame_scores(thumbs: np.ndarray, first: np.ndarray, second: np.ndarray) -> np.ndarray:
+    """Per pair: the best normalised match (OpenCV's TM_CCOEFF_NORMED) of either thumbnail,
+    shrunk by each of FRAME_SCALES (area averaging), inside the other, both as they are (a frame
+    keeps the picture's orientation). Batched: each scale is one grouped convolution over a
+    block of pairs (torch, every core), the windows' spreads from integral images."""
+    scores = np.empty(len(first), np.float32)
+    for start in range(0, len(first), 1024):  # (larger blocks run slower: caches)
+        part = slice(start, start + 1024)
+        x, y = thumbs[first[part]], thumbs[second[part]]
+        both = _frames_inside(np.concatenate([x, y]), np.concatenate([y, x]))
+        scores[part] = np.maximum(both[: len(x)], both[len(x) :])
+    return scores
 
 
-def frame_match(templates: _Templates, first: int, second: int, enough: float = 1.0) -> float:
-    """The best normalised match of either thumbnail, shrunk by FRAME_SCALES, inside the other
-    (both as they are: a frame keeps the picture's orientation); stops once ``enough``."""
+def _frames_inside(big: np.ndarray, small: np.ndarray) -> np.ndarray:
+    """Per picture (M x S x S uint8): the best match of ``small`` shrunk by each of
+    FRAME_SCALES inside ``big``; -1 where every shrunk copy is flat (any match would be noise)."""
+    import torch
+    import torch.nn.functional as F
+
+    count = len(big)
+    wide = big.astype(np.int64)
+    integrals = [  # exact sums of the pixels and of their squares
+        np.pad(v.cumsum(axis=1).cumsum(axis=2), ((0, 0), (1, 0), (1, 0))) for v in (wide, wide**2)
+    ]
+    pictures = torch.from_numpy(big.astype(np.float32))
+    shrunk_rows = torch.from_numpy(small.astype(np.float32)).reshape(-1, SIDE)
+    best = torch.full((count,), -1.0)
+    for width, height in FRAME_SCALES:
+        w, h = max(4, round(SIDE * width)), max(4, round(SIDE * height))
+        narrow = (shrunk_rows @ _shrink(w).T).reshape(count, SIDE, w)  # two plain products
+        template = (_shrink(h) @ narrow.transpose(0, 1).reshape(SIDE, -1)).reshape(h, count, w)
+        template = template.transpose(0, 1)
+        template = template - template.mean(dim=(1, 2), keepdim=True)
+        energy = template.pow(2).sum(dim=(1, 2))
+        product = F.conv2d(pictures[None], template[:, None], groups=count)[0]
+        total, squares = (_box(integral, h, w) for integral in integrals)
+        spread = torch.from_numpy((squares - total * total / (h * w)).astype(np.float32))
+        match = product / torch.sqrt(spread * energy[:, None, None]).clamp_min(1e-6)
+        match = torch.where(spread > 1e-3, match, 0.0).amax(dim=(1, 2))  # flat window: 0
+        match[energy / (h * w) < 4.0] = -1.0  # the template's standard deviation under 2
+        best = torch.maximum(best, match)
+    return best.numpy()
+
+
+def _box(integral: np.ndarray, h: int, w: int) -> np.ndarray:
+    """Sums over every h x w window, from an integral image (M x (S+1) x (S+1))."""
+    return integral[:, h:, w:] - integral[:, :-h, w:] - integral[:, h:, :-w] + integral[:, :-h, :-w]
+
+
+@functools.cache
+def _shrink(size: int):
+    """size x SIDE: the rows of cv2.resize's area averaging from SIDE to ``size`` pixels (it is
+    linear and separable, so resizing the identity gives its matrix)."""
     import cv2
+    import torch
 
-    best = -1.0
-    for big, small in ((first, second), (second, first)):
-        whole = templates(big)[0]
-        for template in templates(small)[1]:
-            if template is not None:
-                best = max(
-                    best, cv2.minMaxLoc(cv2.matchTemplate(whole, template, cv2.TM_CCOEFF_NORMED))[1]
-                )
-                if best >= enough:
-                    return best
-    return best
+    identity = np.eye(SIDE, dtype=np.float32)
+    return torch.from_numpy(cv2.resize(identity, (SIDE, size), interpolation=cv2.INTER_AREA))
