@@ -94,6 +94,12 @@ from .progress import progress_bar, stage_bars
     help="Forget every --not-duplicate decision of this index, and stop.",
 )
 @click.option(
+    "--reverify",
+    is_flag=True,
+    help="Open every candidate pair's pictures again instead of taking the verdicts an earlier "
+    "pass kept (those are used only for the same files and the same verifier).",
+)
+@click.option(
     "--calibrate",
     is_flag=True,
     help="Edit a sample of the collection every way copies drift, measure what is found, "
@@ -136,6 +142,7 @@ def duplicates_command(
     undo_log,
     not_duplicate,
     forget_decisions,
+    reverify,
     calibrate,
     histogram,
     sample,
@@ -178,6 +185,7 @@ def duplicates_command(
             references=tuple(str(r) for r in references),
             similar_threshold=threshold if similar else None,
             near=NearOptions(method=method, seed=seed),
+            remember=not reverify,
         )
         with stage_bars("pairs") as bar:
             report = find_duplicates(ix, wanted, progress=bar)

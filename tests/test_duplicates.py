@@ -227,6 +227,46 @@ def test_the_same_groups_through_the_library(photos) -> None:
     assert report.verified >= 3 and report.candidates >= report.verified
 
 
+def test_a_second_pass_takes_the_verdicts_the_first_kept(tmp_path, small_model, monkeypatch):
+    """Verdicts are kept by content beside the index: a second pass opens no picture and gives
+    the same groups; --reverify, or another verifier (other bars), looks at the pictures again."""
+    from retrieval.duplicates import groups as groups_module
+    from retrieval.duplicates.groups import DuplicateOptions, find_duplicates
+    from retrieval.duplicates.verify import VerifyOptions
+
+    make_photos(tmp_path / "photos")
+    index_dir = tmp_path / "idx"
+    Index.create(index_dir, tmp_path / "photos", IndexOptions(weights=str(small_model))).close()
+    opened: list[tuple] = []
+    looking = groups_module.verify_pair
+
+    def counted(*args, **kwargs):
+        opened.append(args)
+        return looking(*args, **kwargs)
+
+    monkeypatch.setattr(groups_module, "verify_pair", counted)
+    with Index.open(index_dir) as ix:
+        first = find_duplicates(ix)
+        assert first.screened >= 3 and first.remembered == 0 and len(opened) >= first.screened
+        opened.clear()
+        second = find_duplicates(ix)
+        assert opened == [] and second.remembered == second.screened == first.screened
+        assert [g.to_dict() for g in second.groups] == [g.to_dict() for g in first.groups]
+        again = find_duplicates(ix, DuplicateOptions(remember=False))
+        assert again.remembered == 0 and len(opened) >= first.screened
+        opened.clear()
+        other = find_duplicates(ix, DuplicateOptions(verify=VerifyOptions(inliers=16)))
+        assert other.remembered == 0 and len(opened) >= first.screened
+    # the CLI says so, and --reverify looks again (the verifier is the default one again, whose
+    # verdicts the last pass forgot: this pass keeps them anew)
+    said = CliRunner().invoke(cli(), ["duplicates", "--index", str(index_dir)]).output
+    assert "remembered from an earlier pass" not in said
+    said = CliRunner().invoke(cli(), ["duplicates", "--index", str(index_dir)]).output
+    assert f"({first.screened} of them remembered from an earlier pass)" in said
+    said = CliRunner().invoke(cli(), ["duplicates", "--index", str(index_dir), "--reverify"]).output
+    assert "remembered" not in said
+
+
 def test_a_reference_file_leads_and_is_never_moved(tmp_path, small_model) -> None:
     files = make_photos(tmp_path / "photos")
     album_copy = tmp_path / "photos" / "album" / "scene4.png"

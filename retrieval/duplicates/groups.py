@@ -16,13 +16,15 @@ member under a reference folder leads its group and is never moved or linked.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 from collections import defaultdict
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from functools import cache
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -61,6 +63,9 @@ class DuplicateOptions:
     screen: ScreenOptions = field(default_factory=ScreenOptions)
     verify: VerifyOptions = field(default_factory=VerifyOptions)
     near: NearOptions = field(default_factory=NearOptions)  # the similar tier's pass
+    # take the verdicts an earlier pass kept (same files, same verifier) instead of opening the
+    # pictures again; new verdicts are kept either way
+    remember: bool = True
 
     def __post_init__(self) -> None:
         if self.keep not in KEEP:
@@ -113,6 +118,7 @@ class DuplicateReport:
     groups: list[Group] = field(default_factory=list)
     candidates: int = 0  # pairs the signals proposed
     screened: int = 0  # of those, pairs verified on their pixels (the rest showed no sign)
+    remembered: int = 0  # of those, verdicts an earlier pass gave (the pictures not opened)
     verified: int = 0  # pairs the verifier accepted
     decided: int = 0  # candidate pairs left out by the user's decisions
     signals: dict[str, int] = field(default_factory=dict)  # candidates per signal
@@ -134,10 +140,15 @@ class DuplicateReport:
                 f"files, fc7 within {self.similar_threshold:.2f}, not verified)"
             )
         spare = sum(len(g.members) - 1 for g in self.groups if g.kind != "similar")
+        remembered = (
+            f" ({self.remembered} of them remembered from an earlier pass)"
+            if self.remembered
+            else ""
+        )
         return (
             f"{self.images} images: {'; '.join(parts)}; {spare} files beside their "
             f"representatives ({self.candidates} candidate pairs, {self.screened} compared on "
-            f"their pixels, {self.verified} verified)"
+            f"their pixels{remembered}, {self.verified} verified)"
         )
 
 
@@ -149,14 +160,28 @@ def find_duplicates(
     """Exact, verified-copy and (when asked) similar groups of every indexed image."""
     rows = index.rows(limit=None)
     report = DuplicateReport(images=len(rows))
-    references = tuple(os.path.abspath(r) for r in options.references)
-    stage = _stage(progress)
     memory = DuplicatesMemory(index.directory)
     try:
-        signatures = signatures_for(rows, memory, stage("signatures"))
-        decided = memory.not_duplicates()
+        _find(index, rows, memory, options, progress, report)
     finally:
         memory.close()
+    return report
+
+
+def _find(
+    index: Index,
+    rows: Sequence[Row],
+    memory: DuplicatesMemory,
+    options: DuplicateOptions,
+    progress: Progress | None,
+    report: DuplicateReport,
+) -> None:
+    """:func:`find_duplicates`' work, ``memory`` open throughout (signatures, verdicts and
+    decisions)."""
+    references = tuple(os.path.abspath(r) for r in options.references)
+    stage = _stage(progress)
+    signatures = signatures_for(rows, memory, stage("signatures"))
+    decided = memory.not_duplicates()
     images = ImageCache()
     ranking = Ranking(options.keep, references, signatures, images)
     order = cache(lambda positions: tuple(ranking.order([rows[p] for p in positions])))
@@ -193,15 +218,31 @@ def find_duplicates(
     pairs = sorted(pairs)
     report.candidates, report.screened = len(proposed), len(pairs)
     tick = stage("verifying")
+    verifier = verifier_fingerprint(options.verify)
+
+    def content(pair: tuple[int, int]) -> tuple[str, str]:
+        return rows[pair[0]].sha256, rows[pair[1]].sha256
+
+    known: dict[tuple[str, str], Verdict] = {}
+    if options.remember:
+        asked = [key for a, b in pairs for key in (content((a, b)), content((b, a)))]
+        remembered = memory.verdicts(asked, verifier)  # both ways: groups tell some from b
+        known = {key: Verdict(**fields) for key, fields in remembered.items()}
+    report.remembered = sum(content(pair) in known for pair in pairs)
+    fresh: dict[tuple[str, str], Verdict] = {}
 
     def verify(a: int, b: int) -> Verdict:
-        """How ``b`` is a copy of ``a`` (or not)."""
-        return verify_pair(
-            (rows[a].path, signatures.get(rows[a].sha256)),
-            (rows[b].path, signatures.get(rows[b].sha256)),
-            images,
-            options.verify,
-        )
+        """How ``b`` is a copy of ``a`` (or not): as remembered, else looked at."""
+        key = content((a, b))
+        verdict = known.get(key)
+        if verdict is None:
+            verdict = fresh[key] = verify_pair(
+                (rows[a].path, signatures.get(rows[a].sha256)),
+                (rows[b].path, signatures.get(rows[b].sha256)),
+                images,
+                options.verify,
+            )
+        return verdict
 
     # Decoding, ORB and the matcher release the GIL: one thread per core verifies, a block of
     # pairs at a time (results in the pairs' order, so the groups do not depend on the threads).
@@ -217,6 +258,8 @@ def find_duplicates(
                 tick(start + len(block), len(pairs))
     report.verified = len(verdicts)
     copies = _copy_groups(rows, verdicts, order, source, references, verify)
+    if options.remember and fresh:
+        memory.keep_verdicts({key: asdict(v) for key, v in fresh.items()}, verifier)
     for members in copies:
         report.groups.append(Group(len(report.groups) + 1, "copy", members))
     if options.similar_threshold is not None:
@@ -234,7 +277,27 @@ def find_duplicates(
             stage("similar"),
             references,
         )
-    return report
+
+
+def verifier_fingerprint(options: VerifyOptions) -> str:
+    """Which verifier gave a verdict: the code a verdict depends on (the verifier, the hashes,
+    the decoder), the libraries under it and its bars. A remembered verdict is used only under
+    the same fingerprint, so changing any of them verifies again."""
+    import cv2
+    import PIL
+
+    from retrieval.duplicates import hashes, verify
+    from retrieval.images import decode
+    from retrieval.version import __version__
+
+    digest = hashlib.sha256(repr(options).encode())
+    for module in (verify, hashes, decode):
+        try:
+            digest.update(Path(module.__file__).read_bytes())
+        except (OSError, TypeError):  # no source beside the bytecode: the release stands in
+            digest.update(f"{module.__name__} {__version__}".encode())
+    digest.update(f"opencv {cv2.__version__} pillow {PIL.__version__}".encode())
+    return digest.hexdigest()[:16]
 
 
 def _stage(progress: Progress | None) -> Callable[[str], Callable[[int, int], None] | None]:

@@ -1,10 +1,12 @@
-"""What the duplicates pass keeps beside an index: image signatures, and the user's decisions.
+"""What the duplicates pass keeps beside an index: image signatures, the verifier's verdicts, and
+the user's decisions.
 
 One SQLite file, ``duplicates.sqlite`` in the index directory, outside the index's generations:
-a re-index (``--rebuild`` too) leaves it alone. Both tables are keyed by content (sha256), so a
-renamed or moved file keeps its signature and its decisions, and a re-encoded one does not
-inherit them. Signatures are a cache (recomputed from the file when missing); decisions are the
-user's word, kept until ``--forget-decisions``.
+a re-index (``--rebuild`` too) leaves it alone. Every table is keyed by content (sha256), so a
+renamed or moved file keeps its signature, verdicts and decisions, and a re-encoded one does not
+inherit them. Signatures and verdicts are caches (recomputed when missing; a verdict is kept
+under the fingerprint of the verifier that gave it, and those of another verifier are dropped
+when new ones are kept); decisions are the user's word, kept until ``--forget-decisions``.
 
 A directory that cannot be written (a read-only index) still works: the store then lives in
 memory for this run, and says so once.
@@ -12,12 +14,14 @@ memory for this run, and says so once.
 
 from __future__ import annotations
 
+import json
 import logging
 import sqlite3
 import threading
 import time
 from collections.abc import Iterable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -36,6 +40,13 @@ CREATE TABLE IF NOT EXISTS signatures (
     width INTEGER NOT NULL,
     height INTEGER NOT NULL,
     grey INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS verdicts (
+    first TEXT NOT NULL,         -- sha256 of the picture verified first (a verdict has a side)
+    second TEXT NOT NULL,
+    verifier TEXT NOT NULL,      -- fingerprint of the verifier's code and bars
+    verdict TEXT NOT NULL,       -- JSON: the Verdict's fields
+    PRIMARY KEY (first, second, verifier)
 );
 CREATE TABLE IF NOT EXISTS not_duplicates (
     first TEXT NOT NULL,         -- the smaller sha256 of the two
@@ -122,6 +133,33 @@ class DuplicatesMemory:
             self.db.executemany(
                 "INSERT OR REPLACE INTO signatures VALUES (?, ?, ?, ?, ?, ?, ?)", rows
             )
+
+    # -- verdicts --------------------------------------------------------------------------------
+
+    def verdicts(
+        self, pairs: Iterable[tuple[str, str]], verifier: str
+    ) -> dict[tuple[str, str], dict[str, Any]]:
+        """The verdicts ``verifier`` gave earlier on any of ``pairs`` (sha256, sha256), as
+        kept by :meth:`keep_verdicts`."""
+        with self._lock, self.db:
+            self.db.execute("CREATE TEMP TABLE IF NOT EXISTS wanted (first TEXT, second TEXT)")
+            self.db.execute("DELETE FROM wanted")
+            self.db.executemany("INSERT INTO wanted VALUES (?, ?)", pairs)
+            found = self.db.execute(
+                "SELECT v.first, v.second, v.verdict FROM verdicts v JOIN wanted w "
+                "ON v.first = w.first AND v.second = w.second WHERE v.verifier = ?",
+                (verifier,),
+            ).fetchall()
+            self.db.execute("DELETE FROM wanted")
+        return {(a, b): json.loads(verdict) for a, b, verdict in found}
+
+    def keep_verdicts(self, verdicts: dict[tuple[str, str], dict[str, Any]], verifier: str) -> None:
+        """Remember ``verdicts`` ((sha256, sha256): fields) under ``verifier``; those another
+        verifier gave are forgotten (they would never be asked for again)."""
+        rows = [(a, b, verifier, json.dumps(fields)) for (a, b), fields in verdicts.items()]
+        with self._lock, self.db:
+            self.db.execute("DELETE FROM verdicts WHERE verifier != ?", (verifier,))
+            self.db.executemany("INSERT OR REPLACE INTO verdicts VALUES (?, ?, ?, ?)", rows)
 
     # -- decisions -------------------------------------------------------------------------------
 

@@ -257,6 +257,7 @@ def _duplicates_json(
         },
         "candidates": report.candidates,
         "screened": report.screened,
+        "remembered": report.remembered,
         "verified": report.verified,
         "keep": keep,
         "summary": report.summary(),

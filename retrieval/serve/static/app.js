@@ -231,7 +231,8 @@ async function duplicates(offset) {
       ? answer.total + " groups (" + counts + ") among " + answer.images + " images"
         + "; groups " + (dupOffset + 1) + "–" + last
       : "no duplicates among " + answer.images + " images")
-      + " (" + answer.candidates + " candidate pairs, " + answer.screened + " compared on their pixels, " + answer.verified + " verified)" + how);
+      + " (" + answer.candidates + " candidate pairs, " + answer.screened + " compared on their pixels"
+        + (answer.remembered ? " (" + answer.remembered + " of them remembered from an earlier pass)" : "") + ", " + answer.verified + " verified)" + how);
     if (answer.calibrated) $("#threshold").placeholder = "calibrated: " + answer.threshold.toFixed(3);
     $("#dup-prev").disabled = dupOffset === 0;
     $("#dup-next").disabled = last >= answer.total;
