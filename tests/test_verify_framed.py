@@ -49,11 +49,10 @@ def test_a_framed_copy_resized_to_a_square_is_a_copy(tmp_path, seed) -> None:
         assert verdict.copy, verdict.evidence()
         assert verdict.test == "geometry"
         assert any(e.startswith("stretched") for e in verdict.edits), verdict.edits
-        assert any(e.startswith("border") for e in verdict.edits), verdict.edits
     # framed and kept at its own aspect ratio: a similarity aligns it (as before the stretch)
     kept = saved(tmp_path, "kept.jpg", framed(picture))
     verdict = verify_pair(original, kept, images)
-    assert verdict.copy and "border added" in verdict.edits, verdict.evidence()
+    assert verdict.copy and not any(e.startswith("stretched") for e in verdict.edits)
     # the picture squared too (both brought to 160 x 160 from their own aspect ratios)
     square = saved(tmp_path, "square.jpg", squared(picture))
     assert verify_pair(square, copy, images).copy

@@ -562,11 +562,6 @@ def _margin(image: np.ndarray, outside: np.ndarray) -> str | None:
     if float(margin.std()) < 12:
         return "border"
     plain = float((np.abs(margin.astype(np.int16) - np.median(margin)) < 16).mean())
-    rows, cols = band.all(axis=1), band.all(axis=0)
-    if rows[0] and rows[-1] and cols[0] and cols[-1] and plain >= 0.6:
-        # all round and mostly one colour: a mat; a drop shadow under the print (and the rim
-        # of picture the aligned overlap leaves out) make it less plain than a bare border
-        return "border"
     return "caption or bar" if plain >= 0.75 else None  # one colour with a little text
 
 
