@@ -6,10 +6,12 @@
    blind to brightness and contrast, so an edit of those passes; a second shot of the same
    scene (the camera or the subject moved) does not, at that size.
 2. **Geometry** (crops, borders, captions, screenshots): ORB keypoints matched both ways round
-   (the second image mirrored too), a similarity transform fitted by RANSAC, the second image
-   warped onto the first, and the correlation of the *overlap* at ``overlap`` or more. Enough
-   inliers alone are not enough: a re-shoot of a building matches keypoints too, but its
-   aligned pixels differ (parallax, light, people); an edited copy's do not.
+   (the second image mirrored too), a similarity transform fitted by RANSAC (or, where none
+   verifies the pair, a stretch: each axis scaled apart, for a copy resized to another aspect
+   ratio), the second image warped onto the first, and the correlation of the *overlap* at
+   ``overlap`` or more. Enough inliers alone are not enough: a re-shoot of a building matches
+   keypoints too, but its aligned pixels differ (parallax, light, people); an edited copy's
+   do not.
 3. **Second shots** (both tests): a re-shoot of a still scene can pass either test on its whole
    overlap, because the static part dominates the correlation. So each pair is also compared on
    a 12 x 12 grid of blocks (``_second_shot``): an edited copy agrees block by block everywhere
@@ -256,51 +258,73 @@ def _tone_edits(a: np.ndarray, b: np.ndarray) -> list[str]:
 def _geometry(
     path_a: str, path_b: str, images: ImageCache, options: VerifyOptions, side: int
 ) -> Verdict:
-    """Keypoints, RANSAC similarity (``b`` as it is and mirrored), overlap correlation (its bar
-    raised for small pictures: ``side`` is the smaller one's shorter side, up to COMPARE_SIDE)."""
+    """Keypoints, RANSAC fits (``b`` as it is and mirrored), overlap correlation (its bar
+    raised for small pictures: ``side`` is the smaller one's shorter side, up to COMPARE_SIDE).
+    A similarity first; where it fails, a stretch (each axis scaled apart, no turn): a copy
+    resized to another aspect ratio (a thumbnail squashed to a square, a framed print scanned
+    to a page) has no similarity that aligns it, and the best one RANSAC finds is turned."""
     overlap_bar = size_bar(options.overlap, side)
     best = Verdict(False, "none passed", 64, 0.0)
     found_a = images.keypoints(path_a)
     if found_a is None:
         return best
     a = images.grey(path_a)
-    for mirrored in (False, True):
-        found_b = images.keypoints(path_b, mirrored)
-        if found_b is None:
-            continue
-        fit = _fit(found_a, found_b)
-        if fit is None:
-            continue
-        matrix, inliers = fit
-        if inliers < options.inliers or inliers <= best.inliers:
-            continue
-        b = images.grey(path_b)
-        b_used = np.ascontiguousarray(b[:, ::-1]) if mirrored else b
-        overlap, agree, cover_a, cover_b, uncovered_a, outside_b, compared = _overlap(
-            a, b_used, matrix
-        )
-        verdict = Verdict(False, "geometry", 64, overlap, inliers)
-        painted = inliers >= options.painted_inliers and agree >= options.blocks
-        # Two pictures each partly outside the other are two views (a pan, a second shot),
-        # not a copy: a copy is the picture, or a part of it, or it inside a larger frame.
-        inside = max(cover_a, cover_b) >= options.contained
-        second = None
-        if inside and (overlap >= overlap_bar or painted) and compared is not None:
-            second = _second_shot(*compared, options, painted=painted)
-            if second is not None:
-                verdict.edits = [second]
-        if inside and (overlap >= overlap_bar or painted) and second is None:
-            verdict.copy = True
-            verdict.edits, verdict.padded = _geometry_edits(
-                matrix, mirrored, (cover_a, uncovered_a, a), (cover_b, outside_b, b_used)
-            )
-            if overlap < overlap_bar:
-                kept = [e for e in verdict.edits if e != "re-encoded"]
-                verdict.edits = [*kept, f"painted over ({1 - agree:.0%} of it differs)"]
-            return verdict
-        best = verdict
+    matched: dict[bool, tuple[np.ndarray, np.ndarray] | None] = {}
+    # both similarities before either stretch: a pair a similarity verifies is judged as before
+    for model in (_similarity, _stretch):
+        for mirrored in (False, True):
+            if mirrored not in matched:
+                found_b = images.keypoints(path_b, mirrored)
+                matched[mirrored] = None if found_b is None else _matches(found_a, found_b)
+            if matched[mirrored] is None:
+                continue
+            fit = model(*matched[mirrored])
+            if fit is None:
+                continue
+            matrix, inliers = fit
+            if inliers < options.inliers or inliers <= best.inliers:
+                continue
+            b = images.grey(path_b)
+            b_used = np.ascontiguousarray(b[:, ::-1]) if mirrored else b
+            verdict = _aligned(a, b_used, matrix, inliers, mirrored, options, overlap_bar)
+            if verdict.copy:
+                return verdict
+            best = verdict
     best.test = "none passed"
     return best
+
+
+def _aligned(
+    a: np.ndarray,
+    b: np.ndarray,
+    matrix: np.ndarray,
+    inliers: int,
+    mirrored: bool,
+    options: VerifyOptions,
+    overlap_bar: float,
+) -> Verdict:
+    """The verdict on ``b`` warped onto ``a`` by ``matrix``: its overlap correlation, whether
+    one lies inside the other, and no sign of a second shot."""
+    overlap, agree, cover_a, cover_b, uncovered_a, outside_b, compared = _overlap(a, b, matrix)
+    verdict = Verdict(False, "geometry", 64, overlap, inliers)
+    painted = inliers >= options.painted_inliers and agree >= options.blocks
+    # Two pictures each partly outside the other are two views (a pan, a second shot),
+    # not a copy: a copy is the picture, or a part of it, or it inside a larger frame.
+    inside = max(cover_a, cover_b) >= options.contained
+    if not (inside and (overlap >= overlap_bar or painted)) or compared is None:
+        return verdict
+    second = _second_shot(*compared, options, painted=painted)
+    if second is not None:
+        verdict.edits = [second]
+        return verdict
+    verdict.copy = True
+    verdict.edits, verdict.padded = _geometry_edits(
+        matrix, mirrored, (cover_a, uncovered_a, a), (cover_b, outside_b, b)
+    )
+    if overlap < overlap_bar:
+        kept = [e for e in verdict.edits if e != "re-encoded"]
+        verdict.edits = [*kept, f"painted over ({1 - agree:.0%} of it differs)"]
+    return verdict
 
 
 def _keypoints(image: np.ndarray):
@@ -313,8 +337,8 @@ def _keypoints(image: np.ndarray):
     return np.float32([p.pt for p in points]), descriptors
 
 
-def _fit(found_a, found_b) -> tuple[np.ndarray, int] | None:
-    """A similarity taking ``b``'s points onto ``a``'s, and its RANSAC inlier count."""
+def _matches(found_a, found_b) -> tuple[np.ndarray, np.ndarray] | None:
+    """``b``'s and ``a``'s points of the descriptor matches that pass the ratio test."""
     import cv2
 
     points_a, desc_a = found_a
@@ -324,8 +348,13 @@ def _fit(found_a, found_b) -> tuple[np.ndarray, int] | None:
     good = [m[0] for m in pairs if len(m) == 2 and m[0].distance < 0.8 * m[1].distance]
     if len(good) < 8:
         return None
-    source = points_b[[m.queryIdx for m in good]]
-    target = points_a[[m.trainIdx for m in good]]
+    return points_b[[m.queryIdx for m in good]], points_a[[m.trainIdx for m in good]]
+
+
+def _similarity(source: np.ndarray, target: np.ndarray) -> tuple[np.ndarray, int] | None:
+    """A similarity taking ``b``'s points onto ``a``'s, and its RANSAC inlier count."""
+    import cv2
+
     matrix, mask = cv2.estimateAffinePartial2D(
         source,
         target,
@@ -340,6 +369,49 @@ def _fit(found_a, found_b) -> tuple[np.ndarray, int] | None:
     if not 0.05 < scale < 20:
         return None
     return matrix, int(mask.sum())
+
+
+STRETCH_SEEDS = 256  # RANSAC draws for the stretch: two matches each
+STRETCH_MAX = 2.5  # one axis scaled at most this much more than the other (4:3 <-> 1:1 is 1.33)
+
+
+def _stretch(source: np.ndarray, target: np.ndarray) -> tuple[np.ndarray, int] | None:
+    """A stretch (x and y scaled apart, then shifted; no turn, no shear) taking ``b``'s points
+    onto ``a``'s, and its inlier count: RANSAC on two matches (each axis's scale and shift
+    from their two coordinates), refitted by least squares on the inliers. None when the
+    aspect ratio hardly changes (the similarity has judged that) or changes beyond reason."""
+    rng = np.random.default_rng(len(source))  # seeded: one pair, one verdict
+    first, second = rng.integers(0, len(source), (2, STRETCH_SEEDS))
+    d_source = source[first] - source[second]
+    d_target = target[first] - target[second]
+    spread = np.abs(d_source).min(axis=1) >= 8  # both axes' scales measurable
+    if not spread.any():
+        return None
+    scales = d_target[spread] / d_source[spread]  # (draws, 2)
+    shifts = target[first[spread]] - scales * source[first[spread]]
+    sane = (scales > 0.05).all(axis=1) & (scales < 20).all(axis=1)
+    if not sane.any():
+        return None
+    scales, shifts = scales[sane], shifts[sane]
+    moved = source[None] * scales[:, None] + shifts[:, None]  # (draws, matches, 2)
+    errors = np.linalg.norm(moved - target[None], axis=2)
+    counts = (errors < 4.0).sum(axis=1)
+    inliers = errors[int(counts.argmax())] < 4.0
+    if inliers.sum() < 4:
+        return None
+    rows = []
+    for axis in (0, 1):
+        design = np.stack([source[inliers, axis], np.ones(int(inliers.sum()))], axis=1)
+        rows.append(np.linalg.lstsq(design, target[inliers, axis], rcond=None)[0])
+    (scale_x, shift_x), (scale_y, shift_y) = rows
+    if min(scale_x, scale_y) <= 0.05:
+        return None
+    ratio = abs(math.log(scale_x / scale_y))
+    if ratio < 0.03 or ratio > math.log(STRETCH_MAX):
+        return None
+    matrix = np.array([[scale_x, 0.0, shift_x], [0.0, scale_y, shift_y]])
+    errors = np.linalg.norm(source @ matrix[:, :2].T + matrix[:, 2] - target, axis=1)
+    return matrix, int((errors < 4.0).sum())
 
 
 def _overlap(a: np.ndarray, b: np.ndarray, matrix: np.ndarray):
@@ -504,6 +576,11 @@ def _geometry_edits(matrix, mirrored, first, second) -> tuple[list[str], str | N
             edits.append(f"rotated {abs(quarter) % 360}°")
     else:
         edits.append(f"rotated {abs(angle):.0f}°")
+    # the second's height over width, relative to the first's (the matrix takes it onto the first)
+    taller = math.hypot(matrix[0, 0], matrix[1, 0]) / math.hypot(matrix[0, 1], matrix[1, 1])
+    if abs(math.log(taller)) >= 0.03:
+        way = f"{taller:.2f}x taller" if taller > 1 else f"{1 / taller:.2f}x wider"
+        edits.append(f"stretched {way}")
     padded = None
     if cover_a < 0.9 and cover_b >= 0.9:
         margin = _margin(a, uncovered_a)
