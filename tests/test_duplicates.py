@@ -347,3 +347,17 @@ def test_similar_needs_asking_and_threshold_needs_similar(photos) -> None:
     assert similar and all(g["kind"] in ("exact", "copy", "similar") for g in wide)
     grouped = set().union(*as_sets(plain, "exact"), *as_sets(plain, "copy"))
     assert not any(name in grouped for s in similar for name in s if name != "scene4.png")
+
+
+def test_a_copy_framed_like_a_bordered_picture_does_not_lead_either() -> None:
+    """The border marks every copy framed like the bordered picture (a mirrored or re-encoded
+    twin), though the twin met the unbordered picture only through it; other edits do not."""
+    from retrieval.duplicates.groups import framed_alike
+    from retrieval.duplicates.verify import Verdict
+
+    same = Verdict(True, "same framing", 4, 0.97)
+    moved = Verdict(True, "geometry", 30, 0.9, 80)
+    # 0: the picture; 1: it with a border (verified); 2: 1 mirrored; 3: 2 re-encoded; 4: a crop
+    verdicts = {(0, 1): moved, (1, 2): same, (2, 3): same, (0, 4): moved}
+    assert framed_alike(verdicts, {1}) == {1, 2, 3}
+    assert framed_alike(verdicts, set()) == set()

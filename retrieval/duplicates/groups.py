@@ -244,6 +244,7 @@ def _find(
             )
         return verdict
 
+    padded: set[int] = set()  # positions verified to be another member plus a margin
     # Decoding, ORB and the matcher release the GIL: one thread per core verifies, a block of
     # pairs at a time (results in the pairs' order, so the groups do not depend on the threads).
     with ThreadPoolExecutor(max(1, usable_cores())) as pool:
@@ -253,10 +254,11 @@ def _find(
                 if verdict.copy:
                     verdicts[(a, b)] = verdict
                     if verdict.padded:  # its extra pixels are a margin, not picture: never leads
-                        ranking.padded.add(rows[a if verdict.padded == "first" else b].id)
+                        padded.add(a if verdict.padded == "first" else b)
             if tick:
                 tick(start + len(block), len(pairs))
     report.verified = len(verdicts)
+    ranking.padded |= {rows[p].id for p in framed_alike(verdicts, padded)}
     copies = _copy_groups(rows, verdicts, order, source, references, verify)
     if options.remember and fresh:
         memory.keep_verdicts({key: asdict(v) for key, v in fresh.items()}, verifier)
@@ -277,6 +279,24 @@ def _find(
             stage("similar"),
             references,
         )
+
+
+def framed_alike(verdicts: dict[tuple[int, int], Verdict], padded: set[int]) -> set[int]:
+    """``padded`` (positions verified to be another member plus a margin) and every position
+    joined to one of them by a "same framing" verdict, transitively: a mirrored or re-encoded
+    copy of a bordered picture has the border too, though it may have met the picture without
+    the border only through its bordered twin."""
+    alike: dict[int, set[int]] = defaultdict(set)
+    for (a, b), verdict in verdicts.items():
+        if verdict.test == "same framing":
+            alike[a].add(b)
+            alike[b].add(a)
+    found, stack = set(padded), list(padded)
+    while stack:
+        for other in alike[stack.pop()] - found:
+            found.add(other)
+            stack.append(other)
+    return found
 
 
 def verifier_fingerprint(options: VerifyOptions) -> str:
