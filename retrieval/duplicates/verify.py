@@ -130,13 +130,19 @@ class ImageCache:
         return self._entry(path)["grey"]
 
     def keypoints(self, path: str, mirrored: bool = False):
-        """ORB keypoints and descriptors of the working copy (None: too few, or unreadable)."""
+        """ORB keypoints and descriptors of the working copy (None: too few, or unreadable);
+        mirrored, the same keypoints mirrored, described again on the mirrored copy."""
         entry = self._entry(path)
-        key = "mirrored" if mirrored else "points"
-        if key not in entry:
+        if "points" not in entry:
             grey = entry["grey"]
-            entry[key] = None if grey is None else _keypoints(grey[:, ::-1] if mirrored else grey)
-        return entry[key]
+            entry["detected"], entry["points"] = ([], None) if grey is None else _detected(grey)
+        if not mirrored:
+            return entry["points"]
+        if "mirrored" not in entry:
+            grey = entry["grey"]
+            flipped = _mirrored(entry["detected"], 0 if grey is None else grey.shape[1])
+            entry["mirrored"] = _described(None if grey is None else grey[:, ::-1], flipped)
+        return entry["mirrored"]
 
 
 def _working_image(path: str) -> np.ndarray | None:
@@ -327,11 +333,40 @@ def _aligned(
     return verdict
 
 
-def _keypoints(image: np.ndarray):
+def _orb():
     import cv2
 
-    orb = cv2.ORB_create(nfeatures=KEYPOINTS, fastThreshold=12)
-    points, descriptors = orb.detectAndCompute(np.ascontiguousarray(image), None)
+    return cv2.ORB_create(nfeatures=KEYPOINTS, fastThreshold=12)
+
+
+def _detected(image: np.ndarray) -> tuple[list, tuple[np.ndarray, np.ndarray] | None]:
+    """The ORB keypoints of a working copy, and (points, descriptors) of them (None: fewer
+    than 8)."""
+    keypoints, descriptors = _orb().detectAndCompute(np.ascontiguousarray(image), None)
+    if descriptors is None or len(keypoints) < 8:
+        return list(keypoints), None
+    return list(keypoints), (np.float32([k.pt for k in keypoints]), descriptors)
+
+
+def _mirrored(keypoints: list, width: int) -> list:
+    """``keypoints`` of a picture ``width`` px wide, where they fall in its mirror image (a
+    corner is a corner either way round, so the mirror needs no detection of its own: that
+    is most of ORB's time)."""
+    import cv2
+
+    return [
+        cv2.KeyPoint(
+            width - 1 - k.pt[0], k.pt[1], k.size, (180 - k.angle) % 360, k.response, k.octave
+        )
+        for k in keypoints
+    ]
+
+
+def _described(image: np.ndarray | None, keypoints: list):
+    """(points, ORB descriptors) of ``keypoints`` on ``image``; None when fewer than 8."""
+    if image is None or len(keypoints) < 8:
+        return None
+    points, descriptors = _orb().compute(np.ascontiguousarray(image), keypoints)
     if descriptors is None or len(points) < 8:
         return None
     return np.float32([p.pt for p in points]), descriptors
