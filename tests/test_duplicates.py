@@ -267,6 +267,29 @@ def test_a_second_pass_takes_the_verdicts_the_first_kept(tmp_path, small_model, 
     assert "remembered" not in said
 
 
+def test_a_pair_whose_file_could_not_be_read_is_not_remembered(tmp_path, small_model) -> None:
+    """A file gone (or unreadable) during a pass gets no lasting verdict: once it is back, the
+    next pass looks at it and finds its copy."""
+    from retrieval.duplicates.groups import find_duplicates
+
+    files = make_photos(tmp_path / "photos")
+    Index.create(
+        tmp_path / "idx", tmp_path / "photos", IndexOptions(weights=str(small_model))
+    ).close()
+    mirrored = files["mirrored"]
+    kept = mirrored.read_bytes()
+    mirrored.unlink()
+    with Index.open(tmp_path / "idx") as ix:
+        assert not any(
+            m.path == str(mirrored) for g in find_duplicates(ix).groups for m in g.members
+        )
+        mirrored.write_bytes(kept)
+        found = find_duplicates(ix)
+    assert any(
+        g.kind == "copy" and str(mirrored) in {m.path for m in g.members} for g in found.groups
+    )
+
+
 def test_a_reference_file_leads_and_is_never_moved(tmp_path, small_model) -> None:
     files = make_photos(tmp_path / "photos")
     album_copy = tmp_path / "photos" / "album" / "scene4.png"

@@ -38,7 +38,13 @@ from retrieval.duplicates.keep import KEEP, Ranking, under_reference
 from retrieval.duplicates.memory import DuplicatesMemory
 from retrieval.duplicates.screen import ScreenOptions, screen_pairs
 from retrieval.duplicates.signatures import signatures_for
-from retrieval.duplicates.verify import ImageCache, Verdict, VerifyOptions, verify_pair
+from retrieval.duplicates.verify import (
+    UNREADABLE,
+    ImageCache,
+    Verdict,
+    VerifyOptions,
+    verify_pair,
+)
 
 if TYPE_CHECKING:
     from retrieval.indexes.rows import Row
@@ -260,8 +266,9 @@ def _find(
     report.verified = len(verdicts)
     ranking.padded |= {rows[p].id for p in framed_alike(verdicts, padded)}
     copies = _copy_groups(rows, verdicts, order, source, references, verify)
-    if options.remember and fresh:
-        memory.keep_verdicts({key: asdict(v) for key, v in fresh.items()}, verifier)
+    seen = {key: asdict(v) for key, v in fresh.items() if UNREADABLE not in v.edits}
+    if seen:  # (a file that could not be opened may be readable next time)
+        memory.keep_verdicts(seen, verifier)
     for members in copies:
         report.groups.append(Group(len(report.groups) + 1, "copy", members))
     if options.similar_threshold is not None:

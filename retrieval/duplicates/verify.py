@@ -50,6 +50,7 @@ WORK_SIDE = 512  # the geometric check's images: longer side at most this
 MIN_SHORT_SIDE = 256  # ... and smaller ones scaled up to this, so ORB finds corners
 COMPARE_SIDE = 128  # correlations are taken at this size (fine detail, not noise)
 KEYPOINTS = 600  # ORB keypoints per image
+UNREADABLE = "a file could not be read"  # a verdict's edits when one picture could not be opened
 
 
 @dataclass(frozen=True)
@@ -177,7 +178,7 @@ def verify_pair(
     )
     grey_a, grey_b = images.grey(path_a), images.grey(path_b)
     if grey_a is None or grey_b is None:
-        return Verdict(False, "none passed", bits, 0.0, edits=["a file could not be read"])
+        return Verdict(False, "none passed", bits, 0.0, edits=[UNREADABLE])
     if sig_a is not None and sig_b is not None and bits <= options.hash_bits:
         thumbs = correlation(orient(sig_a.thumb, turn), sig_b.thumb)
         if thumbs >= options.thumbnail:
