@@ -75,3 +75,19 @@ def test_a_second_shot_framed_and_squared_is_not_a_copy(tmp_path) -> None:
     second = saved(tmp_path, "second.jpg", squared(framed(scene(3, (150, 104), moved=7))))
     for a, b in ((first, second), (second, first)):
         assert not verify_pair(a, b, images).copy
+
+
+def test_a_stretch_needs_more_support_than_a_similarity(tmp_path) -> None:
+    """A stretch is tried only after every similarity failed, a second chance to fit by luck:
+    it needs ``stretch_inliers``, and never fewer than a similarity."""
+    from retrieval.duplicates.verify import VerifyOptions
+
+    picture = scene(0, (150, 104))
+    original = saved(tmp_path, "original.jpg", picture)
+    copy = saved(tmp_path, "framed.jpg", squared(framed(picture)))
+    found = verify_pair(original, copy, ImageCache())
+    assert found.copy and found.inliers >= VerifyOptions().stretch_inliers
+    stricter = VerifyOptions(stretch_inliers=found.inliers + 1)
+    assert not verify_pair(original, copy, ImageCache(), stricter).copy
+    stricter = VerifyOptions(inliers=found.inliers + 1)  # and never less than a similarity's
+    assert not verify_pair(original, copy, ImageCache(), stricter).copy
