@@ -469,6 +469,9 @@ def main() -> None:
 
     faiss.omp_set_num_threads(args.threads)
     torch.set_num_threads(args.threads)
+    if hasattr(os, "sched_setaffinity") and args.threads < len(os.sched_getaffinity(0)):
+        # the tool sizes its thread pools by the cores it may use (retrieval.devices)
+        os.sched_setaffinity(0, sorted(os.sched_getaffinity(0))[: args.threads])
     work = Path(args.workdir or tempfile.mkdtemp(prefix="dupscale-"))
     work.mkdir(parents=True, exist_ok=True)
     lines = ["# The duplicates pass at scale (bench/duplicates_scale.py)", "", *machine()]

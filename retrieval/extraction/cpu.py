@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -11,7 +10,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from retrieval.devices import usable_cores
+from retrieval.devices import torch_threads, usable_cores
 from retrieval.extraction.mapper import Fc7Mapper
 from retrieval.extraction.reader import decode_on_cpu, read_file
 from retrieval.extraction.types import (
@@ -83,20 +82,6 @@ def default_threads() -> int:
     return usable_cores()
 
 
-@contextlib.contextmanager
-def _torch_threads(threads: int | None) -> Iterator[None]:
-    """Run the model with ``threads`` torch threads, and put the global setting back after."""
-    if threads is None or threads == torch.get_num_threads():
-        yield
-        return
-    before = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
-
-
 def extract_on_cpu(
     paths: Sequence[Path], loaded: LoadedModel, mapper: Fc7Mapper, options: ExtractOptions
 ) -> Iterator[ExtractedBatch]:
@@ -113,7 +98,7 @@ def extract_on_cpu(
         generator=torch.Generator().manual_seed(0),
     )
     threads = options.threads  # None: torch's setting, as the caller left it
-    with _torch_threads(threads):
+    with torch_threads(threads):
         resumed = time.perf_counter()
         for records, pixels, times in loader:
             if pixels is None:
