@@ -43,6 +43,7 @@ from retrieval.duplicates.hashes import (
     orient,
 )
 
+FRAME_BLOCK = 1024  # pairs a frame test takes at once (larger blocks run slower: caches)
 BAND = SIDE // 4  # a painted-over strip: a quarter of the picture's height or width
 # (width, height) of the smaller picture inside the larger, as shares of the larger's sides:
 # borders and letterboxes (both sides, or one), caption bars added above or below
@@ -88,9 +89,11 @@ def screen_pairs(
     """A mask over the pairs ``(a[i], b[i])``: True where verification should look.
 
     ``thumbs`` (N x SIDE x SIDE uint8), ``hashes`` (N x 8), ``windows`` (N x WINDOWS) and
-    ``has`` (N) come from the images' signatures; a pair with an image lacking one is kept."""
+    ``has`` (N) come from the images' signatures; a pair with an image lacking one is kept.
+    Blocks of pairs are screened a core each (numpy and torch release the GIL)."""
     keep = ~(has[a] & has[b]) | (ratio <= options.ratio)
-    for start in range(0, len(a), 8192):
+
+    def screen(start: int) -> int:
         part = slice(start, start + 8192)
         todo = np.flatnonzero(~keep[part]) + start
         if len(todo):
@@ -102,9 +105,15 @@ def screen_pairs(
             passed |= _crop(b[todo], a[todo], thumbs, hashes, windows, options)
             keep[todo[passed]] = True
             todo = todo[~passed & (ratio[todo] <= options.frame_ratio)]  # the costly test last
-            keep[todo[frame_scores(thumbs, a[todo], b[todo]) >= options.frame]] = True
-        if progress:
-            progress(min(start + 8192, len(a)), len(a))
+            for block in range(0, len(todo), FRAME_BLOCK):
+                pairs = todo[block : block + FRAME_BLOCK]
+                keep[pairs[_frame_block(thumbs, a[pairs], b[pairs]) >= options.frame]] = True
+        return min(start + 8192, len(a))
+
+    with torch_threads(1), ThreadPoolExecutor(max(1, usable_cores())) as pool:
+        for done in pool.map(screen, range(0, len(a), 8192)):
+            if progress:
+                progress(done, len(a))
     return keep
 
 
@@ -237,17 +246,21 @@ def frame_scores(thumbs: np.ndarray, first: np.ndarray, second: np.ndarray) -> n
     small op, and lose most of their speed when another process wants a core (8,192 real pairs,
     this 2-core Xeon: 2 torch threads 178 us a pair quiet, 623 beside a busy process; 2 blocks
     at once on 1 thread each, 132 and 174)."""
-    scores = np.empty(len(first), np.float32)
+    starts = range(0, len(first), FRAME_BLOCK)
 
-    def block(start: int) -> None:
-        part = slice(start, start + 1024)  # (larger blocks run slower: caches)
-        x, y = thumbs[first[part]], thumbs[second[part]]
-        both = _frames_inside(np.concatenate([x, y]), np.concatenate([y, x]))
-        scores[part] = np.maximum(both[: len(x)], both[len(x) :])
+    def block(start: int) -> np.ndarray:
+        part = slice(start, start + FRAME_BLOCK)
+        return _frame_block(thumbs, first[part], second[part])
 
     with torch_threads(1), ThreadPoolExecutor(max(1, usable_cores())) as pool:
-        list(pool.map(block, range(0, len(first), 1024)))
-    return scores
+        return np.concatenate([np.zeros(0, np.float32), *pool.map(block, starts)])
+
+
+def _frame_block(thumbs: np.ndarray, first: np.ndarray, second: np.ndarray) -> np.ndarray:
+    """:func:`frame_scores` of one block of pairs, on the calling thread."""
+    x, y = thumbs[first], thumbs[second]
+    both = _frames_inside(np.concatenate([x, y]), np.concatenate([y, x]))
+    return np.maximum(both[: len(x)], both[len(x) :])
 
 
 def _frames_inside(big: np.ndarray, small: np.ndarray) -> np.ndarray:
