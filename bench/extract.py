@@ -39,11 +39,10 @@ from torch.utils.data import DataLoader, Dataset
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from retrieval import Index, IndexOptions, IndexReport, IndexSpec
-from retrieval.devices import fast_bf16, resolve_device
+from retrieval.devices import fast_bf16, resolve_device, torch_threads
 from retrieval.extraction.cpu import (
     _collate,
     _Files,
-    _torch_threads,
     default_threads,
     default_workers,
 )
@@ -124,7 +123,7 @@ def transform(loaded) -> T.Compose:
 def naive(
     paths: list[Path], weights: str, device: torch.device, threads: int | None = None
 ) -> tuple[float, np.ndarray]:
-    with _torch_threads(threads):
+    with torch_threads(threads):
         start = time.perf_counter()  # timed whole, as (c) is: the model load included
         loaded = load_model(weights, device=device)
         prepare, rows = transform(loaded), []
@@ -267,7 +266,7 @@ def model_ceiling(
     compiled: bool = False,
 ) -> float:
     # The mapper applies the pipeline's own numeric policy (fixed shapes, IEEE fp32 on CUDA).
-    with _torch_threads(threads):
+    with torch_threads(threads):
         return _model_ceiling(weights, device, precision, batch, seconds, compiled)
 
 
