@@ -204,7 +204,7 @@ def verify_pair(
     side = min(COMPARE_SIDE, sig_a.width, sig_a.height, sig_b.width, sig_b.height) if known else 0
     verdict = _geometry(path_a, path_b, images, options, side or COMPARE_SIDE)
     verdict.hash_bits = bits
-    if verdict.copy and sig_a is not None and sig_b is not None and sig_a.grey != sig_b.grey:
+    if verdict.copy and known and sig_a.grey != sig_b.grey:
         verdict.edits.append("greyscale")
     return verdict
 
@@ -553,11 +553,9 @@ def _block_statistics(
     """Per block of a ``grid`` x ``grid`` split (numpy's array_split): the correlation of ``x``
     and ``y`` over the kept pixels (NaN where under 90% of the block is kept) and each one's
     standard deviation, from block sums in one pass instead of a loop over the blocks."""
-    starts = [
-        np.array([part[0] if len(part) else 0 for part in np.array_split(np.arange(n), grid)])
-        for n in x.shape
-    ]
-    sizes = [np.array([len(p) for p in np.array_split(np.arange(n), grid)]) for n in x.shape]
+    splits = [np.array_split(np.arange(n), grid) for n in x.shape]
+    starts = [np.array([part[0] if len(part) else 0 for part in split]) for split in splits]
+    sizes = [np.array([len(part) for part in split]) for split in splits]
 
     def sums(values: np.ndarray) -> np.ndarray:
         out = np.add.reduceat(np.add.reduceat(values, starts[0], axis=0), starts[1], axis=1)
