@@ -271,10 +271,15 @@ def verifier() -> tuple[Callable[[str, str], bool], str]:
         sig_a, sig_b = memo[path_a], memo[path_b]
         return bool(verify.verify_pair((path_a, sig_a), (path_b, sig_b), cache).copy)
 
+    try:
+        from retrieval.images.signing import signature_of_file
+    except ImportError:  # a tree from before signing moved below the build (--pythonpath)
+        signature_of_file = signatures.signature_of_file
+
     def prepare(paths: list[str]) -> float:
         started = time.perf_counter()
         for p in paths:
-            memo[p] = signatures.signature_of_file(p)
+            memo[p] = signature_of_file(p)
         return time.perf_counter() - started
 
     run.prepare = prepare  # type: ignore[attr-defined]

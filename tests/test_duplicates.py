@@ -15,10 +15,10 @@ from PIL import Image, ImageFilter
 
 from retrieval import Index, IndexOptions
 from retrieval.duplicates.edits import EDITS, edited, encoded
-from retrieval.duplicates.hashes import ISOMETRIES, best_isometry, signature
 from retrieval.duplicates.keep import Ranking
-from retrieval.duplicates.signatures import signature_of_file
 from retrieval.duplicates.verify import ImageCache, verify_pair
+from retrieval.images.hashes import ISOMETRIES, best_isometry, signature
+from retrieval.images.signing import signature_of_file
 from retrieval.indexes.rows import Row
 from tests.corpus import scene
 

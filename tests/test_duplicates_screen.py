@@ -9,8 +9,8 @@ import pytest
 from PIL import Image
 
 from retrieval.duplicates.edits import EDITS, edited
-from retrieval.duplicates.hashes import signature
 from retrieval.duplicates.screen import ScreenOptions, screen_one, screen_pairs
+from retrieval.images.hashes import signature
 from tests.corpus import scene
 
 FAR = 1.05  # an fc7 ratio no copy shortcut accepts: the thumbnails must show the copy
@@ -58,8 +58,8 @@ def test_batched_frame_scores_are_opencvs_template_match() -> None:
     must be what OpenCV's TM_CCOEFF_NORMED gives, thumbnail by thumbnail and scale by scale."""
     import cv2
 
-    from retrieval.duplicates.hashes import SIDE
     from retrieval.duplicates.screen import FRAME_SCALES, frame_scores
+    from retrieval.images.hashes import SIDE
 
     thumbs = np.stack([signature(scene(seed, (160, 120))).thumb for seed in range(6)])
     framed = np.full((SIDE, SIDE), 250, np.uint8)  # thumbnail 0 inside a white border
@@ -119,8 +119,8 @@ def test_retrieve_index_signs_new_images_unless_told_not_to(tmp_path, small_mode
 
     from retrieval import Index
     from retrieval.cli.main import cli
-    from retrieval.duplicates.hashes import signature
     from retrieval.duplicates.memory import DuplicatesMemory
+    from retrieval.images.hashes import signature
 
     folder = tmp_path / "photos"
     folder.mkdir()
@@ -133,7 +133,7 @@ def test_retrieve_index_signs_new_images_unless_told_not_to(tmp_path, small_mode
         assert result.exit_code == 0, result.output
         return json.loads(result.stdout)
 
-    assert index("plain", "--no-signatures")["signed"] is None
+    assert index("plain", "--no-signatures")["signed"] == 0
     assert index("signed")["signed"] == 3
     with Index.open(tmp_path / "signed") as opened:
         rows = opened.rows(limit=None)

@@ -11,8 +11,8 @@ import pytest
 from PIL import Image, ImageDraw, ImageFilter
 
 from retrieval.duplicates.edits import encoded
-from retrieval.duplicates.signatures import signature_of_file
 from retrieval.duplicates.verify import ImageCache, verify_pair
+from retrieval.images.signing import signature_of_file
 from tests.corpus import scene
 
 

@@ -12,8 +12,8 @@ import pytest
 from PIL import Image, ImageDraw, ImageEnhance, ImageOps
 
 from retrieval.duplicates.edits import encoded
-from retrieval.duplicates.signatures import signature_of_file
 from retrieval.duplicates.verify import ImageCache, VerifyOptions, _second_shot, verify_pair
+from retrieval.images.signing import signature_of_file
 from tests.corpus import scene
 
 # seeds where the verifier before this check called the moved object a copy both ways round

@@ -11,8 +11,6 @@ import numpy as np
 import pytest
 from PIL import Image, ImageDraw, ImageEnhance, ImageFilter
 
-from retrieval.duplicates.hashes import best_isometry
-from retrieval.duplicates.signatures import signature_of_file
 from retrieval.duplicates.verify import (
     ImageCache,
     VerifyOptions,
@@ -21,6 +19,8 @@ from retrieval.duplicates.verify import (
     size_bar,
     verify_pair,
 )
+from retrieval.images.hashes import best_isometry
+from retrieval.images.signing import signature_of_file
 
 
 def trousers(seed: int) -> Image.Image:

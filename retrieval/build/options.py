@@ -44,6 +44,7 @@ class IndexReport(CommitCounts):
     walk_problems: list[dict[str, str]] = field(default_factory=list)
     other_types: dict[str, int] = field(default_factory=dict)  # files the walk does not read
     extracted: int = 0  # files run through the model in this run
+    signed: int = 0  # signatures the run stored, for the duplicates pass
     resumed: int = 0  # files taken from chunks an earlier, interrupted run finished
     seconds: float = 0.0
     times: dict[str, float] = field(default_factory=dict)
@@ -88,4 +89,7 @@ class IndexOptions:
     chunk_size: int = DEFAULT_CHUNK_SIZE
     extract: ExtractOptions = field(default_factory=ExtractOptions)
     engine: str = "local"  # "ray": extract on a Ray cluster (retrieve[ray]), then commit here
+    # Sign each image the CPU decodes for the model, for ``retrieve duplicates``
+    # (``signature_store``); the CUDA and Ray roads leave it to the duplicates pass.
+    signatures: bool = True
     ray_address: str | None = None  # None: a local cluster; "auto" or HOST:PORT: join one

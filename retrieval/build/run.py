@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from retrieval.build import signature_store
 from retrieval.build.agreement import measure_fp32_agreement
 from retrieval.build.commit import commit_changes
 from retrieval.build.on_ray import clear_run, extract_on_ray
@@ -95,9 +96,14 @@ def index_folder(
                 )
             elif plan.extract:
                 embedder = _embedder(model, identity, options, embedder)
-                times = _extract_to_staging(
-                    plan.extract, embedder, options, staging, report, progress
-                )
+                signatures = signature_store.Sink(index_dir) if options.signatures else None
+                try:
+                    times = _extract_to_staging(
+                        plan.extract, embedder, options, staging, report, progress, signatures
+                    )
+                finally:
+                    if signatures is not None:
+                        report.signed = signatures.close()
             record = model.describe() if model is not None else base.manifest["model"]
             result = commit_changes(index_dir, base, record, identity, options, plan, staging)
             base = None  # the commit took it over (and closed it)
@@ -237,8 +243,10 @@ def _extract_to_staging(
     staging: Staging,
     report: IndexReport,
     progress: Callable[[int, int], None] | None,
+    signatures: signature_store.Sink | None = None,
 ) -> StageTimes:
-    """Run the model on files not already staged, writing a chunk every ``chunk_size`` files."""
+    """Run the model on files not already staged, writing a chunk every ``chunk_size`` files
+    (and the signatures made on the way, into ``signatures``)."""
     staged = staging.load_entries()
     todo = [f for f in files if (f.path, f.size, f.mtime_ns) not in staged]
     report.resumed = len(files) - len(todo)
@@ -250,8 +258,11 @@ def _extract_to_staging(
     done = report.resumed
     if progress:
         progress(done, len(files))
-    for batch in embedder.files([Path(f.path) for f in todo]):
+    paths = [Path(f.path) for f in todo]
+    for batch in embedder.files(paths, sign=signatures is not None):
         times.add(batch.times)
+        if signatures is not None:
+            signatures.add(batch.records)
         row = sum(len(x) for x in pending_features)
         for record in batch.records:
             disk = todo[record.position]
@@ -277,6 +288,8 @@ def _extract_to_staging(
         if len(pending) >= options.chunk_size:
             write_start = time.perf_counter()
             staging.write_chunk(pending, np.concatenate(pending_features))
+            if signatures is not None:
+                signatures.flush()
             times.write += time.perf_counter() - write_start
             pending, pending_features = [], []
     if pending:

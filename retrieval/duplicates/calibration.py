@@ -34,13 +34,14 @@ import numpy as np
 from retrieval.collection.vectors import sample_positions
 from retrieval.duplicates.candidates import CandidateOptions, backgrounds
 from retrieval.duplicates.edits import EDITS, edited, encoded
-from retrieval.duplicates.hashes import best_isometry, hamming
 from retrieval.duplicates.memory import DuplicatesMemory
 from retrieval.duplicates.screen import ScreenOptions, screen_one
-from retrieval.duplicates.signatures import signature_of_file, signatures_for
+from retrieval.duplicates.signatures import signatures_for
 from retrieval.duplicates.verify import ImageCache, VerifyOptions, verify_pair
 from retrieval.errors import ImageReadError, RetrieveError
 from retrieval.images.decode import load_image
+from retrieval.images.hashes import best_isometry, hamming
+from retrieval.images.signing import signature_of_file
 
 if TYPE_CHECKING:
     from retrieval.search.index import Index

@@ -33,7 +33,6 @@ from retrieval.collection.near import NearOptions, near_pairs
 from retrieval.collection.vectors import IndexVectors
 from retrieval.devices import usable_cores
 from retrieval.duplicates.candidates import SIGNALS, CandidateOptions, candidate_pairs
-from retrieval.duplicates.hashes import SIDE, WINDOWS, ImageSignature
 from retrieval.duplicates.keep import KEEP, Ranking, under_reference
 from retrieval.duplicates.memory import DuplicatesMemory
 from retrieval.duplicates.screen import ScreenOptions, screen_pairs
@@ -45,6 +44,7 @@ from retrieval.duplicates.verify import (
     VerifyOptions,
     verify_pair,
 )
+from retrieval.images.hashes import SIDE, WINDOWS, ImageSignature
 
 if TYPE_CHECKING:
     from retrieval.indexes.rows import Row
@@ -308,17 +308,17 @@ def framed_alike(verdicts: dict[tuple[int, int], Verdict], padded: set[int]) -> 
 
 def verifier_fingerprint(options: VerifyOptions) -> str:
     """Which verifier gave a verdict: the code a verdict depends on (the verifier, the hashes,
-    the decoder), the libraries under it and its bars. A remembered verdict is used only under
-    the same fingerprint, so changing any of them verifies again."""
+    the signing, the decoder), the libraries under it and its bars. A remembered verdict is used
+    only under the same fingerprint, so changing any of them verifies again."""
     import cv2
     import PIL
 
-    from retrieval.duplicates import hashes, verify
-    from retrieval.images import decode
+    from retrieval.duplicates import verify
+    from retrieval.images import decode, hashes, signing
     from retrieval.version import __version__
 
     digest = hashlib.sha256(repr(options).encode())
-    for module in (verify, hashes, decode):
+    for module in (verify, hashes, signing, decode):
         try:
             digest.update(Path(module.__file__).read_bytes())
         except (OSError, TypeError):  # no source beside the bytecode: the release stands in

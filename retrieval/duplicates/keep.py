@@ -24,8 +24,8 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 if TYPE_CHECKING:
-    from retrieval.duplicates.hashes import ImageSignature
     from retrieval.duplicates.verify import ImageCache
+    from retrieval.images.hashes import ImageSignature
     from retrieval.indexes.rows import Row
 
 KEEP = ("best", "largest", "oldest", "first")

@@ -23,24 +23,16 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
-from retrieval.duplicates.hashes import SIDE, ImageSignature
+from retrieval.build import signature_store
+from retrieval.images.hashes import ImageSignature
 
 log = logging.getLogger(__name__)
 
-FILE = "duplicates.sqlite"
+FILE = signature_store.FILE
 
-SCHEMA = """
-CREATE TABLE IF NOT EXISTS signatures (
-    sha256 TEXT PRIMARY KEY,
-    hashes BLOB NOT NULL,        -- 8 x uint64, little-endian, ISOMETRIES order
-    windows BLOB NOT NULL,       -- WINDOWS x uint64, little-endian
-    thumb BLOB NOT NULL,         -- SIDE x SIDE grey, uint8
-    width INTEGER NOT NULL,
-    height INTEGER NOT NULL,
-    grey INTEGER NOT NULL
-);
+SCHEMA = (
+    signature_store.SCHEMA
+    + """
 CREATE TABLE IF NOT EXISTS verdicts (
     first TEXT NOT NULL,         -- sha256 of the picture verified first (a verdict has a side)
     second TEXT NOT NULL,
@@ -57,6 +49,7 @@ CREATE TABLE IF NOT EXISTS not_duplicates (
     PRIMARY KEY (first, second)
 );
 """
+)
 
 
 class DuplicatesMemory:
@@ -83,56 +76,17 @@ class DuplicatesMemory:
 
     def signatures(self, digests: Iterable[str]) -> dict[str, ImageSignature]:
         """The stored signatures among ``digests``."""
-        columns = "sha256, hashes, windows, thumb, width, height, grey"
-        return {
-            digest: ImageSignature(
-                np.frombuffer(hashes, "<u8").astype(np.uint64),
-                np.frombuffer(windows, "<u8").astype(np.uint64),
-                np.frombuffer(thumb, np.uint8).reshape(SIDE, SIDE),
-                int(width),
-                int(height),
-                bool(grey),
-            )
-            for digest, hashes, windows, thumb, width, height, grey in self._stored(
-                columns, digests
-            )
-        }
+        with self._lock:
+            return signature_store.read(self.db, digests)
 
     def unsigned(self, digests: Iterable[str]) -> set[str]:
         """Those of ``digests`` with no stored signature (their blobs are not read)."""
-        wanted = set(digests)
-        return wanted - {digest for (digest,) in self._stored("sha256", wanted)}
-
-    def _stored(self, columns: str, digests: Iterable[str]) -> list[tuple]:
-        """``columns`` of the stored signatures among ``digests`` (asked 500 at a time: SQLite
-        bounds the parameters of one statement)."""
-        wanted = list(dict.fromkeys(digests))
-        found: list[tuple] = []
         with self._lock:
-            for start in range(0, len(wanted), 500):
-                chunk = wanted[start : start + 500]
-                marks = ",".join("?" * len(chunk))
-                query = f"SELECT {columns} FROM signatures WHERE sha256 IN ({marks})"
-                found += self.db.execute(query, chunk).fetchall()
-        return found
+            return signature_store.unsigned(self.db, digests)
 
     def keep_signatures(self, signatures: dict[str, ImageSignature]) -> None:
-        rows = [
-            (
-                digest,
-                s.hashes.astype("<u8").tobytes(),
-                s.windows.astype("<u8").tobytes(),
-                np.ascontiguousarray(s.thumb, np.uint8).tobytes(),
-                s.width,
-                s.height,
-                int(s.grey),
-            )
-            for digest, s in signatures.items()
-        ]
-        with self._lock, self.db:
-            self.db.executemany(
-                "INSERT OR REPLACE INTO signatures VALUES (?, ?, ?, ?, ?, ?, ?)", rows
-            )
+        with self._lock:
+            signature_store.write(self.db, signatures)
 
     # -- verdicts --------------------------------------------------------------------------------
 

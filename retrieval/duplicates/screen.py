@@ -33,7 +33,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from retrieval.devices import torch_threads, usable_cores
-from retrieval.duplicates.hashes import (
+from retrieval.images.hashes import (
     ISOMETRIES,
     SIDE,
     WINDOW_BASE,

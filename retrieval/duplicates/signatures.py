@@ -1,5 +1,6 @@
-"""Every indexed image's signature: from the memory when its bytes were seen before, else from
-the file, decoded small (JPEG draft mode) in a pool of threads (Pillow releases the GIL)."""
+"""Every indexed image's signature: from the memory when its bytes were seen before (the index
+build stores one for each image it decodes on the CPU), else from the file, decoded small (JPEG
+draft mode) in a pool of threads (Pillow releases the GIL)."""
 
 from __future__ import annotations
 
@@ -9,37 +10,16 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING
 
 from retrieval.devices import usable_cores
-from retrieval.duplicates.hashes import WINDOW_BASE, ImageSignature, signature
 from retrieval.duplicates.memory import DuplicatesMemory
 from retrieval.errors import ImageReadError
-from retrieval.images.decode import load_image
+from retrieval.images.hashes import ImageSignature
+from retrieval.images.signing import signature_of_file
 
 if TYPE_CHECKING:
     from retrieval.indexes.rows import Row
     from retrieval.search.index import Index
 
 log = logging.getLogger(__name__)
-
-DRAFT = WINDOW_BASE  # decode JPEGs at the smallest DCT scale that keeps this shorter side
-
-
-def upright_size(path: str) -> tuple[int, int]:
-    """(width, height) as the picture is shown (EXIF orientation applied), from the header."""
-    from PIL import Image
-
-    with Image.open(path) as image:
-        width, height = image.size
-        if image.getexif().get(0x0112) in (5, 6, 7, 8):  # a quarter turn swaps the sides
-            width, height = height, width
-    return width, height
-
-
-def signature_of_file(path: str) -> ImageSignature:
-    """The signature of one file; ImageReadError when it cannot be decoded any more."""
-    image = load_image(path, mode="RGB", draft_size=DRAFT)
-    small = signature(image)
-    width, height = upright_size(path)
-    return ImageSignature(small.hashes, small.windows, small.thumb, width, height, small.grey)
 
 
 def sign_index(index: Index, progress: Callable[[int, int], None] | None = None) -> int:

@@ -36,15 +36,15 @@ from typing import Any
 
 import numpy as np
 
-from retrieval.duplicates.hashes import (
+from retrieval.errors import ImageReadError
+from retrieval.images.decode import load_image
+from retrieval.images.hashes import (
     ISOMETRIES,
     ImageSignature,
     best_isometry,
     correlation,
     orient,
 )
-from retrieval.errors import ImageReadError
-from retrieval.images.decode import load_image
 
 WORK_SIDE = 512  # the geometric check's images: longer side at most this
 MIN_SHORT_SIDE = 256  # ... and smaller ones scaled up to this, so ORB finds corners

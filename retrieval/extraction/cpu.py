@@ -28,11 +28,16 @@ class _Files(Dataset):
     """Read, hash, decode and crop one file; never raises for a bad file."""
 
     def __init__(
-        self, paths: Sequence[Path], preprocessing: Preprocessing, max_megapixels: float
+        self,
+        paths: Sequence[Path],
+        preprocessing: Preprocessing,
+        max_megapixels: float,
+        sign: bool = False,
     ) -> None:
         self.paths = [str(p) for p in paths]
         self.preprocessing = preprocessing
         self.max_megapixels = max_megapixels
+        self.sign = sign
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -41,7 +46,9 @@ class _Files(Dataset):
         record, data, times = read_file(position, self.paths[position])
         if data is None:
             return record, None, times
-        pixels = decode_on_cpu(record, data, times, self.preprocessing, self.max_megapixels)
+        pixels = decode_on_cpu(
+            record, data, times, self.preprocessing, self.max_megapixels, self.sign
+        )
         times.cpu_decoded += int(pixels is not None)
         return record, pixels, times
 
@@ -88,7 +95,7 @@ def extract_on_cpu(
     """Decoder processes feed whole batches of uint8 crops to the model, in order."""
     workers = options.workers if options.workers is not None else default_workers(len(paths))
     loader = DataLoader(
-        _Files(paths, loaded.preprocessing, options.max_megapixels),
+        _Files(paths, loaded.preprocessing, options.max_megapixels, options.sign),
         batch_size=options.batch_size,
         num_workers=workers,
         collate_fn=_collate,

@@ -51,11 +51,13 @@ class Embedder:
             return self
         return Embedder(self.loaded, precision, self.options)
 
-    def files(self, paths: Sequence[Path]) -> Iterator[ExtractedBatch]:
-        """fc7 of image files in order, a batch at a time (memory flat for any number)."""
+    def files(self, paths: Sequence[Path], *, sign: bool = False) -> Iterator[ExtractedBatch]:
+        """fc7 of image files in order, a batch at a time (memory flat for any number).
+        ``sign``: each record also carries the image's signature where the CPU decoded it."""
         from retrieval.extraction import extract_fc7
 
-        yield from extract_fc7([Path(p) for p in paths], self.loaded, self.options, self.mapper)
+        options = dataclasses.replace(self.options, sign=sign)
+        yield from extract_fc7([Path(p) for p in paths], self.loaded, options, self.mapper)
 
     def all_files(self, paths: Sequence[Path]) -> tuple[np.ndarray, list[FileRecord]]:
         """fc7 of a handful of files at once: features of the good ones and every record."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import time
 from typing import TYPE_CHECKING
@@ -10,11 +11,14 @@ from typing import TYPE_CHECKING
 from retrieval.errors import ImageReadError, SkipReason
 from retrieval.extraction.types import FileRecord, StageTimes
 from retrieval.images.decode import convert_mode, load_image
+from retrieval.images.signing import signature_of_decoded
 from retrieval.model.preprocess import Preprocessing
 
 if TYPE_CHECKING:
     import torch
     from PIL import Image
+
+log = logging.getLogger(__name__)
 
 
 def read_file(position: int, path: str) -> tuple[FileRecord, bytearray | None, StageTimes]:
@@ -43,8 +47,10 @@ def decode_on_cpu(
     times: StageTimes,
     preprocessing: Preprocessing,
     max_megapixels: float,
+    sign: bool = False,
 ) -> torch.Tensor | None:
-    """Pillow decode, resize and crop to uint8; a bad file sets the record's reason instead."""
+    """Pillow decode, resize and crop to uint8; a bad file sets the record's reason instead.
+    ``sign``: also set the record's signature, from the same decode where it can."""
     start = time.perf_counter()
     try:
         image = load_image(
@@ -59,9 +65,26 @@ def decode_on_cpu(
         return None
     decoded = time.perf_counter()
     times.decode += decoded - start
+    if sign:
+        _sign(record, data, image, preprocessing)
+        times.sign += time.perf_counter() - decoded
+        decoded = time.perf_counter()
     pixels = preprocessing.resize_and_crop(image)
     times.preprocess += time.perf_counter() - decoded
     return pixels
+
+
+def _sign(
+    record: FileRecord, data: bytes | bytearray, image: Image.Image, preprocessing: Preprocessing
+) -> None:
+    """The record's signature; a file the model could use but the signature cannot (a second
+    decode failing) keeps none, and the duplicates pass tries again from the file."""
+    try:
+        record.signature = signature_of_decoded(
+            data, image, preprocessing.mode, preprocessing.resize
+        )
+    except (ImageReadError, OSError) as exc:
+        log.debug("%s: no signature (%s)", record.path, exc)
 
 
 def crop_in_memory(

@@ -7,10 +7,14 @@ the model's imports.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from retrieval.images.decode import DEFAULT_MAX_MEGAPIXELS
+
+if TYPE_CHECKING:
+    from retrieval.images.hashes import ImageSignature
 
 # Below this many files, starting worker processes costs more than it saves.
 MIN_FILES_FOR_WORKERS = 64
@@ -31,6 +35,9 @@ class ExtractOptions:
     channels_last: bool = True
     threads: int | None = None  # torch threads for the CPU model; None: every core
     compile: bool = False  # torch.compile the model (a one-off warm-up of tens of seconds)
+    # Also sign each image the CPU decodes (FileRecord.signature) from the decode the model
+    # gets, without opening the file again. The build asks per run (``Embedder.files``).
+    sign: bool = False
 
 
 @dataclass
@@ -44,6 +51,7 @@ class FileRecord:
     sha256: str = ""
     reason: str | None = None  # None: decoded and in this batch's features
     detail: str = ""
+    signature: ImageSignature | None = None  # when ExtractOptions.sign and decoded by Pillow
 
     @property
     def ok(self) -> bool:
@@ -59,6 +67,7 @@ class StageTimes:
     preprocess: float = 0.0
     model: float = 0.0
     write: float = 0.0
+    sign: float = 0.0
     wall: float = 0.0
     images: int = 0
     skipped: int = 0

@@ -65,17 +65,20 @@ def is_grey(image) -> bool:
     """True when the picture carries no colour: mean chroma under 3 of 255 on a small copy."""
     if image.mode in ("L", "LA", "1", "I", "I;16", "F"):
         return True
-    small = np.asarray(image.convert("RGB").resize((64, 64)), dtype=np.int16)
-    chroma = small.max(axis=2) - small.min(axis=2)
+    rgb = image if image.mode == "RGB" else image.convert("RGB")
+    small = np.asarray(rgb.resize((64, 64)))
+    red, green, blue = small[..., 0], small[..., 1], small[..., 2]
+    chroma = np.maximum(np.maximum(red, green), blue) - np.minimum(np.minimum(red, green), blue)
     return float(chroma.mean()) < 3.0
 
 
 def signature(image) -> ImageSignature:
     """An image's signature (a PIL image in any mode)."""
-    thumb = thumbnail(image)
+    grey = image.convert("L")  # once, for the thumbnail and the windows
+    thumb = thumbnail(grey)
     return ImageSignature(
         isometry_hashes(thumb),
-        window_hashes(image),
+        window_hashes(grey),
         thumb,
         int(image.width),
         int(image.height),
