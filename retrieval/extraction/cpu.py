@@ -65,24 +65,29 @@ def _collate(
 
 
 def default_workers(n_files: int) -> int:
-    """Decoder processes for the CPU path: one per eight cores, at least one.
+    """Decoder processes for the CPU path: one per eight cores, at least two.
 
-    Decoding and cropping a 224-px JPEG takes about 3 ms of one core, AlexNet about 27 ms of
-    core time (fp32), so one decoder feeds the model of up to about eight cores.
+    Decoding, signing and cropping a 224-px JPEG takes about 3 ms of one core, AlexNet 7 (bf16
+    on AMX) to 27 ms (fp32, AVX2) of core time; a camera photo's decode alone takes 24 ms (12
+    MP at 1/8 scale), so there one decoder starves the model. Measured on a 2-core Xeon with
+    AMX (Embedder.files, signing on, two rounds): two decoders against one, 600 224-px JPEGs
+    1.04-1.08x (fp32) and 1.23-1.28x (bf16); 200 4,000 x 3,000 JPEGs 1.36-1.37x and 1.42-1.48x.
+    A third decoder helps only the camera photos (1.14-1.26x more) and costs the 224-px ones
+    0.94-0.99x.
     """
     cores = usable_cores()
     if n_files < MIN_FILES_FOR_WORKERS:
         return 0
-    return max(1, cores // 8) if cores > 1 else 0
+    return max(2, cores // 8) if cores > 1 else 0
 
 
 def default_threads() -> int:
     """Torch threads for the model: every core, the decoders' included.
 
-    A decoder is busy about a tenth of the time, so leaving it a core idles most of that core.
-    Measured on an idle 2-core EPYC (AVX2; 400 Imagenette JPEGs, two rounds): 1 decoder + 2
-    threads 62-72 images/s, 0 + 2: 57-63, 1 + 1: 40-44. On a machine that other jobs keep busy
-    the order turns (an earlier measurement at load average 4-5: 1 + 1 52, 1 + 2 44): there
+    Decoders wait on the model much of the time, so cores of their own would idle. Measured
+    on an idle 2-core EPYC (AVX2; 400 Imagenette JPEGs, two rounds): 1 decoder + 2 threads
+    62-72 images/s, 0 + 2: 57-63, 1 + 1: 40-44. On a machine that other jobs keep busy the
+    order turns (an earlier measurement at load average 4-5: 1 + 1 52, 1 + 2 44): there
     pass ``threads`` (``--threads``) explicitly. The CLI asks for this; the library leaves
     torch's process-wide setting alone unless ``ExtractOptions.threads`` says otherwise.
     """
