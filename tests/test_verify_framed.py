@@ -91,3 +91,37 @@ def test_a_stretch_needs_more_support_than_a_similarity(tmp_path) -> None:
     assert not verify_pair(original, copy, ImageCache(), stricter).copy
     stricter = VerifyOptions(inliers=found.inliers + 1)  # and never less than a similarity's
     assert not verify_pair(original, copy, ImageCache(), stricter).copy
+
+
+def margins(picture: Image.Image) -> dict[str, Image.Image]:
+    """``picture`` with a margin of each kind, and what the evidence must call it."""
+    width, height = picture.size
+    border = Image.new("RGB", (width + 80, height + 80), "white")
+    border.paste(picture, (40, 40))
+    letterbox = Image.new("RGB", (width, height + 120), (20, 20, 20))
+    letterbox.paste(picture, (0, 60))
+    bar = Image.new("RGB", (width, height + 70), "black")
+    bar.paste(picture, (0, 0))
+    caption = Image.new("RGB", (width, height + 70), "white")
+    caption.paste(picture, (0, 0))
+    draw = ImageDraw.Draw(caption)
+    for line in range(2):
+        draw.text((20, height + 12 + 24 * line), "holiday snap " * 3, fill="black")
+    return {"border": border, "letterbox": letterbox, "bar": bar, "caption": caption}
+
+
+@pytest.mark.parametrize(
+    ("kind", "says"),
+    [("border", "border"), ("letterbox", "border"), ("bar", "bar"), ("caption", "caption")],
+)
+def test_a_margin_is_named_by_its_sides_and_marks(tmp_path, kind, says) -> None:
+    """A plain margin all round (or above and below) is a border, on one side a bar, with
+    writing on it a caption, at a photo's size too (where the picture's blended edge once
+    made a plain white border read as a caption); seen from the framed side, it is removed."""
+    picture = scene(11, (900, 600))
+    original = saved(tmp_path, "original.jpg", picture)
+    copy = saved(tmp_path, f"{kind}.jpg", margins(picture)[kind])
+    added = verify_pair(original, copy, ImageCache())
+    assert added.copy and f"{says} added" in added.edits, added.evidence()
+    removed = verify_pair(copy, original, ImageCache())
+    assert removed.copy and f"{says} removed" in removed.edits, removed.evidence()

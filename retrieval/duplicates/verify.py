@@ -47,6 +47,7 @@ from retrieval.images.hashes import (
 )
 
 WORK_SIDE = 512  # the geometric check's images: longer side at most this
+EDGE = 3  # pixels of a margin next to the picture left out when judging it (blended there)
 MIN_SHORT_SIDE = 256  # ... and smaller ones scaled up to this, so ORB finds corners
 COMPARE_SIDE = 128  # correlations are taken at this size (fine detail, not noise)
 KEYPOINTS = 600  # ORB keypoints per image
@@ -597,16 +598,29 @@ def _painted_bands(textured: np.ndarray, differ: np.ndarray) -> np.ndarray:
 
 
 def _margin(image: np.ndarray, outside: np.ndarray) -> str | None:
-    """What ``image`` has beyond the other picture: a plain border or a bar (a caption) in whole
-    rows or columns, or None when it is picture (the other one is then a crop of it)."""
+    """What ``image`` has beyond the other picture, in whole rows or columns along its edges: a
+    plain "border" (on two or more sides) or "bar" (on one), a "caption" (one colour with
+    marks on it), or None when it is picture (the other one is then a crop of it). The few
+    pixels next to the picture are left out: resampling and JPEG ringing blend the two there."""
+    import cv2
+
     band = outside & (outside.all(axis=1)[:, None] | outside.all(axis=0)[None, :])
     if band.sum() < 0.6 * outside.sum() or not band.any():
         return None  # not along whole edges: the other picture was cut out of this one
-    margin = image[band]
-    if float(margin.std()) < 12:
-        return "border"
+    clear = cv2.erode(band.astype(np.uint8), np.ones((2 * EDGE + 1, 2 * EDGE + 1), np.uint8))
+    margin = image[clear > 0] if clear.any() else image[band]
     plain = float((np.abs(margin.astype(np.int16) - np.median(margin)) < 16).mean())
-    return "caption or bar" if plain >= 0.75 else None  # one colour with a little text
+    if plain < 0.75:
+        return None  # picture, not a margin
+    if plain < 0.99:
+        return "caption"
+    rows, columns = band.all(axis=1), band.all(axis=0)
+    thick = 2 * EDGE  # a side's margin is wider than the blend along the picture's own edges
+    sides = sum(
+        bool(lines.all())
+        for lines in (rows[:thick], rows[-thick:], columns[:thick], columns[-thick:])
+    )
+    return "border" if sides >= 2 else "bar"
 
 
 def _geometry_edits(matrix, mirrored, first, second) -> tuple[list[str], str | None]:
