@@ -126,3 +126,20 @@ def test_no_signatures_stores_none(tmp_path, small_model) -> None:
     with Index.create(tmp_path / "index", folder, options) as index:
         assert index.report.signed == 0
     assert not (tmp_path / "index" / signature_store.FILE).exists()
+
+
+def test_a_signature_that_fails_costs_the_file_nothing(tmp_path, small_model, monkeypatch) -> None:
+    """Signing is a cache: whatever it raises, the file is indexed and the pass signs it later."""
+    from retrieval import Index, IndexOptions
+    from retrieval.extraction import reader
+
+    def broken(*args, **kwargs):
+        raise ValueError("the signature's own failure")
+
+    monkeypatch.setattr(reader, "signature_of_decoded", broken)
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    for seed in range(3):
+        save(folder / f"scene{seed}.png", scene(seed, (96, 72)))
+    with Index.create(tmp_path / "index", folder, IndexOptions(weights=str(small_model))) as index:
+        assert index.report.signed == 0 and index.report.added == 3 and index.count == 3

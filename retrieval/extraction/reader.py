@@ -83,7 +83,7 @@ def _sign(
         record.signature = signature_of_decoded(
             data, image, preprocessing.mode, preprocessing.resize
         )
-    except (ImageReadError, OSError) as exc:
+    except Exception as exc:  # a signature is a cache: nothing it raises may cost the row
         log.debug("%s: no signature (%s)", record.path, exc)
 
 

@@ -11,6 +11,7 @@ otherwise the file's bytes, already in memory, are decoded again at the signatur
 from __future__ import annotations
 
 import io
+import warnings
 from typing import TYPE_CHECKING
 
 from retrieval.images.decode import load_image
@@ -60,7 +61,10 @@ def _header(stream) -> tuple[tuple[int, int], str | None, tuple[int, int]]:
     """(upright width and height, format, size as stored) from the file's header alone."""
     from PIL import Image
 
-    with Image.open(stream) as image:
+    with warnings.catch_warnings():  # the decode that came first has checked the size
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        image = Image.open(stream)
+    with image:
         stored = image.size
         width, height = stored
         try:
