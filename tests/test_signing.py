@@ -65,12 +65,16 @@ def test_jpeg_draft_scale_is_the_one_pillow_picks(size, side) -> None:
         ("turned.jpg", (700, 520), 6, 256, "RGB"),
         ("turned_small.jpg", (180, 120), 8, 256, "RGB"),
         ("small_model.jpg", (700, 520), None, 64, "RGB"),  # a 64 px model: 1/8 against 1/4
+        ("phone.jpg", (700, 520), None, 256, "MPO"),  # a JPEG Pillow names MPO: drafts too
         ("plain.png", (300, 200), None, 256, "RGB"),
         ("grey_model.png", (300, 200), None, 256, "L"),  # the model sees grey, the hashes colour
     ],
 )
 def test_the_builds_signature_is_the_files(tmp_path, name, size, orientation, resize, mode) -> None:
     options = {"quality": 90} if name.endswith(".jpg") else {}
+    if mode == "MPO":  # a second picture inside, as phones write them
+        options.update(format="MPO", save_all=True, append_images=[scene(8, size)])
+        mode = "RGB"
     path = save(tmp_path / name, scene(7, size), orientation, **options)
     data = path.read_bytes()
     decoded = load_image(data, mode=mode, draft_size=resize)

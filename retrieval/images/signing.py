@@ -4,7 +4,8 @@ A signature is made from the file decoded in RGB, upright, with JPEGs at the dra
 keeps a DRAFT px shorter side, so it is the same bit for bit whoever makes it: the duplicates
 pass from the file, or the index build from the image it has just decoded for the model. The
 build's image serves when it *is* that decode (decoded in RGB at the same draft scale: every
-JPEG under 256 px or over 2,048 px, and every other format, for the model's 256 px resize);
+JPEG whose shorter side is under 256 px or at least 2,048, and every other format, for the
+model's 256 px resize);
 otherwise the file's bytes, already in memory, are decoded again at the signature's scale.
 """
 
@@ -39,9 +40,9 @@ def signature_of_decoded(
     ``load_image(data, mode=mode, draft_size=draft_size)``: the same as
     :func:`signature_of_file` gives, from ``image`` itself when that decode is the signature's
     own, else from ``data`` decoded again."""
-    size, format_, stored = _header(io.BytesIO(data))
+    size, drafts, stored = _header(io.BytesIO(data))
     same = mode == "RGB" and (
-        format_ != "JPEG" or jpeg_draft_scale(stored, draft_size) == jpeg_draft_scale(stored, DRAFT)
+        not drafts or jpeg_draft_scale(stored, draft_size) == jpeg_draft_scale(stored, DRAFT)
     )
     if not same:
         image = load_image(bytes(data), mode="RGB", draft_size=DRAFT)
@@ -57,9 +58,11 @@ def jpeg_draft_scale(size: tuple[int, int], side: int | None) -> int:
     return next((scale for scale in (8, 4, 2) if fits >= scale), 1)
 
 
-def _header(stream) -> tuple[tuple[int, int], str | None, tuple[int, int]]:
-    """(upright width and height, format, size as stored) from the file's header alone."""
-    from PIL import Image
+def _header(stream) -> tuple[tuple[int, int], bool, tuple[int, int]]:
+    """(upright width and height, whether Pillow decodes it at a draft scale, size as stored)
+    from the file's header alone. Draft scales are JPEG's, and so MPO's too (a phone's JPEG
+    with a second picture in it, which Pillow opens as a JPEG of another format name)."""
+    from PIL import Image, JpegImagePlugin
 
     with warnings.catch_warnings():  # the decode that came first has checked the size
         warnings.simplefilter("ignore", Image.DecompressionBombWarning)
@@ -72,7 +75,7 @@ def _header(stream) -> tuple[tuple[int, int], str | None, tuple[int, int]]:
                 width, height = height, width
         except Exception:  # a broken EXIF block costs the turn, as the decoder treats it
             pass
-        return (width, height), image.format, stored
+        return (width, height), isinstance(image, JpegImagePlugin.JpegImageFile), stored
 
 
 def _sized(small: ImageSignature, size: tuple[int, int]) -> ImageSignature:
