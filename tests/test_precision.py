@@ -4,6 +4,7 @@ measured that they agree."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -56,6 +57,30 @@ def test_a_bf16_index_measures_fp32_agreement_and_queries_follow_it(
         pytest.raises(IndexMismatchError, match="precision: the index has bf16"),
     ):
         _ = ix.precision
+
+
+def test_the_agreement_sample_is_decoded_once_into_the_stored_bits(
+    photos, tmp_path, small_model
+) -> None:
+    """The check decodes each sampled file once for both precisions; its bf16 vectors are the
+    ones the build stored, and a file gone since the build is left out of the sample."""
+    import numpy as np
+
+    from retrieval import ExtractOptions
+    from retrieval.build.agreement import _embedded_both_ways
+    from retrieval.extraction.embedder import Embedder
+    from retrieval.model.weights import load_model
+
+    embedder = Embedder(load_model(str(small_model)), "bf16", ExtractOptions(device="cpu"))
+    index_dir = tmp_path / "i"
+    run("index", photos, "--index", index_dir, "--weights", small_model, "--precision", "bf16")
+    with Index.open(index_dir, device="cpu") as ix:
+        rows = ix.rows(limit=None)
+        Path(rows[0].path).unlink()
+        kept, stored, fp32 = _embedded_both_ways(rows, embedder)
+        assert [r.id for r in kept] == [r.id for r in rows[1:]]
+        assert np.array_equal(stored, ix.vectors([r.id for r in kept]))
+    assert fp32.shape == stored.shape and not np.array_equal(fp32, stored)
 
 
 def _fp32():

@@ -3,11 +3,13 @@
 A bf16 index is made where bf16 is native (a GPU, a CPU with AVX-512 BF16 / AMX) and may be
 queried where it is not, where bf16 is emulated and ~6x slower than fp32. Embedding the query in
 fp32 there is allowed only when the index says the two agree: after a bf16 build, a sample of its
-images is embedded in bf16 (the bits the index stored: vectors do not depend on their batch) and
-in fp32, and each one's top-6 neighbours by the two are compared through the index's own search,
-so it works for every kind (IVF, PQ, HNSW, reduced), none of which need give back a stored
-vector. The overlap goes in the manifest (``fp32_agreement``), ``retrieve info`` shows it, and a
-query falls back to fp32 only at or above ``model.recorded.REQUIRED_OVERLAP``.
+images is decoded once and embedded in bf16 (on the CPU the bits the index stored: vectors do
+not depend on their batch; on a GPU, whose nvjpeg decoded the index's JPEGs, within its
+rounding) and in fp32, and each one's top-6 neighbours by the two are compared through the
+index's own search, so it works for every kind (IVF, PQ, HNSW, reduced), none of which need
+give back a stored vector. The overlap goes in the manifest (``fp32_agreement``), ``retrieve
+info`` shows it, and a query falls back to fp32 only at or above
+``model.recorded.REQUIRED_OVERLAP``.
 
 The index is committed before this runs: a failure here is logged, never raised.
 """
@@ -16,23 +18,29 @@ from __future__ import annotations
 
 import logging
 import random
+from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from retrieval.devices import usable_cores
 from retrieval.errors import RetrieveError
 from retrieval.indexes import generation, store
 from retrieval.indexes.searcher import Searcher
 
 if TYPE_CHECKING:
+    from PIL import Image
+
     from retrieval.extraction.embedder import Embedder
+    from retrieval.indexes.rows import Row
 
 log = logging.getLogger(__name__)
 
 SAMPLE = 64
 K = 6
+GROUP = 16  # files decoded and embedded together
 
 
 def measure_fp32_agreement(index_dir: Path, embedder: Embedder, seed: int = 0) -> dict[str, Any]:
@@ -53,15 +61,9 @@ def _measure(index_dir: Path, embedder: Embedder, seed: int) -> dict[str, Any]:
     try:
         rows = list(snapshot.iter_rows(status="indexed"))
         sample = random.Random(seed).sample(rows, min(SAMPLE, len(rows)))
-        paths = [Path(r.path) for r in sample]
-        stored, stored_records = embedder.at_precision("bf16").all_files(paths)
-        fp32, fp32_records = embedder.at_precision("fp32").all_files(paths)
-        both = [a.ok and b.ok for a, b in zip(stored_records, fp32_records)]
-        kept = [row for row, ok in zip(sample, both) if ok]
+        kept, stored, fp32 = _embedded_both_ways(sample, embedder)
         if not kept:
             return {}
-        stored = stored[_kept_positions(stored_records, both)]
-        fp32 = fp32[_kept_positions(fp32_records, both)]
         searcher = Searcher(snapshot, "cpu")
         k = min(K + 1, snapshot.count)
         _, by_stored = searcher.search(stored, k)
@@ -79,12 +81,36 @@ def _measure(index_dir: Path, embedder: Embedder, seed: int) -> dict[str, Any]:
     }
 
 
-def _kept_positions(records: list[Any], both: list[bool]) -> list[int]:
-    """Rows of one embedding's features (good records only) for the files both embedded."""
-    positions, row = [], 0
-    for record, keep in zip(records, both):
-        if record.ok:
-            if keep:
-                positions.append(row)
-            row += 1
-    return positions
+def _embedded_both_ways(
+    sample: list[Row], embedder: Embedder
+) -> tuple[list[Row], np.ndarray, np.ndarray]:
+    """The sample's rows that still decode, and their fc7 in bf16 and in fp32. Each file is
+    read and decoded once for both (a camera photo's decode costs more than its two forward
+    passes), on every core (Pillow releases the GIL), GROUP files at a time so that large
+    pictures never sit in memory together."""
+    from retrieval.extraction.reader import decode_for_model, read_file
+
+    preprocessing = embedder.mapper.preprocessing
+
+    def decoded(row: Row) -> Image.Image | None:
+        record, data, times = read_file(0, row.path)
+        if data is None:
+            return None
+        max_megapixels = embedder.options.max_megapixels
+        return decode_for_model(record, data, times, preprocessing, max_megapixels)
+
+    low, high = embedder.at_precision("bf16"), embedder.at_precision("fp32")
+    kept: list[Row] = []
+    stored, fp32 = [], []
+    with ThreadPoolExecutor(usable_cores()) as pool:
+        for start in range(0, len(sample), GROUP):
+            group = sample[start : start + GROUP]
+            found = [(r, image) for r, image in zip(group, pool.map(decoded, group)) if image]
+            if found:
+                kept += [row for row, _ in found]
+                pictures = [image for _, image in found]
+                stored.append(low.images(pictures)[0])
+                fp32.append(high.images(pictures)[0])
+    if not kept:
+        return [], np.zeros((0, 0), np.float32), np.zeros((0, 0), np.float32)
+    return kept, np.concatenate(stored), np.concatenate(fp32)
