@@ -50,6 +50,7 @@ from retrieval.extraction.mapper import Fc7Mapper
 from retrieval.extraction.types import CPU_BATCH, GPU_BATCH, ExtractOptions
 from retrieval.images.decode import DEFAULT_MAX_MEGAPIXELS
 from retrieval.images.walk import find_images
+from retrieval.model.preprocess import Preprocessing
 from retrieval.model.weights import load_model
 
 DEFAULT_DATA = (
@@ -344,7 +345,10 @@ def main(argv: list[str] | None = None) -> None:
         )
         extract = ExtractOptions(device=str(device))
         # A fair baseline on a GPU decodes in worker processes too (0 workers starves the GPU).
-        workers = default_workers(len(paths)) if cpu else min(8, len(os.sched_getaffinity(0)))
+        if cpu:  # as many decoders as the pipeline itself would start for these files
+            workers = default_workers(paths, Preprocessing(), DEFAULT_MAX_MEGAPIXELS)
+        else:
+            workers = min(8, len(os.sched_getaffinity(0)))
         batch = CPU_BATCH if cpu else GPU_BATCH
         best: dict[str, float] = {}
         reports: dict[str, IndexReport] = {}

@@ -225,3 +225,26 @@ def test_extraction_streams_instead_of_reading_everything_first(
     next(runner)
     runner.close()
     assert len(reads) <= (extract_cuda.READ_AHEAD + 2) * 4
+
+
+def test_decoders_follow_what_the_folders_pictures_take_to_decode(tmp_path, monkeypatch) -> None:
+    """Camera-size JPEGs get more decoder processes than small ones (a few are decoded to
+    learn what they cost), never more than one past the cores; none for a handful of files or
+    on one core."""
+    from retrieval.extraction import cpu
+    from retrieval.images.decode import DEFAULT_MAX_MEGAPIXELS
+    from retrieval.model.preprocess import Preprocessing
+
+    rng = np.random.default_rng(0)
+    small, large = tmp_path / "small.jpg", tmp_path / "large.jpg"
+    Image.fromarray(rng.integers(0, 256, (224, 224, 3), dtype=np.uint8)).save(small)
+    Image.fromarray(rng.integers(0, 256, (1800, 2400, 3), dtype=np.uint8)).save(large)
+    monkeypatch.setattr(cpu, "usable_cores", lambda: 16)
+
+    def decoders(path: Path, count: int = 64) -> int:
+        return cpu.default_workers([path] * count, Preprocessing(), DEFAULT_MAX_MEGAPIXELS, True)
+
+    assert decoders(small, count=63) == 0
+    assert 2 <= decoders(small) < decoders(large) <= 17
+    monkeypatch.setattr(cpu, "usable_cores", lambda: 1)
+    assert decoders(large) == 0

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -22,6 +23,9 @@ from retrieval.extraction.types import (
 )
 from retrieval.model.preprocess import Preprocessing
 from retrieval.model.weights import LoadedModel
+
+SMALL_DECODE_MS = 4.0  # reading, decoding, signing and cropping a 224-px JPEG, about
+PROBES = 4  # files decoded to learn what a folder's pictures cost
 
 
 class _Files(Dataset):
@@ -64,21 +68,43 @@ def _collate(
     return records, (torch.stack(good) if good else None), times
 
 
-def default_workers(n_files: int) -> int:
-    """Decoder processes for the CPU path: one per eight cores, at least two.
+def default_workers(
+    paths: Sequence[Path], preprocessing: Preprocessing, max_megapixels: float, sign: bool = False
+) -> int:
+    """Decoder processes for the CPU path: one per eight cores, at least two, and as many more
+    as this folder's pictures take longer to decode than a small JPEG (a few of them decoded
+    here, timed), up to one more than the cores.
 
     Decoding, signing and cropping a 224-px JPEG takes about 3 ms of one core, AlexNet 7 (bf16
-    on AMX) to 27 ms (fp32, AVX2) of core time; a camera photo's decode alone takes 24 ms (12
-    MP at 1/8 scale), so there one decoder starves the model. Measured on a 2-core Xeon with
-    AMX (Embedder.files, signing on, two rounds): two decoders against one, 600 224-px JPEGs
-    1.04-1.08x (fp32) and 1.23-1.28x (bf16); 200 4,000 x 3,000 JPEGs 1.36-1.37x and 1.42-1.48x.
-    A third decoder helps only the camera photos (1.14-1.26x more) and costs the 224-px ones
-    0.94-0.99x.
+    on AMX) to 27 ms (fp32, AVX2) of core time, so one decoder per eight cores keeps up with
+    such pictures; a camera photo's decode takes 24 ms even at 1/8 scale, and there a decoder
+    per eight cores starves the model. Measured on a 2-core Xeon with AMX (Embedder.files,
+    signing on, two rounds): two decoders against one, 600 224-px JPEGs 1.04-1.08x (fp32) and
+    1.23-1.28x (bf16); 200 4,000 x 3,000 JPEGs 1.36-1.37x and 1.42-1.48x. A third helps the
+    camera photos (1.14-1.26x more) and costs the 224-px ones 0.94-0.99x.
     """
     cores = usable_cores()
-    if n_files < MIN_FILES_FOR_WORKERS:
+    if len(paths) < MIN_FILES_FOR_WORKERS or cores < 2:
         return 0
-    return max(2, cores // 8) if cores > 1 else 0
+    base = max(2, cores // 8)
+    cost = _decode_ms(paths, preprocessing, max_megapixels, sign)
+    return min(cores + 1, max(base, math.ceil(base * cost / SMALL_DECODE_MS)))
+
+
+def _decode_ms(
+    paths: Sequence[Path], preprocessing: Preprocessing, max_megapixels: float, sign: bool
+) -> float:
+    """Milliseconds of one core to read, decode, sign and crop one of ``paths``: the median of
+    PROBES of them, spread over the list (a file that fails costs what it cost)."""
+    step = max(1, len(paths) // PROBES)
+    costs = []
+    for position in range(0, len(paths), step)[:PROBES]:
+        started = time.perf_counter()
+        record, data, times = read_file(position, str(paths[position]))
+        if data is not None:
+            decode_on_cpu(record, data, times, preprocessing, max_megapixels, sign)
+        costs.append((time.perf_counter() - started) * 1000)
+    return float(np.median(costs))
 
 
 def default_threads() -> int:
@@ -98,7 +124,9 @@ def extract_on_cpu(
     paths: Sequence[Path], loaded: LoadedModel, mapper: Fc7Mapper, options: ExtractOptions
 ) -> Iterator[ExtractedBatch]:
     """Decoder processes feed whole batches of uint8 crops to the model, in order."""
-    workers = options.workers if options.workers is not None else default_workers(len(paths))
+    workers = options.workers
+    if workers is None:
+        workers = default_workers(paths, loaded.preprocessing, options.max_megapixels, options.sign)
     loader = DataLoader(
         _Files(paths, loaded.preprocessing, options.max_megapixels, options.sign),
         batch_size=options.batch_size,
