@@ -31,8 +31,6 @@ from retrieval.indexes import generation, store
 from retrieval.indexes.searcher import Searcher
 
 if TYPE_CHECKING:
-    from PIL import Image
-
     from retrieval.extraction.embedder import Embedder
     from retrieval.indexes.rows import Row
 
@@ -40,7 +38,6 @@ log = logging.getLogger(__name__)
 
 SAMPLE = 64
 K = 6
-GROUP = 16  # files decoded and embedded together
 
 
 def measure_fp32_agreement(index_dir: Path, embedder: Embedder, seed: int = 0) -> dict[str, Any]:
@@ -86,31 +83,25 @@ def _embedded_both_ways(
 ) -> tuple[list[Row], np.ndarray, np.ndarray]:
     """The sample's rows that still decode, and their fc7 in bf16 and in fp32. Each file is
     read and decoded once for both (a camera photo's decode costs more than its two forward
-    passes), on every core (Pillow releases the GIL), GROUP files at a time so that large
-    pictures never sit in memory together."""
-    from retrieval.extraction.reader import decode_for_model, read_file
+    passes), on every core (Pillow releases the GIL); only the crops are kept."""
+    import torch
+
+    from retrieval.extraction.reader import decode_on_cpu, read_file
 
     preprocessing = embedder.mapper.preprocessing
+    max_megapixels = embedder.options.max_megapixels
 
-    def decoded(row: Row) -> Image.Image | None:
+    def crop(row: Row) -> torch.Tensor | None:
         record, data, times = read_file(0, row.path)
         if data is None:
             return None
-        max_megapixels = embedder.options.max_megapixels
-        return decode_for_model(record, data, times, preprocessing, max_megapixels)
+        return decode_on_cpu(record, data, times, preprocessing, max_megapixels)
 
-    low, high = embedder.at_precision("bf16"), embedder.at_precision("fp32")
-    kept: list[Row] = []
-    stored, fp32 = [], []
     with ThreadPoolExecutor(usable_cores()) as pool:
-        for start in range(0, len(sample), GROUP):
-            group = sample[start : start + GROUP]
-            found = [(r, image) for r, image in zip(group, pool.map(decoded, group)) if image]
-            if found:
-                kept += [row for row, _ in found]
-                pictures = [image for _, image in found]
-                stored.append(low.images(pictures)[0])
-                fp32.append(high.images(pictures)[0])
+        crops = list(pool.map(crop, sample))
+    kept = [row for row, pixels in zip(sample, crops) if pixels is not None]
     if not kept:
         return [], np.zeros((0, 0), np.float32), np.zeros((0, 0), np.float32)
-    return kept, np.concatenate(stored), np.concatenate(fp32)
+    batch = torch.stack([pixels for pixels in crops if pixels is not None])
+    stored = embedder.at_precision("bf16").crops(batch)
+    return kept, stored, embedder.at_precision("fp32").crops(batch)

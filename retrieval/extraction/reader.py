@@ -51,28 +51,6 @@ def decode_on_cpu(
 ) -> torch.Tensor | None:
     """Pillow decode, resize and crop to uint8; a bad file sets the record's reason instead.
     ``sign``: also set the record's signature, from the same decode where it can."""
-    image = decode_for_model(record, data, times, preprocessing, max_megapixels)
-    if image is None:
-        return None
-    decoded = time.perf_counter()
-    if sign:
-        _sign(record, data, image, preprocessing)
-        times.sign += time.perf_counter() - decoded
-        decoded = time.perf_counter()
-    pixels = preprocessing.resize_and_crop(image)
-    times.preprocess += time.perf_counter() - decoded
-    return pixels
-
-
-def decode_for_model(
-    record: FileRecord,
-    data: bytes | bytearray,
-    times: StageTimes,
-    preprocessing: Preprocessing,
-    max_megapixels: float,
-) -> Image.Image | None:
-    """The file decoded as the model's input starts (its mode, JPEGs at its draft scale), not
-    yet resized; None with the record's reason set for a bad file."""
     start = time.perf_counter()
     try:
         image = load_image(
@@ -85,8 +63,15 @@ def decode_for_model(
     except ImageReadError as exc:
         record.reason, record.detail = exc.reason, exc.detail
         return None
-    times.decode += time.perf_counter() - start
-    return image
+    decoded = time.perf_counter()
+    times.decode += decoded - start
+    if sign:
+        _sign(record, data, image, preprocessing)
+        times.sign += time.perf_counter() - decoded
+        decoded = time.perf_counter()
+    pixels = preprocessing.resize_and_crop(image)
+    times.preprocess += time.perf_counter() - decoded
+    return pixels
 
 
 def _sign(
