@@ -45,8 +45,8 @@ from .progress import progress_bar
     "--workers",
     type=click.IntRange(min=0),
     default=None,
-    help="CPU: decoder processes [default: one per 8 cores, at least one]; "
-    "CUDA: reader threads [default: two per core].",
+    help="CPU: decoder processes [default: from what a few of the files take to decode: at "
+    "least two, up to one past the cores]; CUDA: reader threads [default: two per core].",
 )
 @click.option(
     "--threads",
