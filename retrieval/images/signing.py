@@ -62,7 +62,7 @@ def _header(stream) -> tuple[tuple[int, int], bool, tuple[int, int]]:
     """(upright width and height, whether Pillow decodes it at a draft scale, size as stored)
     from the file's header alone. Draft scales are JPEG's, and so MPO's too (a phone's JPEG
     with a second picture in it, which Pillow opens as a JPEG of another format name)."""
-    from PIL import Image, JpegImagePlugin
+    from PIL import ExifTags, Image, JpegImagePlugin
 
     with warnings.catch_warnings():  # the decode that came first has checked the size
         warnings.simplefilter("ignore", Image.DecompressionBombWarning)
@@ -71,7 +71,7 @@ def _header(stream) -> tuple[tuple[int, int], bool, tuple[int, int]]:
         stored = image.size
         width, height = stored
         try:
-            if image.getexif().get(0x0112) in _QUARTER_TURNS:
+            if image.getexif().get(ExifTags.Base.Orientation) in _QUARTER_TURNS:
                 width, height = height, width
         except Exception:  # a broken EXIF block costs the turn, as the decoder treats it
             pass
