@@ -43,6 +43,21 @@ def torch_threads(threads: int | None) -> Iterator[None]:
         torch.set_num_threads(before)
 
 
+@contextlib.contextmanager
+def faiss_threads(threads: int) -> Iterator[None]:
+    """Run faiss calls on this thread with ``threads`` OpenMP threads, and put this thread's
+    setting back after (OpenMP keeps it per calling thread, so a pool's threads each set
+    their own)."""
+    import faiss
+
+    before = faiss.omp_get_max_threads()
+    faiss.omp_set_num_threads(threads)
+    try:
+        yield
+    finally:
+        faiss.omp_set_num_threads(before)
+
+
 def physical_memory() -> int:
     """Bytes of RAM on this machine, for sizing what is kept in memory (16 GiB where the OS
     does not say)."""
