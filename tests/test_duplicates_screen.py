@@ -146,3 +146,19 @@ def test_retrieve_index_signs_new_images_unless_told_not_to(tmp_path, small_mode
     assert np.array_equal(kept[first.sha256].hashes, signature(scene(0, (96, 72))).hashes)
     (folder / "scene3.png").write_bytes((folder / "scene0.png").read_bytes())
     assert index("signed")["signed"] == 0  # the same bytes: already signed
+
+
+def test_screen_pairs_keeps_each_pairs_verdict_across_blocks() -> None:
+    """Pairs are screened a block at a time (a block a core): the mask must come back in the
+    pairs' order however many blocks they fill."""
+    originals = [scene(seed, (256, 192)) for seed in range(3)]
+    mirrored = [image.transpose(Image.Transpose.FLIP_LEFT_RIGHT) for image in originals]
+    signatures = [signature(image) for image in originals + mirrored]
+    thumbs = np.stack([s.thumb for s in signatures])
+    hashes = np.stack([s.hashes for s in signatures])
+    windows = np.stack([s.windows for s in signatures])
+    a = np.tile([0, 1, 2, 0, 1], 601)  # 3,005 pairs: three blocks and a part
+    b = np.tile([3, 4, 5, 1, 2], 601)
+    ratio = np.full(len(a), FAR, np.float32)
+    kept = screen_pairs(a, b, ratio, thumbs, hashes, windows, np.ones(len(thumbs), bool))
+    assert kept.tolist() == [True, True, True, False, False] * 601

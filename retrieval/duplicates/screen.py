@@ -43,7 +43,9 @@ from retrieval.images.hashes import (
     orient,
 )
 
-FRAME_BLOCK = 1024  # pairs a frame test takes at once (larger blocks run slower: caches)
+# pairs a test takes at once: larger blocks run slower, their arrays outgrow the caches (on the
+# bench's 57,000 real candidate pairs: 8,192 at once 81 us a pair, 1,024 at once 50)
+BLOCK = 1024
 BAND = SIDE // 4  # a painted-over strip: a quarter of the picture's height or width
 # (width, height) of the smaller picture inside the larger, as shares of the larger's sides:
 # borders and letterboxes (both sides, or one), caption bars added above or below
@@ -94,7 +96,7 @@ def screen_pairs(
     keep = ~(has[a] & has[b]) | (ratio <= options.ratio)
 
     def screen(start: int) -> int:
-        part = slice(start, start + 8192)
+        part = slice(start, start + BLOCK)
         todo = np.flatnonzero(~keep[part]) + start
         if len(todo):
             x, y = thumbs[a[todo]], thumbs[b[todo]]
@@ -105,13 +107,12 @@ def screen_pairs(
             passed |= _crop(b[todo], a[todo], thumbs, hashes, windows, options)
             keep[todo[passed]] = True
             todo = todo[~passed & (ratio[todo] <= options.frame_ratio)]  # the costly test last
-            for block in range(0, len(todo), FRAME_BLOCK):
-                pairs = todo[block : block + FRAME_BLOCK]
-                keep[pairs[_frame_block(thumbs, a[pairs], b[pairs]) >= options.frame]] = True
-        return min(start + 8192, len(a))
+            if len(todo):
+                keep[todo[_frame_block(thumbs, a[todo], b[todo]) >= options.frame]] = True
+        return min(start + BLOCK, len(a))
 
     with torch_threads(1), ThreadPoolExecutor(max(1, usable_cores())) as pool:
-        for done in pool.map(screen, range(0, len(a), 8192)):
+        for done in pool.map(screen, range(0, len(a), BLOCK)):
             if progress:
                 progress(done, len(a))
     return keep
@@ -246,10 +247,10 @@ def frame_scores(thumbs: np.ndarray, first: np.ndarray, second: np.ndarray) -> n
     small op, and lose most of their speed when another process wants a core (8,192 real pairs,
     this 2-core Xeon: 2 torch threads 178 us a pair quiet, 623 beside a busy process; 2 blocks
     at once on 1 thread each, 132 and 174)."""
-    starts = range(0, len(first), FRAME_BLOCK)
+    starts = range(0, len(first), BLOCK)
 
     def block(start: int) -> np.ndarray:
-        part = slice(start, start + FRAME_BLOCK)
+        part = slice(start, start + BLOCK)
         return _frame_block(thumbs, first[part], second[part])
 
     with torch_threads(1), ThreadPoolExecutor(max(1, usable_cores())) as pool:
@@ -270,28 +271,36 @@ def _frames_inside(big: np.ndarray, small: np.ndarray) -> np.ndarray:
     import torch.nn.functional as F
 
     count = len(big)
-    wide = big.astype(np.int64)
-    integrals = [  # exact sums of the pixels and of their squares
-        np.pad(v.cumsum(axis=1).cumsum(axis=2), ((0, 0), (1, 0), (1, 0))) for v in (wide, wide**2)
-    ]
+    wide = big.astype(np.int32)
+    integrals = [_integral(wide), _integral(wide * wide)]  # exact sums of pixels and squares
     pictures = torch.from_numpy(big.astype(np.float32))
-    shrunk_rows = torch.from_numpy(small.astype(np.float32)).reshape(-1, SIDE)
+    smalls = torch.from_numpy(small.astype(np.float32))
     best = torch.full((count,), -1.0)
+    narrow: dict[int, torch.Tensor] = {}  # ``small`` shrunk across to each width
     for width, height in FRAME_SCALES:
         w, h = max(4, round(SIDE * width)), max(4, round(SIDE * height))
-        narrow = (shrunk_rows @ _shrink(w).T).reshape(count, SIDE, w)  # two plain products
-        template = (_shrink(h) @ narrow.transpose(0, 1).reshape(SIDE, -1)).reshape(h, count, w)
-        template = template.transpose(0, 1)
+        if w not in narrow:  # area averaging is linear and separable: two products
+            narrow[w] = smalls if w == SIDE else smalls @ _shrink(w).T
+        template = narrow[w] if h == SIDE else _shrink(h) @ narrow[w]
         template = template - template.mean(dim=(1, 2), keepdim=True)
         energy = template.pow(2).sum(dim=(1, 2))
         product = F.conv2d(pictures[None], template[:, None], groups=count)[0]
         total, squares = (_box(integral, h, w) for integral in integrals)
+        total = total.astype(np.float64)  # its square outgrows int32
         spread = torch.from_numpy((squares - total * total / (h * w)).astype(np.float32))
         match = product / torch.sqrt(spread * energy[:, None, None]).clamp_min(1e-6)
         match = torch.where(spread > 1e-3, match, 0.0).amax(dim=(1, 2))  # flat window: 0
         match[energy / (h * w) < 4.0] = -1.0  # the template's standard deviation under 2
         best = torch.maximum(best, match)
     return best.numpy()
+
+
+def _integral(values: np.ndarray) -> np.ndarray:
+    """Integral images (M x (S+1) x (S+1), int32: a 32 px picture's squares sum under 2^31)."""
+    out = np.zeros((len(values), SIDE + 1, SIDE + 1), np.int32)
+    np.cumsum(values, axis=1, dtype=np.int32, out=out[:, 1:, 1:])
+    np.cumsum(out[:, 1:, 1:], axis=2, out=out[:, 1:, 1:])
+    return out
 
 
 def _box(integral: np.ndarray, h: int, w: int) -> np.ndarray:
