@@ -384,3 +384,22 @@ def test_a_copy_framed_like_a_bordered_picture_does_not_lead_either() -> None:
     verdicts = {(0, 1): moved, (1, 2): same, (2, 3): same, (0, 4): moved}
     assert framed_alike(verdicts, {1}) == {1, 2, 3}
     assert framed_alike(verdicts, set()) == set()
+
+
+def test_candidate_pairs_carry_full_vector_distances_and_step_times() -> None:
+    """fc7's pairs keep the distance their search measured, the hash and window pairs are read
+    for theirs: every pair's distance is its vectors' full Euclidean distance."""
+    from retrieval.collection.vectors import ArrayVectors
+    from retrieval.duplicates.candidates import FROM_FC7, candidate_pairs
+
+    rng = np.random.default_rng(0)
+    vectors = rng.random((300, 64), dtype=np.float32)
+    vectors[150:] = vectors[:150] + 0.01 * rng.random((150, 64), dtype=np.float32)
+    hashes = rng.integers(0, 2**63, (300, 8), dtype=np.uint64)
+    windows = rng.integers(0, 2**63, (300, 49), dtype=np.uint64)
+    hashes[7] = hashes[250]  # a hash pair fc7 does not propose
+    found = candidate_pairs(ArrayVectors(vectors), hashes, windows, np.ones(300, bool))
+    wanted = np.linalg.norm(vectors[found.a] - vectors[found.b], axis=1)
+    assert np.allclose(found.distance, wanted, rtol=1e-5, atol=1e-6)
+    assert ((found.source & FROM_FC7) == 0).any() and ((found.source & FROM_FC7) > 0).any()
+    assert set(found.seconds) == {"fc7", "hash", "window", "distances"}

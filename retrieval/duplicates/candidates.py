@@ -20,6 +20,7 @@ two Hamming searches likewise: exact up to EXACT_UP_TO images, then a binary inv
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -67,6 +68,8 @@ class Candidates:
     distance: np.ndarray
     ratio: np.ndarray
     background: np.ndarray  # per position: the mean distance to its farther neighbours
+    # seconds each step took: fc7, hash and window searches, then the pairs' distances
+    seconds: dict[str, float] = field(default_factory=dict)
 
     def __len__(self) -> int:
         return len(self.a)
@@ -218,14 +221,23 @@ def candidate_pairs(
     progress: Callable[[int, int], None] | None = None,
 ) -> Candidates:
     """Every pair either signal proposes, each with its full-vector fc7 distance and ratio."""
+    seconds: dict[str, float] = {}
+    started = time.perf_counter()
     neighbours, distances = fc7_neighbours(source, options.k, options.near, progress)
     background = backgrounds(distances)
     own = np.repeat(np.arange(source.count), neighbours.shape[1])
     other, gap = neighbours.ravel(), distances.ravel()
     close = (other >= 0) & (gap <= options.ratio * background[own])
     fa, fb = np.minimum(own[close], other[close]), np.maximum(own[close], other[close])
+    fc7_gap = gap[close]
+    seconds["fc7"] = time.perf_counter() - started
+    started = time.perf_counter()
     ha, hb = hash_pairs(hashes, has, options.radius)
+    seconds["hash"] = time.perf_counter() - started
+    started = time.perf_counter()
     wa, wb = window_pairs(hashes, windows, has, options.k, options.window_bits)
+    seconds["window"] = time.perf_counter() - started
+    started = time.perf_counter()
     a = np.concatenate([fa, ha, wa])
     b = np.concatenate([fb, hb, wb])
     tags = np.concatenate(
@@ -233,16 +245,20 @@ def candidate_pairs(
     )
     if not len(a):
         empty = np.zeros(0, np.int64)
-        return Candidates(
-            empty, empty, empty, np.zeros(0, np.float32), np.zeros(0, np.float32), background
-        )
+        none = np.zeros(0, np.float32)
+        return Candidates(empty, empty, empty, none, none, background, seconds)
     keys = a * source.count + b
     unique, inverse = np.unique(keys, return_inverse=True)
     source_bits = np.zeros(len(unique), np.int64)
     np.bitwise_or.at(source_bits, inverse, tags)
     a, b = unique // source.count, unique % source.count
-    distance = exact_distances(source, a, b, options.near.block)
+    # fc7's pairs have their full-vector distance already; the others are read for theirs
+    distance = np.empty(len(unique), np.float32)
+    distance[inverse[: len(fa)]] = fc7_gap
+    rest = np.flatnonzero((source_bits & FROM_FC7) == 0)
+    distance[rest] = exact_distances(source, a[rest], b[rest], options.near.block)
     ratio = distance / np.maximum(np.maximum(background[a], background[b]), 1e-12)
+    seconds["distances"] = time.perf_counter() - started
     log.info(
         "candidates: %d pairs (%s)",
         len(a),
@@ -251,6 +267,4 @@ def candidate_pairs(
             for bit, name in SIGNALS.items()
         ),
     )
-    return Candidates(
-        a, b, source_bits, distance.astype(np.float32), ratio.astype(np.float32), background
-    )
+    return Candidates(a, b, source_bits, distance, ratio.astype(np.float32), background, seconds)
