@@ -9,7 +9,7 @@ from __future__ import annotations
 import contextlib
 import os
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -26,36 +26,36 @@ def usable_cores() -> int:
     return os.cpu_count() or 1
 
 
-@contextlib.contextmanager
-def torch_threads(threads: int | None) -> Iterator[None]:
+def torch_threads(threads: int | None) -> contextlib.AbstractContextManager[None]:
     """Run with ``threads`` torch threads (None: as they are), and put the process-wide
     setting back after."""
     import torch
 
-    if threads is None or threads == torch.get_num_threads():
-        yield
-        return
-    before = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
+    return _threads(torch.get_num_threads, torch.set_num_threads, threads)
+
+
+def faiss_threads(threads: int | None) -> contextlib.AbstractContextManager[None]:
+    """Run faiss calls on this thread with ``threads`` OpenMP threads (None: as they are), and
+    put this thread's setting back after (OpenMP keeps it per calling thread, so a pool's
+    threads each set their own)."""
+    import faiss
+
+    return _threads(faiss.omp_get_max_threads, faiss.omp_set_num_threads, threads)
 
 
 @contextlib.contextmanager
-def faiss_threads(threads: int) -> Iterator[None]:
-    """Run faiss calls on this thread with ``threads`` OpenMP threads, and put this thread's
-    setting back after (OpenMP keeps it per calling thread, so a pool's threads each set
-    their own)."""
-    import faiss
-
-    before = faiss.omp_get_max_threads()
-    faiss.omp_set_num_threads(threads)
+def _threads(
+    get: Callable[[], int], put: Callable[[int], None], threads: int | None
+) -> Iterator[None]:
+    if threads is None or threads == get():
+        yield
+        return
+    before = get()
+    put(threads)
     try:
         yield
     finally:
-        faiss.omp_set_num_threads(before)
+        put(before)
 
 
 def physical_memory() -> int:

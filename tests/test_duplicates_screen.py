@@ -39,13 +39,20 @@ def test_a_pair_without_a_signature_is_kept_for_verification() -> None:
     assert screen_one(None, signature(scene(0)), FAR)
 
 
-def test_screen_pairs_masks_a_batch_in_order() -> None:
+def three_scenes_and_their_mirrors() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(thumbnails, hashes, windows) of three scenes, then of each mirrored."""
     originals = [scene(seed, (256, 192)) for seed in range(3)]
     mirrored = [image.transpose(Image.Transpose.FLIP_LEFT_RIGHT) for image in originals]
     signatures = [signature(image) for image in originals + mirrored]
-    thumbs = np.stack([s.thumb for s in signatures])
-    hashes = np.stack([s.hashes for s in signatures])
-    windows = np.stack([s.windows for s in signatures])
+    return (
+        np.stack([s.thumb for s in signatures]),
+        np.stack([s.hashes for s in signatures]),
+        np.stack([s.windows for s in signatures]),
+    )
+
+
+def test_screen_pairs_masks_a_batch_in_order() -> None:
+    thumbs, hashes, windows = three_scenes_and_their_mirrors()
     a = np.array([0, 1, 2, 0, 1])
     b = np.array([3, 4, 5, 1, 2])  # three copies, then two different scenes
     ratio = np.full(len(a), FAR, np.float32)
@@ -151,12 +158,7 @@ def test_retrieve_index_signs_new_images_unless_told_not_to(tmp_path, small_mode
 def test_screen_pairs_keeps_each_pairs_verdict_across_blocks() -> None:
     """Pairs are screened a block at a time (a block a core): the mask must come back in the
     pairs' order however many blocks they fill."""
-    originals = [scene(seed, (256, 192)) for seed in range(3)]
-    mirrored = [image.transpose(Image.Transpose.FLIP_LEFT_RIGHT) for image in originals]
-    signatures = [signature(image) for image in originals + mirrored]
-    thumbs = np.stack([s.thumb for s in signatures])
-    hashes = np.stack([s.hashes for s in signatures])
-    windows = np.stack([s.windows for s in signatures])
+    thumbs, hashes, windows = three_scenes_and_their_mirrors()
     a = np.tile([0, 1, 2, 0, 1], 601)  # 3,005 pairs: three blocks and a part
     b = np.tile([3, 4, 5, 1, 2], 601)
     ratio = np.full(len(a), FAR, np.float32)
