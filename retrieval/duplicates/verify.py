@@ -290,17 +290,19 @@ def _geometry(
             if mirrored not in matched:
                 found_b = images.keypoints(path_b, mirrored)
                 matched[mirrored] = None if found_b is None else _matches(found_a, found_b)
-            if matched[mirrored] is None:
-                continue
-            fit = model(*matched[mirrored])
-            if fit is None:
-                continue
-            matrix, inliers = fit
             least = (
                 options.inliers
                 if model is _similarity
                 else max(options.inliers, options.stretch_inliers)
             )
+            # a fit's inliers are some of the matches: too few matches, no fit worth the RANSAC
+            pairs = matched[mirrored]
+            if pairs is None or len(pairs[0]) < max(least, best.inliers + 1):
+                continue
+            fit = model(*pairs)
+            if fit is None:
+                continue
+            matrix, inliers = fit
             if inliers < least or inliers <= best.inliers:
                 continue
             b = images.grey(path_b)
