@@ -403,3 +403,25 @@ def test_candidate_pairs_carry_full_vector_distances_and_step_times() -> None:
     assert np.allclose(found.distance, wanted, rtol=1e-5, atol=1e-6)
     assert ((found.source & FROM_FC7) == 0).any() and ((found.source & FROM_FC7) > 0).any()
     assert set(found.seconds) == {"fc7", "hash", "window", "distances"}
+
+
+def test_window_pairs_keep_each_images_first_k_other_images_nearest_first() -> None:
+    """The window search's hits, reduced to images: each query's first k distinct other
+    images, nearest window first (a query's own windows and far windows left out)."""
+    from retrieval.duplicates.candidates import _first_images
+
+    rng = np.random.default_rng(3)
+    count, per, k, max_bits = 50, 7, 3, 10
+    positions = np.sort(rng.choice(200, count, replace=False))
+    chunk = positions[rng.choice(count, 20, replace=False)]
+    labels = rng.integers(-1, count * per, (20, 30))
+    labels[:, 0] = np.searchsorted(positions, chunk) * per  # each query's own window first
+    bits = np.sort(rng.integers(0, 16, (20, 30)), axis=1)
+    own, other = _first_images(chunk, labels, bits, positions, per, k, max_bits)
+    wanted = []  # the plain loop the vectorised one replaced
+    for query, got, apart in zip(chunk, labels, bits):
+        images = positions[got[(got >= 0) & (apart <= max_bits)] // per]
+        images = list(dict.fromkeys(i for i in images.tolist() if i != query))[:k]
+        wanted += [(int(query), i) for i in images]
+    assert list(zip(own.tolist(), other.tolist())) == wanted
+    assert len(wanted) > 20  # queries with several images to choose among

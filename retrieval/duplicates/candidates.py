@@ -204,12 +204,33 @@ def window_pairs(
     for start in range(0, len(positions), 4096):
         chunk = positions[start : start + 4096]
         bits, labels = index.search(_codes(hashes[chunk, 0]), wanted)
-        for own, got, apart in zip(chunk, labels, bits):
-            images = positions[got[(got >= 0) & (apart <= max_bits)] // per]
-            images = list(dict.fromkeys(i for i in images.tolist() if i != own))[:k]
-            found_a += [min(own, i) for i in images]
-            found_b += [max(own, i) for i in images]
-    return np.asarray(found_a, np.int64), np.asarray(found_b, np.int64)
+        own, other = _first_images(chunk, labels, bits, positions, per, k, max_bits)
+        found_a.append(np.minimum(own, other))
+        found_b.append(np.maximum(own, other))
+    return np.concatenate(found_a), np.concatenate(found_b)
+
+
+def _first_images(
+    chunk: np.ndarray,
+    labels: np.ndarray,
+    bits: np.ndarray,
+    positions: np.ndarray,
+    per: int,
+    k: int,
+    max_bits: int,
+) -> tuple[np.ndarray, np.ndarray]:
+    """(query, image) for each query's first ``k`` distinct other images among its window
+    hits (nearest first, within ``max_bits``): row by row, in the hits' order."""
+    rows = np.repeat(np.arange(len(chunk)), labels.shape[1])
+    hit = (labels.ravel() >= 0) & (bits.ravel() <= max_bits)
+    image = np.where(hit, positions[np.maximum(labels.ravel(), 0) // per], -1)
+    hit &= image != chunk[rows]
+    where = np.flatnonzero(hit)  # in row order, and in each row nearest first
+    _, first = np.unique(rows[where] * (positions[-1] + 1) + image[where], return_index=True)
+    where = np.sort(where[first])  # each (row, image) at its first hit
+    rank = np.arange(len(where)) - np.searchsorted(rows[where], rows[where])
+    where = where[rank < k]
+    return chunk[rows[where]].astype(np.int64), image[where].astype(np.int64)
 
 
 def candidate_pairs(
