@@ -164,3 +164,27 @@ def test_screen_pairs_keeps_each_pairs_verdict_across_blocks() -> None:
     ratio = np.full(len(a), FAR, np.float32)
     kept = screen_pairs(a, b, ratio, thumbs, hashes, windows, np.ones(len(thumbs), bool))
     assert kept.tolist() == [True, True, True, False, False] * 601
+
+
+def test_the_inverted_hamming_index_built_a_part_a_core_is_the_one_built_at_once(
+    monkeypatch,
+) -> None:
+    """The inverted file is built in parts, a core each, then joined: it must answer exactly as
+    one built in a single add (the same lists, in the same order)."""
+    import faiss
+
+    from retrieval.duplicates import candidates
+    from retrieval.duplicates.candidates import _codes, hamming_index
+
+    monkeypatch.setattr(candidates, "usable_cores", lambda: 3)  # three parts, whatever the CPU
+    rng = np.random.default_rng(1)
+    codes = _codes(rng.integers(0, 2**63, 30_001, dtype=np.uint64))
+    built = hamming_index(codes, exact=False, nprobe=32)
+    whole = faiss.IndexBinaryIVF(built.keep, 64, built.nlist)  # the same centroids
+    whole.is_trained = True
+    whole.add(codes)
+    whole.nprobe = built.nprobe
+    queries = codes[::7]
+    assert built.ntotal == whole.ntotal == len(codes)
+    got, want = built.search(queries, 10), whole.search(queries, 10)
+    assert np.array_equal(got[0], want[0]) and np.array_equal(got[1], want[1])
