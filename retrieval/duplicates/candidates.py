@@ -162,7 +162,8 @@ def hamming_index(codes: np.ndarray, exact: bool, nprobe: int, queries: int | No
     ``codes`` (binary k-means would cost minutes at a million images and buys little for codes
     this near: a copy's hash sits a few bits from its original, so both usually fall to one
     centroid). A near code in a list left unprobed is missed: bench/duplicates_scale.py
-    measures that as the planted copies found."""
+    measures that as the planted copies found. The inverted file is built a part a core
+    (:func:`_a_core_each`) and the parts joined in order, as if added at once."""
     import faiss
 
     if exact:
