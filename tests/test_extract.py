@@ -202,8 +202,8 @@ def test_extraction_streams_instead_of_reading_everything_first(
     tmp_path: Path, small_model: Path, monkeypatch
 ) -> None:
     """Memory stays flat because files are read a few batches ahead, never all up front."""
-    import retrieval.extraction.cpu as extract
     import retrieval.extraction.cuda as extract_cuda
+    import retrieval.extraction.reader as reader
 
     path = make_image(tmp_path / "a.jpg", size=(64, 64))
     paths = [path] * 400
@@ -213,8 +213,8 @@ def test_extraction_streams_instead_of_reading_everything_first(
         reads.append(position)
         return real(position, name)
 
-    real = extract.read_file
-    monkeypatch.setattr(extract, "read_file", counting)
+    real = reader.read_file
+    monkeypatch.setattr(reader, "read_file", counting)  # the CPU path reads through crop_file
     monkeypatch.setattr(extract_cuda, "read_file", counting)
     options = ExtractOptions(device="cpu", batch_size=4, workers=0)
     next(iter(extract_fc7(paths, load_model(small_model), options)))

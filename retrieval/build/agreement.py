@@ -86,16 +86,13 @@ def _embedded_both_ways(
     passes), on every core (Pillow releases the GIL); only the crops are kept."""
     import torch
 
-    from retrieval.extraction.reader import decode_on_cpu, read_file
+    from retrieval.extraction.reader import crop_file
 
     preprocessing = embedder.mapper.preprocessing
     max_megapixels = embedder.options.max_megapixels
 
     def crop(row: Row) -> torch.Tensor | None:
-        record, data, times = read_file(0, row.path)
-        if data is None:
-            return None
-        return decode_on_cpu(record, data, times, preprocessing, max_megapixels)
+        return crop_file(0, row.path, preprocessing, max_megapixels)[1]
 
     with ThreadPoolExecutor(usable_cores()) as pool:
         crops = list(pool.map(crop, sample))

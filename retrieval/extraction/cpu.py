@@ -13,7 +13,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from retrieval.devices import torch_threads, usable_cores
 from retrieval.extraction.mapper import Fc7Mapper
-from retrieval.extraction.reader import decode_on_cpu, read_file
+from retrieval.extraction.reader import crop_file
 from retrieval.extraction.types import (
     MIN_FILES_FOR_WORKERS,
     ExtractedBatch,
@@ -47,11 +47,8 @@ class _Files(Dataset):
         return len(self.paths)
 
     def __getitem__(self, position: int) -> tuple[FileRecord, torch.Tensor | None, StageTimes]:
-        record, data, times = read_file(position, self.paths[position])
-        if data is None:
-            return record, None, times
-        pixels = decode_on_cpu(
-            record, data, times, self.preprocessing, self.max_megapixels, self.sign
+        record, pixels, times = crop_file(
+            position, self.paths[position], self.preprocessing, self.max_megapixels, self.sign
         )
         times.cpu_decoded += int(pixels is not None)
         return record, pixels, times
@@ -100,9 +97,7 @@ def _decode_ms(
     costs = []
     for position in range(0, len(paths), step)[:PROBES]:
         started = time.perf_counter()
-        record, data, times = read_file(position, str(paths[position]))
-        if data is not None:
-            decode_on_cpu(record, data, times, preprocessing, max_megapixels, sign)
+        crop_file(position, str(paths[position]), preprocessing, max_megapixels, sign)
         costs.append((time.perf_counter() - started) * 1000)
     return float(np.median(costs))
 

@@ -66,7 +66,7 @@ class Embedder:
         return extract_images([Path(p) for p in paths], self.loaded, self.options, self.mapper)
 
     def crops(self, crops: torch.Tensor) -> np.ndarray:
-        """fc7 of uint8 crops the files' own decode made (``reader.decode_on_cpu``), for a
+        """fc7 of uint8 crops the files' own decode made (``reader.crop_file``), for a
         caller that embeds the same pixels more than once (the bf16 agreement check)."""
         return self.mapper(crops.to(self.device)).cpu().numpy()
 

@@ -41,6 +41,21 @@ def read_file(position: int, path: str) -> tuple[FileRecord, bytearray | None, S
     return record, data, times
 
 
+def crop_file(
+    position: int,
+    path: str,
+    preprocessing: Preprocessing,
+    max_megapixels: float,
+    sign: bool = False,
+) -> tuple[FileRecord, torch.Tensor | None, StageTimes]:
+    """Read, hash, decode and crop one file (``sign``: and sign it); a bad file is a record
+    with a reason and no pixels."""
+    record, data, times = read_file(position, path)
+    if data is None:
+        return record, None, times
+    return record, decode_on_cpu(record, data, times, preprocessing, max_megapixels, sign), times
+
+
 def decode_on_cpu(
     record: FileRecord,
     data: bytes | bytearray,
