@@ -10,7 +10,14 @@ Issue 21's pipeline has two stages, measured apart and added up:
    each image under its 8 flips/rotations and of its 49 70%-windows (each instance its own
    random codes, an image ~10% of their bits flipped, a copy ~4% of its source's: the pairs
    within 6-10 bits per image come out near Imagenette val's real pHash over 8 isometries, which
-   the report prints beside them). ``--copies`` of the rows are edited copies of the row before.
+   the report prints beside them). ``--copies`` of the rows are edited copies of the row before,
+   and ``--crops`` of them crops of it: a crop's pHash sits near one of its source's window
+   hashes, as many bits from it as bench/duplicates.py's off-centre crops sit from their
+   original's nearest window (CROP_BITS), its fc7 and its own hashes unrelated, so the window
+   signal alone can find it. The report gives the share it finds at each N: with more images,
+   more windows sit by chance as near as a crop's. Uniform random codes understate that: the
+   report prints how many other pictures have a window within 10/12/14 bits of an image's pHash
+   on these codes and on bench/duplicates.py's real collection (``--real``) at the same N.
    The signals are the library's (``retrieval.duplicates.candidates``: fc7 neighbours under
    each image's own background, hashes over the isometries, window hashes) when the tool's code
    has them: its ``candidate_pairs`` itself where that times its own steps (the union's
@@ -71,6 +78,10 @@ from search import machine  # noqa: E402
 BITS = 64
 HASH_FLIP, COPY_FLIP = 0.10, 0.04
 WINDOWS = 49  # hashes of 70% windows per image (the lead's crop-robust signal: a 7 x 7 grid)
+# Bits from an off-centre crop's pHash to its original's nearest window hash, and how many of
+# bench/duplicates.py's 133 crops (Imagenette val, 70% crops) sat at each (measured on e953d0c)
+CROP_BITS = {2: 4, 4: 14, 6: 22, 8: 43, 10: 32, 12: 11, 14: 7}
+WINDOW_RADII = (10, 12, 14)
 
 
 def flips(rng: np.random.Generator, shape: tuple, p: float) -> np.ndarray:
@@ -106,9 +117,32 @@ def real_density(images: Path, radii: tuple[int, ...], n: int) -> list[float]:
 # -- synthetic collection ------------------------------------------------------------------------
 
 
-def synthetic(path: Path, n: int, dim: int, copies: float, seed: int = 0):
+def window_density(
+    hashes: np.ndarray, windows: np.ndarray, picture: np.ndarray, queries: int = 400
+) -> list[float]:
+    """Per image (``queries`` of them): other pictures with a window within each of
+    WINDOW_RADII bits of its pHash. ``picture`` labels each row's picture (copies and crops
+    their source's), so an image's own, its copies' and its crops' windows are left out."""
+    picked = np.random.default_rng(3).choice(len(hashes), min(len(hashes), queries), False)
+    counts = np.zeros(len(WINDOW_RADII))
+    for q in picked.tolist():
+        nearest = np.bitwise_count(windows ^ hashes[q, 0]).min(axis=1)
+        other = picture != picture[q]
+        counts += [int((other & (nearest <= radius)).sum()) for radius in WINDOW_RADII]
+    return (counts / len(picked)).tolist()
+
+
+def exact_flips(rng: np.random.Generator, bits: int) -> np.uint64:
+    """A uint64 mask with exactly ``bits`` of its 64 bits set, at random."""
+    mask = 0
+    for bit in rng.choice(BITS, bits, replace=False):
+        mask |= 1 << int(bit)
+    return np.uint64(mask)
+
+
+def synthetic(path: Path, n: int, dim: int, copies: float, crops: float = 0.0, seed: int = 0):
     """(memory-mapped n x dim fc7-like vectors, (n, 8) uint64 hashes over the isometries,
-    (n, WINDOWS) uint64 hashes of 70% windows, true copy pairs)."""
+    (n, WINDOWS) uint64 hashes of 70% windows, true copy pairs, true crop pairs)."""
     rank, classes, per_class = 256, 1000, 20
     rng = np.random.default_rng(seed)
     w = (rng.standard_normal((rank, dim)) / np.sqrt(rank)).astype(np.float32)
@@ -131,7 +165,10 @@ def synthetic(path: Path, n: int, dim: int, copies: float, seed: int = 0):
     data = np.random.default_rng(seed + 1)
     is_copy = data.random(n) < copies
     is_copy[0] = False
-    pairs, last, last_codes, last_windows = [], None, None, None
+    is_crop = ~is_copy & (data.random(n) < crops / (1 - copies)) if crops else np.zeros(n, bool)
+    is_crop[0] = False
+    crop_bits = np.repeat(list(CROP_BITS), list(CROP_BITS.values()))
+    pairs, crop_pairs, last, last_codes, last_windows = [], [], None, None, None
     step = 20_000
     for s in range(0, n, step):
         m = min(step, n - s)
@@ -140,14 +177,19 @@ def synthetic(path: Path, n: int, dim: int, copies: float, seed: int = 0):
         block_codes = instance_codes[which] ^ flips(data, (m, 8), HASH_FLIP)
         block_windows = instance_windows[which] ^ flips(data, (m, WINDOWS), HASH_FLIP)
         z += 0.4 * decay * data.standard_normal((m, rank), dtype=np.float32)
-        for i in np.flatnonzero(is_copy[s : s + m]):
+        for i in np.flatnonzero(is_copy[s : s + m] | is_crop[s : s + m]):  # in row order
+            source_codes = block_codes[i - 1] if i > 0 else last_codes
+            source_windows = block_windows[i - 1] if i > 0 else last_windows
+            if is_crop[s + i]:
+                # a crop of the row before: its pHash near one of that row's windows; its fc7,
+                # its other isometries' hashes and its own windows stay its own draw
+                window = source_windows[data.integers(WINDOWS)]
+                block_codes[i, 0] = window ^ exact_flips(data, int(data.choice(crop_bits)))
+                crop_pairs.append((s + i - 1, s + i))
+                continue
             z[i] = z[i - 1] if i > 0 else last
-            block_codes[i] = (block_codes[i - 1] if i > 0 else last_codes) ^ flips(
-                data, (8,), COPY_FLIP
-            )
-            block_windows[i] = (block_windows[i - 1] if i > 0 else last_windows) ^ flips(
-                data, (WINDOWS,), COPY_FLIP
-            )
+            block_codes[i] = source_codes ^ flips(data, (8,), COPY_FLIP)
+            block_windows[i] = source_windows ^ flips(data, (WINDOWS,), COPY_FLIP)
             z[i] += 0.04 * decay * data.standard_normal(rank, dtype=np.float32)
             pairs.append((s + i - 1, s + i))
         last, last_codes, last_windows = z[-1].copy(), block_codes[-1].copy(), block_windows[-1]
@@ -158,7 +200,15 @@ def synthetic(path: Path, n: int, dim: int, copies: float, seed: int = 0):
         codes[s : s + m] = block_codes
         windows[s : s + m] = block_windows
     out.flush()
-    return out, codes, windows, np.asarray(pairs, np.int64)
+    crop_pairs = np.asarray(crop_pairs, np.int64).reshape(-1, 2)
+    return out, codes, windows, np.asarray(pairs, np.int64), crop_pairs
+
+
+def crop_distance(codes: np.ndarray, windows: np.ndarray, crops: np.ndarray) -> np.ndarray:
+    """Per planted crop: bits from its pHash to its source's nearest window hash."""
+    if not len(crops):
+        return np.zeros(0, np.int64)
+    return np.bitwise_count(windows[crops[:, 0]] ^ codes[crops[:, 1], :1]).min(axis=1)
 
 
 def peak_gib() -> float:
@@ -445,6 +495,12 @@ def screen_stage(real: Path) -> dict | None:
         )
 
     copy = np.array([same_picture(a, b) for a, b in zip(found.a.tolist(), found.b.tolist())])
+    picture = np.arange(len(rows)) + len(items)  # each row its own picture, but the copies
+    for row, r in enumerate(rows):
+        item = items.get(r.path)
+        if item and item["role"] != "second":
+            picture[row] = item["source"]
+    signed = np.flatnonzero(has)
     return {
         "images": len(rows),
         "pairs": len(found),
@@ -452,6 +508,7 @@ def screen_stage(real: Path) -> dict | None:
         "copies": int(copy.sum()),
         "copies_kept": float(kept[copy].mean()) if copy.any() else 0.0,
         "others_kept": float(kept[~copy].mean()) if (~copy).any() else 0.0,
+        "window_density": window_density(hashes[signed], windows[signed], picture[signed]),
     }
 
 
@@ -465,6 +522,7 @@ def main() -> None:
     add("--steps", default="25000,50000", help="smaller N to fit the growth")
     add("--dim", type=int, default=4096)
     add("--copies", type=float, default=0.01)
+    add("--crops", type=float, default=0.002, help="share of rows that are crops of the row before")
     add("--radius", type=int, default=10, help="stand-in hash candidates: bits, 8 isometries")
     add("--verify-pairs", type=int, default=200)
     add("--images", type=Path, default=Path("/work/shared/datasets/imagenette2-224/val"))
@@ -509,7 +567,9 @@ def main() -> None:
 
     print("\n".join(lines), flush=True)
     started = time.perf_counter()
-    array, codes, windows, truth = synthetic(work / "fc7.npy", args.n, args.dim, args.copies)
+    array, codes, windows, truth, crops = synthetic(
+        work / "fc7.npy", args.n, args.dim, args.copies, args.crops
+    )
     made = time.perf_counter() - started
     gaps = np.linalg.norm(array[truth[:2000, 0]] - array[truth[:2000, 1]], axis=1)
     threshold = float(np.percentile(gaps, 99))
@@ -522,7 +582,9 @@ def main() -> None:
         f"{WINDOWS} windows, written in {made:.0f} s; {len(truth):,} planted copies (fc7: the "
         f"copies' 99th-percentile distance {threshold:.3f}; hash bits from a copy to its "
         f"source: median {np.median(copy_bits):.0f}, between random images "
-        f"{np.median(rand_bits):.0f})"
+        f"{np.median(rand_bits):.0f}) and {len(crops):,} planted crops (their pHash "
+        f"{', '.join(str(bits) for bits in CROP_BITS)} bits from a window of their source, in "
+        "bench/duplicates.py's proportions)"
     )
     radii, n0 = (6, 8, 10, 12), min(args.n, 3925)
     synth = synthetic_density(codes[:n0], truth, radii)
@@ -542,11 +604,20 @@ def main() -> None:
         a, b = union // n, union % n
         wanted = truth[truth[:, 1] < n]
         found = float(np.isin(wanted[:, 0] * n + wanted[:, 1], union).mean()) if len(wanted) else 0
+        cropped = crops[crops[:, 1] < n]
+        window_a, window_b, _ = stage["signals"].get("window", (np.zeros(0, np.int64),) * 2 + (0,))
+        by_window = np.isin(cropped[:, 0] * n + cropped[:, 1], window_a * n + window_b)
+        crop_near = crop_distance(codes, windows, cropped)
         measured[n] = {
             **{f"{k}": len(v[0]) for k, v in stage["signals"].items()},
             **{f"{k}_s": v[2] for k, v in stage["signals"].items()},
             "union": len(union),
-            "copies": len(wanted),
+            "copies": len(wanted) + len(cropped),
+            "crops_found_by_window": float(by_window.mean()) if len(cropped) else None,
+            "crops_found_by_bits": {
+                bits: float(by_window[crop_near == bits].mean())
+                for bits in np.unique(crop_near).tolist()
+            },
             "images_in_pairs": len(np.unique(np.concatenate([a, b]))),
             "planted_found": found,
             "peak_gib": peak_gib(),
@@ -558,17 +629,29 @@ def main() -> None:
                 "| N | "
                 + " | ".join(f"{k} pairs | {k} s" for k in names)
                 + " | union (to verification) | per image | planted copies among them | "
-                "peak RSS GiB |"
+                "planted crops the window signal finds | peak RSS GiB |"
             )
-            say("|---:|" + "---:|" * (2 * len(names) + 4))
+            say("|---:|" + "---:|" * (2 * len(names) + 5))
             header_done = True
         m = measured[n]
         cells = " | ".join(f"{m[k]:,} | {m[k + '_s']:.1f}" for k in names)
+        crops_found = m["crops_found_by_window"]
         say(
             f"| {n:,} | {cells} | {m['union']:,} | {m['union'] / n:.2f} | {found:.4f} | "
-            f"{m['peak_gib']:.1f} |"
+            f"{'n/a' if crops_found is None else f'{crops_found:.3f}'} | {m['peak_gib']:.1f} |"
         )
     say("")
+    if measured[args.n]["crops_found_by_bits"]:
+        say(
+            f"- planted crops the window signal finds at {args.n:,}, by their bits from the "
+            "window: "
+            + ", ".join(
+                f"{b} bits {v:.2f}" for b, v in measured[args.n]["crops_found_by_bits"].items()
+            )
+            + ". A crop is found when its source is among the k images whose windows come "
+            "nearest its pHash; the more images, the more windows of other images sit as near "
+            "by chance"
+        )
     say(f"- candidates: {stage['where']}")
     verify, verify_name = verifier()
     pairs = verification_pairs(args.images, args.verify_pairs, work / "verify")
@@ -598,6 +681,19 @@ def main() -> None:
             f"({screened['images']:,} files, untrained fc7): {screened['us_per_pair']:.0f} us a "
             f"pair; it passed {screened['copies_kept']:.3f} of the {screened['copies']:,} copy "
             f"pairs and {screened['others_kept']:.4f} of the others to verification"
+        )
+        picture = np.arange(args.n)  # each row its own picture, but copies and crops their source's
+        for a, b in sorted(np.concatenate([truth, crops]).tolist(), key=lambda pair: pair[1]):
+            picture[b] = picture[a]
+        n0 = screened["images"]
+        synth = window_density(codes[:n0], windows[:n0], picture[:n0])
+        say(
+            f"- other pictures with a window within {'/'.join(map(str, WINDOW_RADII))} bits of "
+            f"an image's pHash, per image at N = {n0:,}: synthetic "
+            f"{' / '.join(f'{v:.2f}' for v in synth)}, bench/duplicates.py's real collection "
+            f"{' / '.join(f'{v:.2f}' for v in screened['window_density'])}. Real pHashes crowd "
+            "more windows near an image than uniform codes do, so at scale the real share of "
+            "crops found is lower than the synthetic one above"
         )
     else:
         say(
