@@ -27,8 +27,9 @@ written into a folder the caller owns (``tmp_path``), seeded, 1-64 px, so it is 
   header, PNG with a bad header CRC -> "corrupt".
 - ``perm/no_read_permission.jpg``: chmod 000 -> "unreadable", or indexed when this process reads
   it anyway (root, CAP_DAC_OVERRIDE): the mapping says which.
-- ``links/``: a symlink to a good image -> indexed under its own path (a file counts once per
-  path). Where symlinks can be made: ``links/broken.jpg`` (dangling) and ``links/loop`` (points
+- ``links/``: a symlink to an image outside the collection -> indexed under its own path; a
+  symlink to a good image of the collection -> left out (that image is indexed under its own
+  name). Where symlinks can be made: ``links/broken.jpg`` (dangling) and ``links/loop`` (points
   at its parent) are walk problems (see ``expected_walk_problems``), ``links/alias`` points at
   ``nested`` which is walked once under its real path, so nothing is listed under the alias.
 
@@ -430,7 +431,10 @@ def _links(root: Path, expect: dict[str, str | None]) -> None:
         (links / "to_rgb.png").symlink_to(Path("..", "good", "rgb.png"))
     except (OSError, NotImplementedError):
         return  # no symlinks here (Windows without privilege): nothing listed under links/
-    expect["links/to_rgb.png"] = None
+    elsewhere = root.parent / f"{root.name}-elsewhere.png"  # beside the collection, not in it
+    make_image(elsewhere, seed=102)
+    (links / "to_elsewhere.png").symlink_to(elsewhere)
+    expect["links/to_elsewhere.png"] = None
     (links / "broken.jpg").symlink_to("does-not-exist.jpg")
     (links / "loop").symlink_to("..", target_is_directory=True)
     (links / "alias").symlink_to(Path("..", "nested"), target_is_directory=True)

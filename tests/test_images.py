@@ -18,7 +18,7 @@ from PIL import Image, ImageFile
 from retrieval.errors import ImageReadError, RetrieveError, SkipReason
 from retrieval.images import decode as images
 from retrieval.images.decode import DEFAULT_MAX_MEGAPIXELS, convert_mode, load_image
-from retrieval.images.walk import IMAGE_SUFFIXES, WalkProblem, find_images
+from retrieval.images.walk import IMAGE_SUFFIXES, WalkProblem, find_images, walk
 from tests.corpus import (
     MARKER_COLOURS,
     expected_walk_problems,
@@ -138,10 +138,22 @@ def test_symlinks_pointing_at_each_other_are_a_reported_loop(tmp_path: Path) -> 
 
 
 @needs_symlinks
-def test_file_symlink_counts_once_per_path(tmp_path: Path) -> None:
-    make_image(tmp_path / "real.png")
-    (tmp_path / "link.png").symlink_to("real.png")
-    assert relative(find_images(tmp_path)[0], tmp_path) == ["link.png", "real.png"]
+def test_a_file_is_listed_once_under_its_real_name_and_a_link_outside_under_its_own(
+    tmp_path: Path,
+) -> None:
+    """A link to an image of the collection is left out (the image would be indexed twice and
+    be its own duplicate); a link to one elsewhere is listed, once however many point at it;
+    hard links are real names and all listed."""
+    root = tmp_path / "root"
+    make_image(root / "real.png")
+    make_image(tmp_path / "elsewhere.png", seed=1)
+    (root / "a link to real.png").symlink_to("real.png")
+    (root / "b link to elsewhere.png").symlink_to(tmp_path / "elsewhere.png")
+    (root / "c link to elsewhere.png").symlink_to(tmp_path / "elsewhere.png")
+    os.link(root / "real.png", root / "hard.png")
+    found = walk(root)
+    assert relative(found.files, root) == ["b link to elsewhere.png", "hard.png", "real.png"]
+    assert found.aliases == 2
 
 
 @needs_symlinks

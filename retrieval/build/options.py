@@ -43,6 +43,7 @@ class IndexReport(CommitCounts):
     index_dir: str = ""
     walk_problems: list[dict[str, str]] = field(default_factory=list)
     other_types: dict[str, int] = field(default_factory=dict)  # files the walk does not read
+    aliases: int = 0  # file symlinks left out: the images they point to are indexed already
     extracted: int = 0  # files run through the model in this run
     signed: int = 0  # signatures the run stored, for the duplicates pass
     resumed: int = 0  # files taken from chunks an earlier, interrupted run finished
@@ -63,6 +64,10 @@ class IndexReport(CommitCounts):
         text += f"; the index holds {self.count} images ({self.index_dir})"
         if self.other_types:
             text += "; " + describe_other_types(self.other_types)
+        if self.aliases == 1:
+            text += "; 1 symlink to an image indexed under another name, left out"
+        elif self.aliases:
+            text += f"; {self.aliases} symlinks to images indexed under other names, left out"
         roads = decode_roads(self.decoded)
         if roads:
             text += f"; {roads}"

@@ -59,7 +59,9 @@ def index_folder(
     root = Path(os.path.abspath(images_dir))
     found = walk(root)
     paths, problems = found.files, found.problems
-    report = IndexReport(index_dir=str(index_dir), other_types=dict(found.other_types))
+    report = IndexReport(
+        index_dir=str(index_dir), other_types=dict(found.other_types), aliases=found.aliases
+    )
     if not paths:
         suffixes = ", ".join(sorted(IMAGE_SUFFIXES))
         others = describe_other_types(found.other_types)

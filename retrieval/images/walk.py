@@ -43,6 +43,7 @@ class Walk:
     files: list[Path]
     problems: list[WalkProblem]
     other_types: Counter
+    aliases: int = 0  # file symlinks left out: their file is listed under another path
 
     def other_types_summary(self, most: int = 6) -> str:
         """``12 files of other types: .cr2 (10), .mov (2)``, or "" when there are none."""
@@ -79,7 +80,10 @@ def find_images(
     Each directory is walked once, by its real path when it lies inside root (symlinked
     directories are followed after the real tree, so an alias never hides the original). A
     symlink back into its own ancestry is a "symlink loop" problem; other aliases of a walked
-    directory are skipped quietly. A file symlink is listed under its own path. Names starting
+    directory are skipped quietly. A file symlink is listed under its own path, unless the file
+    it points to is listed already (under its real name, or an earlier link's): that file
+    would be indexed twice, found as its own duplicate, and moving it as one would break the
+    link. Names starting
     with "." (``.thumbnails``, macOS ``._x.jpg``) are skipped unless include_hidden. Only regular
     files are listed, so a named pipe called x.jpg cannot block a reader.
     """
@@ -104,7 +108,8 @@ def walk(root: Path, *, follow_symlinks: bool = True, include_hidden: bool = Fal
     walker = _Walker(follow_symlinks, include_hidden)
     walker.walk(root, root_stat)
     problems = sorted(walker.problems, key=lambda problem: problem.path)
-    return Walk(sorted(walker.files), problems, walker.other_types)
+    files, aliases = walker.one_path_a_file()
+    return Walk(files, problems, walker.other_types, aliases)
 
 
 class _Walker:
@@ -113,7 +118,7 @@ class _Walker:
     def __init__(self, follow_symlinks: bool, include_hidden: bool) -> None:
         self.follow_symlinks = follow_symlinks
         self.include_hidden = include_hidden
-        self.files: list[Path] = []
+        self.files: list[tuple[tuple[int, int], bool, Path]] = []  # (dev, inode), a link?, path
         self.problems: list[WalkProblem] = []
         self.walked: dict[tuple[int, int], Path] = {}
         self.linked_dirs: deque[tuple[Path, os.stat_result]] = deque()
@@ -131,11 +136,26 @@ class _Walker:
             else:
                 logger.debug("%s: same folder as %s, already walked", link, walked_as)
 
+    def one_path_a_file(self) -> tuple[list[Path], int]:
+        """(the image files, sorted, without the file symlinks to a file listed under another
+        path; how many such links were left out). Every real name is kept (the inode numbers
+        of some file systems are not unique enough to drop a real file on their word, so a link
+        is left out only when it resolves to the very path listed)."""
+        listed: dict[tuple[int, int], list[Path]] = {}
+        kept, aliases = [], 0
+        for key, link, path in sorted(self.files, key=lambda file: (file[1], file[2])):
+            if link and _resolves_to_one_of(path, listed.get(key, [])):
+                aliases += 1
+                continue
+            listed.setdefault(key, []).append(path)
+            kept.append(path)
+        return sorted(kept), aliases
+
     def _walk_real_tree(self, top: Path, top_stat: os.stat_result) -> None:
         self.walked[(top_stat.st_dev, top_stat.st_ino)] = top
-        stack = [top]
+        stack = [(top, top_stat.st_dev)]
         while stack:
-            folder = stack.pop()
+            folder, device = stack.pop()
             try:
                 with os.scandir(folder) as listing:
                     entries = sorted(listing, key=lambda entry: entry.name, reverse=True)
@@ -154,10 +174,10 @@ class _Walker:
                         key = (entry_stat.st_dev, entry_stat.st_ino)
                         if key not in self.walked:  # a bind mount can show a folder twice
                             self.walked[key] = path
-                            stack.append(path)
+                            stack.append((path, entry_stat.st_dev))
                     elif entry.is_file(follow_symlinks=False):
-                        if is_image_path(entry.name):
-                            self.files.append(path)
+                        if is_image_path(entry.name):  # a file's device is its folder's
+                            self.files.append(((device, entry.inode()), False, path))
                         else:
                             self._other(entry.name)
                 except OSError as error:
@@ -177,9 +197,19 @@ class _Walker:
             self.linked_dirs.append((path, target))
         elif stat.S_ISREG(target.st_mode):
             if is_image_path(path):
-                self.files.append(path)
+                self.files.append(((target.st_dev, target.st_ino), True, path))
             else:
                 self._other(path.name)
 
     def _other(self, name: str) -> None:
         self.other_types[os.path.splitext(name)[1].lower() or NO_SUFFIX] += 1
+
+
+def _resolves_to_one_of(link: Path, listed: list[Path]) -> bool:
+    """Whether ``link`` resolves to the file one of ``listed`` names (all fully resolved)."""
+    if not listed:
+        return False
+    try:
+        return os.path.realpath(link) in {os.path.realpath(path) for path in listed}
+    except OSError:
+        return False
