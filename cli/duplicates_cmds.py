@@ -54,8 +54,8 @@ from .progress import progress_bar, stage_bars
     type=click.Choice(["best", "largest", "oldest", "first"]),
     default="best",
     show_default=True,
-    help="Which member leads a group: best = most pixels, then sharpest, then lossless, then "
-    "with EXIF, then largest file.",
+    help="Which member leads a group: best = most pixels, then colour, then not a palette "
+    "(GIF) copy, then sharpest, then lossless, then with EXIF, then largest file.",
 )
 @click.option(
     "--action",

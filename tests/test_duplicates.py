@@ -131,6 +131,52 @@ def test_keep_best_prefers_pixels_then_sharpness(tmp_path) -> None:
     assert reference.order([*rows, row(4, kept)])[0].path == str(kept)
 
 
+def test_keep_best_does_not_prefer_a_copy_that_lost_colour_or_gained_speckle(tmp_path) -> None:
+    """A greyscale copy, a dithered GIF (its speckle reads as detail to a plain Laplacian) and a
+    washed-out lossless copy of the same size never lead their original, and a link never
+    leads the file it points to (moving that file would break the link)."""
+    from PIL import ImageEnhance
+
+    picture = scene(5, (256, 192))
+    original = tmp_path / "original.jpg"
+    original.write_bytes(encoded(picture))
+    copies = {
+        "grey": tmp_path / "grey.png",
+        "dithered": tmp_path / "dithered.gif",
+        "washed out": tmp_path / "washed.png",
+    }
+    picture.convert("L").save(copies["grey"])
+    picture.convert("P", dither=Image.Dither.FLOYDSTEINBERG, palette=Image.Palette.WEB).save(
+        copies["dithered"]
+    )
+    ImageEnhance.Contrast(picture).enhance(0.75).save(copies["washed out"])
+    link = tmp_path / "a link.jpg"
+    link.symlink_to(original)
+    signatures = {}
+
+    def row(i: int, path: Path) -> Row:
+        signatures[f"h{i}"] = signature_of_file(str(path))
+        return Row(i, str(path), path.stat().st_size, 0, f"h{i}", "x", "indexed")
+
+    first = row(0, original)
+    for i, (name, copy) in enumerate(copies.items(), 1):
+        ranking = Ranking("best", signatures=signatures, images=ImageCache())
+        assert ranking.order([row(i, copy), first])[0] is first, name
+    for keep in ("best", "largest", "oldest", "first"):
+        ranking = Ranking(keep, signatures=signatures, images=ImageCache())
+        assert ranking.order([row(9, link), first])[0] is first, keep
+    # a drawing in a few colours is no reduced photo: its lossless palette file still leads
+    drawing = Image.new("P", (256, 192), 0)
+    drawing.putpalette([255, 255, 255, 200, 30, 30, 20, 60, 200, 0, 0, 0])
+    for shape, colour in enumerate((1, 2, 3)):
+        drawing.paste(colour, (20 + 70 * shape, 40, 80 + 70 * shape, 150))
+    drawn, its_copy = tmp_path / "drawing.png", tmp_path / "drawing.jpg"
+    drawing.save(drawn)
+    its_copy.write_bytes(encoded(drawing.convert("RGB")))
+    ranking = Ranking("best", signatures=signatures, images=ImageCache())
+    assert ranking.order([row(10, its_copy), row(11, drawn)])[0].path == str(drawn)
+
+
 # -- the whole pass, through the CLI and the Index ---------------------------------------------
 
 

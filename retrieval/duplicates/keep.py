@@ -1,11 +1,15 @@
 """Which member of a duplicate group is its representative (the one kept in place).
 
-Files under a ``--reference`` folder come first, always. Then ``--keep``:
+Files under a ``--reference`` folder come first, always; a symbolic link never leads a group
+that holds a file (moving the file its link points to would break the link). Then ``--keep``:
 
 - ``best``: not a copy with a border or caption added (its extra pixels are not picture), then
-  the most pixels, then the sharpest (variance of the Laplacian of the grey image at
-  one working size, in steps of 30%: a blurred or shrunk copy scores lower), then a lossless format,
-  then the one that carries EXIF metadata, then the largest file;
+  the most pixels, then colour over a greyscale copy, then full colour over a picture reduced
+  to a palette (a GIF or PNG-8 of a photo has lost colours, and its dithering reads as detail),
+  then the sharpest (:func:`sharpness`, in steps of 30%: a blurred or shrunk copy scores
+  lower), then a lossless format, then the one that carries EXIF metadata, then the largest
+  file (a copy with its contrast raised can still lead, and one with noise added, whose
+  sharpness ties its original's, on its larger file);
 - ``largest``: the most pixels, then the most bytes;
 - ``oldest``: the oldest modification time;
 - ``first``: the first path.
@@ -59,13 +63,45 @@ def has_exif(path: str) -> bool:
         return False
 
 
+FEW_COLOURS = 16  # a palette image using more is taken for a photo reduced to a palette
+
+
+def reduced_to_palette(path: str) -> bool:
+    """A picture reduced to a palette: a 1-bit image, or a palette one (GIF, PNG-8) using more
+    than FEW_COLOURS (80 Imagenette photos quantised used 37-256 colours, 8 for a nearly flat
+    one; a logo or a chart drawn in a few colours is as good as any copy of it)."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as image:
+            if image.mode == "1":
+                return True
+            if image.mode not in ("P", "PA"):
+                return False
+            used = image.getcolors(maxcolors=256)
+            return used is None or len(used) > FEW_COLOURS
+    except Exception:
+        return False
+
+
 def sharpness(grey: np.ndarray | None) -> float:
-    """Variance of the Laplacian (Pech-Pacheco et al. 2000): how much fine detail survives."""
-    if grey is None:
+    """Variance of the Laplacian (Pech-Pacheco et al. 2000), how much fine detail survives,
+    taken after a 3 x 3 median and at half size: dithering and noise are pixel-scale speckle,
+    which both remove, while a blur's loss of edges stays. On 80 Imagenette photos against
+    copies of the same size, a copy scored a step (30%) sharper than its original when dithered
+    to a GIF 17 times (80 by the plain variance), with noise added 7 (74), re-encoded at low
+    quality 0 (4), blurred 0 (0); brightened or more contrasted, 42 (40): more contrast is more
+    edge, and nothing in one picture says which contrast was the original's."""
+    if grey is None or grey.size == 0:
         return 0.0
     import cv2
 
-    return float(cv2.Laplacian(grey, cv2.CV_64F).var())
+    cleaned = cv2.medianBlur(np.ascontiguousarray(grey), 3)
+    height, width = cleaned.shape
+    half = cv2.resize(
+        cleaned, (max(1, width // 2), max(1, height // 2)), interpolation=cv2.INTER_AREA
+    )
+    return float(cv2.Laplacian(half, cv2.CV_64F).var())
 
 
 class Ranking:
@@ -87,10 +123,15 @@ class Ranking:
         self.padded: set[int] = set()  # row ids verified to be another member plus a margin
         self._pixels = cache(self._count_pixels)
         self._sharpness = cache(self._sharpness_of)
+        self._palette = cache(reduced_to_palette)
 
     def _count_pixels(self, row: Row) -> int:
         found = self.signatures.get(row.sha256)
         return found.width * found.height if found is not None else pixels(row.path)
+
+    def _grey(self, row: Row) -> bool:
+        found = self.signatures.get(row.sha256)
+        return bool(found is not None and found.grey)
 
     def _sharpness_of(self, path: str) -> float:
         if self.images is None:
@@ -108,6 +149,8 @@ class Ranking:
             "best": lambda r: (
                 r.id in self.padded,
                 -self._pixels(r),
+                self._grey(r),
+                self._palette(r.path),
                 -self._sharpness_step(r.path),
                 os.path.splitext(r.path)[1].lower() not in LOSSLESS,
                 not has_exif(r.path),
@@ -118,7 +161,14 @@ class Ranking:
             "oldest": lambda r: (r.mtime_ns, r.path),
             "first": lambda r: (r.path,),
         }[self.keep]
-        return sorted(rows, key=lambda r: (not under_reference(r.path, self.references), key(r)))
+        return sorted(
+            rows,
+            key=lambda r: (
+                not under_reference(r.path, self.references),
+                os.path.islink(r.path),
+                key(r),
+            ),
+        )
 
 
 def representative_order(
