@@ -65,3 +65,14 @@ def test_visualize_command_writes_the_png(grey_model: Path, tmp_path: Path) -> N
     result = CliRunner().invoke(cli, ["visualize", "--weights", str(grey_model), "-o", str(out)])
     assert result.exit_code == 0, result.output
     assert out.exists() and result.stdout.strip() == str(out)
+
+
+def test_figure_labels_draw_letters_beyond_ascii() -> None:
+    """Folder names like ``Müller`` or ``Smørrebrød`` must not come out as rows of empty boxes:
+    Pillow's default font draws one box for every letter it lacks, so two such letters would
+    render alike."""
+    from retrieval.figures.fonts import label_font
+
+    font = label_font(20)
+    marks = {letter: bytes(font.getmask(letter)) for letter in "üøéñЖλ"}
+    assert len(set(marks.values())) == len(marks)

@@ -11,6 +11,7 @@ from PIL import Image, ImageDraw, ImageFont, ImageOps
 
 from retrieval.atomic import atomic_write
 from retrieval.errors import ImageReadError, RetrieveError
+from retrieval.figures.fonts import label_font
 from retrieval.images.class_names import name_of
 from retrieval.images.decode import load_image
 from retrieval.images.walk import find_images
@@ -70,8 +71,8 @@ def render_grid(results: Sequence[QueryResult], output: Path, *, tile: int = 128
         raise RetrieveError("nothing to draw: no query image could be searched")
     k = max(len(r.neighbors) for r in rows)
     pad, gap, caption = 4, 24, 34
-    font = ImageFont.load_default(size=max(10, tile // 11))
-    small = ImageFont.load_default(size=max(9, tile // 13))
+    font = label_font(max(10, tile // 11))
+    small = label_font(max(9, tile // 13))
     header = 26
     width = pad + (tile + pad) + gap + k * (tile + pad)
     height = header + len(rows) * (tile + caption + pad) + pad

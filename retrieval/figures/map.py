@@ -5,8 +5,9 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
-from PIL import Image, ImageDraw, ImageFont
+from PIL import Image, ImageDraw
 
+from retrieval.figures.fonts import label_font
 from retrieval.figures.sheets import BACKGROUND, TEXT, _save, thumbnail
 
 # Tableau 20, light and dark pairs apart, so neighbours in the legend differ.
@@ -47,7 +48,7 @@ def draw_map(
     """One thumbnail per cell (column, row) of a side x side grid, framed by group colour."""
     names = sorted(set(groups), key=lambda g: (-list(groups).count(g), g))
     colour = {name: PALETTE[n % len(PALETTE)] for n, name in enumerate(names)}
-    font = ImageFont.load_default(size=13)
+    font = label_font(13)
     legend_w, top, frame = 200, 28, 3
     canvas = Image.new("RGB", (side * tile + legend_w + 10, side * tile + top + 4), BACKGROUND)
     draw = ImageDraw.Draw(canvas)

@@ -12,10 +12,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageDraw, ImageFont, ImageOps
+from PIL import Image, ImageDraw, ImageOps
 
 from retrieval.atomic import atomic_write
 from retrieval.errors import ImageReadError, RetrieveError
+from retrieval.figures.fonts import label_font
 from retrieval.images.decode import load_image
 
 log = logging.getLogger(__name__)
@@ -73,7 +74,7 @@ def draw_sheet(rows: Sequence[SheetRow], output: Path, *, tile: int = 112, title
     if not rows:
         raise RetrieveError("nothing to draw: no groups")
     columns = max(len(r.tiles) for r in rows)
-    font = ImageFont.load_default(size=max(10, tile // 10))
+    font = label_font(max(10, tile // 10))
     pad, head, caption = 6, 18, 18
     top = 26 if title else 0
     width = pad + columns * (tile + pad)
@@ -124,7 +125,7 @@ def draw_histogram(
     plot_w, plot_h = width - left - 20, height - bottom - top
     canvas = Image.new("RGB", (width, height), BACKGROUND)
     draw = ImageDraw.Draw(canvas)
-    font = ImageFont.load_default(size=12)
+    font = label_font(12)
     draw.text((left, 8), title, fill=TEXT, font=font)
     draw.line([(left, top + plot_h), (left + plot_w, top + plot_h)], fill=TEXT)
     draw.line([(left, top), (left, top + plot_h)], fill=TEXT)
