@@ -52,7 +52,9 @@ def grid_command(queries, output, k, n, seed, tile, index_dir, weights, device, 
         if result.error:
             query = display_path(result.query)
             click.echo(f"{query}: cannot use this image: {result.error}", err=True)
-    click.echo(f"wrote {path} ({sum(1 for r in results if r.neighbors)} queries x {k} neighbours)")
+    drawn = sum(1 for r in results if r.neighbors)
+    queries = "1 query" if drawn == 1 else f"{drawn} queries"
+    click.echo(f"wrote {path} ({queries} x {k} neighbours)")
 
 
 @click.command("visualize")

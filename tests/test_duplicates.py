@@ -165,6 +165,13 @@ def test_keep_best_does_not_prefer_a_copy_that_lost_colour_or_gained_speckle(tmp
     for keep in ("best", "largest", "oldest", "first"):
         ranking = Ranking(keep, signatures=signatures, images=ImageCache())
         assert ranking.order([row(9, link), first])[0] is first, keep
+    # an orientation tag alone is not a camera's metadata: a copy a viewer turned does not lead
+    turned = tmp_path / "turned.jpg"
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    picture.save(turned, quality=80, exif=exif)  # smaller: only the EXIF step could pick it
+    ranking = Ranking("best", signatures=signatures, images=ImageCache())
+    assert ranking.order([row(12, turned), first])[0] is first
     # a drawing in a few colours is no reduced photo: its lossless palette file still leads
     drawing = Image.new("P", (256, 192), 0)
     drawing.putpalette([255, 255, 255, 200, 30, 30, 20, 60, 200, 0, 0, 0])

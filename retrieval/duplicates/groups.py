@@ -45,6 +45,7 @@ from retrieval.duplicates.verify import (
     verify_pair,
 )
 from retrieval.images.hashes import SIDE, WINDOWS, ImageSignature
+from retrieval.units import counted
 
 if TYPE_CHECKING:
     from retrieval.indexes.rows import Row
@@ -138,12 +139,13 @@ class DuplicateReport:
         for kind, label in (("exact", "exact copies"), ("copy", "verified copies")):
             groups = self.of_kind(kind)
             files = sum(len(g.members) for g in groups)
-            parts.append(f"{len(groups)} groups of {label} ({files} files)")
+            parts.append(f"{counted(len(groups), 'group')} of {label} ({counted(files, 'file')})")
         if self.similar_threshold is not None:
             groups = self.of_kind("similar")
             parts.append(
-                f"{len(groups)} groups of similar images ({sum(len(g.members) for g in groups)} "
-                f"files, fc7 within {self.similar_threshold:.2f}, not verified)"
+                f"{counted(len(groups), 'group')} of similar images "
+                f"({counted(sum(len(g.members) for g in groups), 'file')}, fc7 within "
+                f"{self.similar_threshold:.2f}, not verified)"
             )
         spare = sum(len(g.members) - 1 for g in self.groups if g.kind != "similar")
         remembered = (
@@ -152,9 +154,9 @@ class DuplicateReport:
             else ""
         )
         return (
-            f"{self.images} images: {'; '.join(parts)}; {spare} files beside their "
-            f"representatives ({self.candidates} candidate pairs, {self.screened} compared on "
-            f"their pixels{remembered}, {self.verified} verified)"
+            f"{counted(self.images, 'image')}: {'; '.join(parts)}; {counted(spare, 'file')} "
+            f"beside their representatives ({counted(self.candidates, 'candidate pair')}, "
+            f"{self.screened} compared on their pixels{remembered}, {self.verified} verified)"
         )
 
 

@@ -6,10 +6,11 @@ that holds a file (moving the file its link points to would break the link). The
 - ``best``: not a copy with a border or caption added (its extra pixels are not picture), then
   the most pixels, then colour over a greyscale copy, then full colour over a picture reduced
   to a palette (a GIF or PNG-8 of a photo has lost colours, and its dithering reads as detail),
-  then the sharpest (:func:`sharpness`, in steps of 30%: a blurred or shrunk copy scores
-  lower), then a lossless format, then the one that carries EXIF metadata, then the largest
-  file (a copy with its contrast raised can still lead, and one with noise added, whose
-  sharpness ties its original's, on its larger file);
+  then the sharpest (:func:`sharpness`, within 30% of the group's sharpest a tie: a blurred
+  or shrunk copy scores lower), then a lossless format, then the one that carries EXIF
+  metadata (more than the orientation tag a viewer writes), then the largest file (a copy with
+  its contrast raised can still lead, and one with noise added, whose sharpness ties its
+  original's, on its larger file);
 - ``largest``: the most pixels, then the most bytes;
 - ``oldest``: the oldest modification time;
 - ``first``: the first path.
@@ -53,12 +54,17 @@ def pixels(path: str) -> int:
     return width * height
 
 
+ORIENTATION = 0x0112  # the EXIF tag an editor or a viewer writes to turn a picture
+
+
 def has_exif(path: str) -> bool:
+    """Whether the file carries EXIF metadata beyond an orientation tag (a camera's: its make,
+    the time it was taken; a copy rotated by a viewer carries the orientation alone)."""
     from PIL import Image
 
     try:
         with Image.open(path) as image:
-            return len(image.getexif()) > 0
+            return any(tag != ORIENTATION for tag in image.getexif())
     except Exception:
         return False
 
@@ -138,20 +144,25 @@ class Ranking:
             return 0.0
         return sharpness(self.images.grey(path))
 
-    def _sharpness_step(self, path: str) -> int:
-        """Sharpness in steps of 30%: closer than that is a tie (JPEG's blocking adds a little
-        high frequency of its own, so a lossless original would otherwise lose to its copy)."""
+    def _steps_below(self, path: str, sharpest: float) -> int:
+        """Steps of 30% below the group's sharpest member: within 30% of it is a tie (JPEG's
+        blocking adds a little high frequency of its own, so a lossless original would
+        otherwise lose to its copy). Counted from the sharpest, not in fixed bands, so two
+        copies a hair apart never fall on either side of a band's edge."""
         value = self._sharpness(path)
-        return math.floor(math.log(value) / math.log(1.3)) if value > 0 else -(10**9)
+        if value <= 0:
+            return 10**9
+        return math.floor(math.log(sharpest / value) / math.log(1.3)) if sharpest > 0 else 0
 
     def order(self, rows: Sequence[Row]) -> list[Row]:
+        sharpest = max((self._sharpness(r.path) for r in rows), default=0.0)
         key = {
             "best": lambda r: (
                 r.id in self.padded,
                 -self._pixels(r),
                 self._grey(r),
                 self._palette(r.path),
-                -self._sharpness_step(r.path),
+                self._steps_below(r.path, sharpest),
                 os.path.splitext(r.path)[1].lower() not in LOSSLESS,
                 not has_exif(r.path),
                 -r.size,
