@@ -161,6 +161,20 @@ def test_bad_image_files_are_skipped_with_a_warning(shapes: Path, caplog) -> Non
     assert "broken.png" in caplog.text
 
 
+def test_a_class_folder_without_images_is_left_out_with_a_warning(tmp_path: Path, caplog) -> None:
+    """An empty folder (or one of notes) beside the classes is no class: a model would get an
+    output no example ever asks for."""
+    make_labelled_folder(tmp_path / "all", classes=2, per_class=5, size=32)
+    (tmp_path / "all" / "empty").mkdir()
+    (tmp_path / "all" / "notes").mkdir()
+    (tmp_path / "all" / "notes" / "readme.txt").write_text("not a picture")
+    with caplog.at_level(logging.WARNING):
+        data = open_training_data(tmp_path / "all")
+    assert "empty" not in data.classes and "notes" not in data.classes
+    assert len(data.classes) == 2 and len(data.train) + len(data.val) == 10
+    assert "empty, notes" in caplog.text
+
+
 def test_one_folder_of_classes_is_split_stratified_and_seeded(tmp_path: Path) -> None:
     make_labelled_folder(tmp_path / "all", classes=3, per_class=10, size=32)
     a = open_training_data(tmp_path / "all", val_fraction=0.2, seed=1)

@@ -54,6 +54,16 @@ def scan_folder(root: Path, classes: list[str] | None, channels: int) -> FileIma
     dirs = _class_dirs(root)
     if not dirs:
         raise DataError(f"{root} has no class folders (expected {root}/CLASS/image files)")
+    found_in: dict[Path, list[Path]] = {}
+    for d in dirs:
+        found, problems = find_images(d)
+        for problem in problems:
+            log.warning("skipping %s", problem)
+        found_in[d] = found
+    empty = [d.name for d in dirs if not found_in[d]]
+    if empty:  # a class with no image would only be an output no example ever asks for
+        log.warning("%s: class folders without images, left out: %s", root, ", ".join(empty))
+    dirs = [d for d in dirs if found_in[d]]
     names = [d.name for d in dirs]
     if classes is None:
         classes = names
@@ -65,11 +75,8 @@ def scan_folder(root: Path, classes: list[str] | None, channels: int) -> FileIma
     paths: list[str] = []
     labels: list[int] = []
     for d in dirs:
-        found, problems = find_images(d)
-        for problem in problems:
-            log.warning("skipping %s", problem)
-        paths.extend(str(p) for p in found)
-        labels.extend([position[d.name]] * len(found))
+        paths.extend(str(p) for p in found_in[d])
+        labels.extend([position[d.name]] * len(found_in[d]))
     if not paths:
         raise DataError(f"no images found under {root}")
     return FileImages(paths, torch.tensor(labels, dtype=torch.long), list(classes), channels)
