@@ -40,6 +40,11 @@ function say(text, isError = false) {
   status.classList.toggle("error", isError);
 }
 
+// "1 image", "3 images": a count with its noun, for lines people read
+function counted(n, noun) {
+  return n + " " + noun + (n === 1 ? "" : "s");
+}
+
 function note(selector, text, isError = false) {
   const status = $(selector);
   status.textContent = text;
@@ -208,7 +213,7 @@ async function duplicates(offset) {
     const answer = await api("/api/duplicates?" + params);
     if (mine !== asked.duplicates) return;
     $("#dup-groups").replaceChildren(...answer.groups.map((group) => strip(
-      "group " + group.group + "\n" + group.kind + " · " + group.size + " files",
+      "group " + group.group + "\n" + group.kind + " · " + counted(group.size, "file"),
       group.members.map((member, n) => {
         // the name, and its folder beside what made it a copy: exact copies often share a name
         const [folder, name] = member.path.split("/").slice(-2);
@@ -228,9 +233,10 @@ async function duplicates(offset) {
     const counts = answer.exact_groups + " exact, " + answer.copy_groups + " verified copies"
       + (similar ? ", " + answer.similar_groups + " similar" : "");
     note("#dup-status", (answer.total
-      ? answer.total + " groups (" + counts + ") among " + answer.images + " images"
-        + "; groups " + (dupOffset + 1) + "–" + last
-      : "no duplicates among " + answer.images + " images")
+      ? counted(answer.total, "group") + " (" + counts + ") among "
+        + counted(answer.images, "image")
+        + (answer.total > 1 ? "; groups " + (dupOffset + 1) + "–" + last : "")
+      : "no duplicates among " + counted(answer.images, "image"))
       + " (" + answer.candidates + " candidate pairs, " + answer.screened + " compared on their pixels"
         + (answer.remembered ? " (" + answer.remembered + " of them remembered from an earlier pass)" : "") + ", " + answer.verified + " verified)" + how);
     if (answer.calibrated) $("#threshold").placeholder = "calibrated: " + answer.threshold.toFixed(3);
@@ -249,7 +255,7 @@ async function clusters() {
     const answer = await api("/api/clusters?" + params);
     if (mine !== asked.clusters) return;
     const rows = answer.clusters.map((cluster) => strip(
-      "cluster " + cluster.cluster + "\n" + cluster.size + " images"
+      "cluster " + cluster.cluster + "\n" + counted(cluster.size, "image")
         + (cluster.size ? "\n" + Object.entries(cluster.labels).map(([l, n]) => l + " " + n).join(", ") : ""),
       cluster.members.map((m) => tile(m, "d = " + m.distance.toFixed(3)))
     ));
