@@ -70,7 +70,7 @@ from .progress import progress_bar, stage_bars
     "target",
     type=click.Path(file_okay=False, path_type=Path),
     default=None,
-    help="Folder the duplicates are moved to (nothing is ever deleted).",
+    help="Folder the duplicates are moved to, outside the collection (nothing is ever deleted).",
 )
 @click.option(
     "--undo",

@@ -266,11 +266,12 @@ def test_action_needs_a_target_and_never_deletes(collection) -> None:
 
 
 def test_undo_leaves_a_file_that_appeared_since(tmp_path) -> None:
-    original = tmp_path / "a.png"
+    (tmp_path / "photos").mkdir()
+    original = tmp_path / "photos" / "a.png"
     distinct_image(1).save(original)
     from retrieval.duplicates.groups import Group, Member
 
-    rep = tmp_path / "rep.png"
+    rep = tmp_path / "photos" / "rep.png"
     distinct_image(2).save(rep)
     group = Group(1, "copy", [Member(str(rep), 1, 0.0), Member(str(original), 2, 0.5)])
     report = actions.apply([group], "move", tmp_path / "aside")
@@ -279,6 +280,25 @@ def test_undo_leaves_a_file_that_appeared_since(tmp_path) -> None:
     undone = actions.undo(report.log)
     assert undone.problems and original.read_bytes() == b"new file"
     assert actions.mirrored(tmp_path / "aside", str(original)).exists()  # kept, not lost
+
+
+def test_duplicates_are_never_moved_into_the_folders_they_come_from(tmp_path) -> None:
+    """A --to inside the collection (or holding it) would leave the moved files where the
+    next index finds them again: refused before anything moves."""
+    from retrieval.duplicates.groups import Group, Member
+    from retrieval.errors import RetrieveError
+
+    album = tmp_path / "photos" / "album"
+    album.mkdir(parents=True)
+    rep, copy = album / "rep.png", album / "copy.png"
+    distinct_image(2).save(rep)
+    distinct_image(2).save(copy)
+    group = Group(1, "copy", [Member(str(rep), 1, 0.0), Member(str(copy), 2, 0.5)])
+    for target in (album / "aside", album, tmp_path / "photos"):
+        with pytest.raises(RetrieveError, match="outside the collection"):
+            actions.apply([group], "move", target)
+        assert copy.exists() and not (album / "aside").exists()
+    assert actions.apply([group], "move", tmp_path / "aside").done  # beside it: fine
 
 
 def test_a_chain_is_split_into_components_of_the_remaining_positions() -> None:

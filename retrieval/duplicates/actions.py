@@ -47,6 +47,17 @@ def planned_steps(groups: Iterable[Group], target: Path) -> list[tuple[str, str,
     return steps
 
 
+def tangled_with(groups: Iterable[Group], target: Path) -> Path | None:
+    """A folder holding a member of ``groups`` that ``target`` lies inside, or that lies inside
+    ``target`` (None when there is none): duplicates moved there would stay in the collection."""
+    for group in groups:
+        for member in group.members:
+            folder = Path(os.path.dirname(os.path.abspath(member.path)))
+            if target == folder or folder in target.parents or target in folder.parents:
+                return folder
+    return None
+
+
 def mirrored(target: Path, path: str) -> Path:
     absolute = Path(os.path.abspath(path))
     return Path(target) / absolute.relative_to(absolute.anchor)
@@ -59,6 +70,13 @@ def apply(
     if action not in ACTIONS[1:]:
         raise RetrieveError(f"--action must be one of {', '.join(ACTIONS[1:])}")
     target = Path(os.path.abspath(target))
+    groups = list(groups)
+    tangled = tangled_with(groups, target)
+    if tangled:
+        raise RetrieveError(
+            f"--to {target} and {tangled} lie one inside the other: indexing that folder again "
+            "would find the moved duplicates there; choose a folder outside the collection"
+        )
     target.mkdir(parents=True, exist_ok=True)
     stamp = time.strftime("%Y%m%d-%H%M%S")
     log_path = Path(log_path or target / f"duplicates-{stamp}.log.jsonl")
