@@ -245,6 +245,11 @@ def _decide(index_dir, pair, forget: bool) -> None:
         if forget:
             click.echo(f"forgot {memory.forget_decisions()} not-duplicate decisions")
             return
+        from retrieval.images.walk import is_image_path
+
+        for path in pair:
+            if not is_image_path(path):
+                raise click.UsageError(f"{path} is not an image file: --not-duplicate takes two")
         first, second = ((sha256_of(p), os.path.abspath(p)) for p in pair)
         if not memory.record_not_duplicate(first, second):
             raise click.UsageError("those two files have the same bytes: they are exact copies")

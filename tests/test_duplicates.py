@@ -407,6 +407,12 @@ def test_same_bytes_cannot_be_declared_not_duplicates(tmp_path, small_model) -> 
         ],
     )
     assert said.exit_code == 2 and "same bytes" in said.output
+    (folder / "notes.txt").write_text("not a picture")
+    pair = [str(folder / "a.png"), str(folder / "notes.txt")]
+    said = CliRunner().invoke(
+        cli(), ["duplicates", "--index", str(tmp_path / "idx"), "--not-duplicate", *pair]
+    )
+    assert said.exit_code == 2 and "not an image file" in said.output
 
 
 def test_similar_needs_asking_and_threshold_needs_similar(photos) -> None:
