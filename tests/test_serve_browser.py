@@ -158,8 +158,7 @@ def test_duplicates_view_shows_a_group_and_a_click_queries_by_its_member(
         groups[1].find_element(By.CSS_SELECTOR, "button.not-duplicate").click()
         wait.until(lambda d: len(d.find_elements(By.CSS_SELECTOR, "#dup-groups .group")) == 1)
         assert (
-            "1 group (1 exact, 0 verified copies)"
-            in browser.find_element(By.ID, "dup-status").text
+            "1 group (1 exact, 0 verified copies)" in browser.find_element(By.ID, "dup-status").text
         )
         from retrieval.duplicates.memory import DuplicatesMemory
 
