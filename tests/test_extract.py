@@ -79,6 +79,21 @@ def test_fast_path_with_workers_equals_reference(tmp_path: Path, small_model: Pa
     assert np.abs(features - expected).max() <= 1e-4
 
 
+def test_more_decoders_than_cores_is_no_warning_to_the_user(tmp_path: Path, small_model) -> None:
+    """default_workers asks for one decoder more than the cores where decoding is slow; torch's
+    "might ... freeze" warning about it would read as a fault."""
+    import warnings
+
+    from retrieval.devices import usable_cores
+
+    paths = [make_image(tmp_path / f"{i:02d}.jpg", size=(90, 70), seed=i) for i in range(4)]
+    options = ExtractOptions(device="cpu", batch_size=2, workers=usable_cores() + 1)
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        extract_images(paths, load_model(small_model), options)
+    assert not [w for w in seen if "DataLoader will create" in str(w.message)]
+
+
 def _labelled(root: Path) -> list[Path]:
     made = make_labelled_folder(root, classes=6, per_class=8, size=64)
     return sorted(path for paths in made.values() for path in paths)

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import math
 import time
+import warnings
 from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -115,6 +117,16 @@ def default_threads() -> int:
     return usable_cores()
 
 
+@contextmanager
+def _decoders_may_outnumber_cores() -> Iterator[None]:
+    """torch warns ("might ... freeze") when decoder processes outnumber the cores, which
+    :func:`default_workers` asks for on purpose where decoding is the bottleneck (measured
+    there): a user would read it as a fault."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "This DataLoader will create", UserWarning)
+        yield
+
+
 def extract_on_cpu(
     paths: Sequence[Path], loaded: LoadedModel, mapper: Fc7Mapper, options: ExtractOptions
 ) -> Iterator[ExtractedBatch]:
@@ -122,20 +134,23 @@ def extract_on_cpu(
     workers = options.workers
     if workers is None:
         workers = default_workers(paths, loaded.preprocessing, options.max_megapixels, options.sign)
-    loader = DataLoader(
-        _Files(paths, loaded.preprocessing, options.max_megapixels, options.sign),
-        batch_size=options.batch_size,
-        num_workers=workers,
-        collate_fn=_collate,
-        prefetch_factor=4 if workers else None,
-        # Its own generator: a DataLoader otherwise draws its workers' seed from torch's global
-        # RNG, and extraction must leave the caller's random state as it found it.
-        generator=torch.Generator().manual_seed(0),
-    )
+    with _decoders_may_outnumber_cores():
+        loader = DataLoader(
+            _Files(paths, loaded.preprocessing, options.max_megapixels, options.sign),
+            batch_size=options.batch_size,
+            num_workers=workers,
+            collate_fn=_collate,
+            prefetch_factor=4 if workers else None,
+            # Its own generator: a DataLoader otherwise draws its workers' seed from torch's
+            # global RNG, and extraction must leave the caller's random state as it found it.
+            generator=torch.Generator().manual_seed(0),
+        )
     threads = options.threads  # None: torch's setting, as the caller left it
     with torch_threads(threads):
         resumed = time.perf_counter()
-        for records, pixels, times in loader:
+        with _decoders_may_outnumber_cores():
+            batches = iter(loader)  # the decoder processes start here
+        for records, pixels, times in batches:
             if pixels is None:
                 features = np.zeros((0, mapper.out_features), dtype=np.float32)
             else:
