@@ -55,6 +55,12 @@ def test_problem_corpus_indexes_every_good_file_and_skips_every_bad_one(
         Path(p["path"]).relative_to(root).as_posix(): p["reason"] for p in report["walk_problems"]
     }
     assert problems == expected_walk_problems(root)
+    again = CliRunner().invoke(
+        cli, ["index", str(root), "--index", str(index_dir), "--weights", str(small_model)]
+    )
+    assert again.exit_code == 0, again.output
+    still = len(expected) - good  # counted unchanged, so the line says they are still out
+    assert f"{still} files skipped in an earlier run, unchanged since" in again.stdout
 
     strict = CliRunner().invoke(
         cli,
