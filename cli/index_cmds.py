@@ -7,7 +7,7 @@ from pathlib import Path
 import click
 
 from retrieval.devices import usable_cores
-from retrieval.units import human_bytes, parse_bytes
+from retrieval.units import counted, human_bytes, parse_bytes
 
 from .options import (
     device_option,
@@ -290,7 +290,7 @@ def remove_command(paths, index_dir, as_json):
         emit_json(result)
         return
     result = {key: [display_path(p) for p in values] for key, values in result.items()}
-    click.echo(f"removed {len(result['removed'])} images")
+    click.echo(f"removed {counted(len(result['removed']), 'image')}")
     for path in result["not_in_index"]:
         click.echo(f"not in the index: {path}", err=True)
 
