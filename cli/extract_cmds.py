@@ -6,6 +6,8 @@ from pathlib import Path
 
 import click
 
+from retrieval.units import counted
+
 from .options import device_option, emit_json, json_option
 
 
@@ -130,8 +132,9 @@ def extract_command(
         return
     rate = report.images / report.seconds if report.seconds else 0.0
     click.echo(
-        f"{report.images} images ({rate:.1f}/s), {report.skipped} skipped, "
-        f"{len(report.parts_written)} parts written, {report.parts_done_before} kept: {out}"
+        f"{counted(report.images, 'image')} ({rate:.1f}/s), {report.skipped} skipped, "
+        f"{counted(len(report.parts_written), 'part')} written, {report.parts_done_before} "
+        f"kept from an earlier run: {out}"
     )
 
 
