@@ -121,6 +121,8 @@ def test_page_uploads_an_image_shows_k_results_and_queries_by_a_click(
         wait.until(lambda d: d.execute_script(thumbs_loaded))
         browser.find_element(By.CSS_SELECTOR, "nav button[data-view=browse]").click()
         wait.until(lambda d: len(d.find_elements(By.CSS_SELECTOR, "#grid .tile")) == 12)
+        first = browser.find_element(By.CSS_SELECTOR, "#grid .tile")  # its file's name shown
+        assert first.get_attribute("title").rsplit("/", 1)[-1] in first.text
 
 
 def test_duplicates_view_shows_a_group_and_a_click_queries_by_its_member(

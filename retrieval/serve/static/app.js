@@ -143,7 +143,8 @@ async function browse(offset) {
   if ($("#contains").value) params.set("q", $("#contains").value);
   try {
     const page = await api("/api/images?" + params);
-    $("#grid").replaceChildren(...page.images.map((row) => tile(row, "#" + row.id)));
+    // the file's name under its label: browsing, people look for a file they know
+    $("#grid").replaceChildren(...page.images.map((row) => tile(row, row.path.split("/").pop())));
     const last = Math.min(page.total, browseOffset + page.images.length);
     $("#browse-status").textContent = page.total
       ? "images " + (browseOffset + 1) + "–" + last + " of " + page.total
