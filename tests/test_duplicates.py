@@ -184,6 +184,23 @@ def test_keep_best_does_not_prefer_a_copy_that_lost_colour_or_gained_speckle(tmp
     assert ranking.order([row(10, its_copy), row(11, drawn)])[0].path == str(drawn)
 
 
+def test_only_keep_best_opens_the_pictures(tmp_path) -> None:
+    """Sharpness needs the pixels; largest, oldest and first go by the files' headers alone."""
+
+    class Unopenable(ImageCache):
+        def grey(self, path: str):
+            raise AssertionError(f"{path} opened")
+
+    paths = [tmp_path / f"{name}.png" for name in "ab"]
+    for seed, path in enumerate(paths):
+        scene(seed, (64, 48)).save(path)
+    rows = [
+        Row(i, str(p), p.stat().st_size, i, f"h{i}", "x", "indexed") for i, p in enumerate(paths)
+    ]
+    for keep in ("largest", "oldest", "first"):
+        assert len(Ranking(keep, images=Unopenable()).order(rows)) == 2
+
+
 # -- the whole pass, through the CLI and the Index ---------------------------------------------
 
 

@@ -94,10 +94,11 @@ def sharpness(grey: np.ndarray | None) -> float:
     """Variance of the Laplacian (Pech-Pacheco et al. 2000), how much fine detail survives,
     taken after a 3 x 3 median and at half size: dithering and noise are pixel-scale speckle,
     which both remove, while a blur's loss of edges stays. On 80 Imagenette photos against
-    copies of the same size, a copy scored a step (30%) sharper than its original when dithered
-    to a GIF 17 times (80 by the plain variance), with noise added 7 (74), re-encoded at low
-    quality 0 (4), blurred 0 (0); brightened or more contrasted, 42 (40): more contrast is more
-    edge, and nothing in one picture says which contrast was the original's."""
+    copies of the same size, a copy scored 30% sharper than its original (enough to lead)
+    when dithered to a GIF 0 times (80 by the plain variance), with noise added 0 (50),
+    re-encoded at low quality 0 (3), blurred 0 (0); brightened or more contrasted, 29 (35):
+    more contrast is more edge, and nothing in one picture says which contrast was the
+    original's."""
     if grey is None or grey.size == 0:
         return 0.0
     import cv2
@@ -154,24 +155,40 @@ class Ranking:
             return 10**9
         return math.floor(math.log(sharpest / value) / math.log(1.3)) if sharpest > 0 else 0
 
+    def _ahead_of_sharpness(self, row: Row) -> tuple:
+        """``best``'s criteria before sharpness: not padded, pixels, colour, full colour."""
+        return (row.id in self.padded, -self._pixels(row), self._grey(row), self._palette(row.path))
+
+    def _best(self, rows: Sequence[Row]):
+        """``best``'s sort key, sharpness counted from the sharpest of the rows that tie on
+        everything before it (a demoted GIF's speckle sets no bar for the rest)."""
+        sharpest: dict[tuple, float] = {}
+        for row in rows:
+            ahead = self._ahead_of_sharpness(row)
+            sharpest[ahead] = max(sharpest.get(ahead, 0.0), self._sharpness(row.path))
+
+        def key(row: Row) -> tuple:
+            ahead = self._ahead_of_sharpness(row)
+            return (
+                *ahead,
+                self._steps_below(row.path, sharpest[ahead]),
+                os.path.splitext(row.path)[1].lower() not in LOSSLESS,
+                not has_exif(row.path),
+                -row.size,
+                row.path,
+            )
+
+        return key
+
     def order(self, rows: Sequence[Row]) -> list[Row]:
-        sharpest = max((self._sharpness(r.path) for r in rows), default=0.0)
-        key = {
-            "best": lambda r: (
-                r.id in self.padded,
-                -self._pixels(r),
-                self._grey(r),
-                self._palette(r.path),
-                self._steps_below(r.path, sharpest),
-                os.path.splitext(r.path)[1].lower() not in LOSSLESS,
-                not has_exif(r.path),
-                -r.size,
-                r.path,
-            ),
-            "largest": lambda r: (-self._pixels(r), -r.size, r.path),
-            "oldest": lambda r: (r.mtime_ns, r.path),
-            "first": lambda r: (r.path,),
-        }[self.keep]
+        if self.keep == "best":
+            key = self._best(rows)
+        else:
+            key = {
+                "largest": lambda r: (-self._pixels(r), -r.size, r.path),
+                "oldest": lambda r: (r.mtime_ns, r.path),
+                "first": lambda r: (r.path,),
+            }[self.keep]
         return sorted(
             rows,
             key=lambda r: (

@@ -83,9 +83,9 @@ def find_images(
     directory are skipped quietly. A file symlink is listed under its own path, unless the file
     it points to is listed already (under its real name, or an earlier link's): that file
     would be indexed twice, found as its own duplicate, and moving it as one would break the
-    link. Names starting
-    with "." (``.thumbnails``, macOS ``._x.jpg``) are skipped unless include_hidden. Only regular
-    files are listed, so a named pipe called x.jpg cannot block a reader.
+    link. Names starting with "." (``.thumbnails``, macOS ``._x.jpg``) are skipped unless
+    include_hidden. Only regular files are listed, so a named pipe called x.jpg cannot block a
+    reader.
     """
     found = walk(root, follow_symlinks=follow_symlinks, include_hidden=include_hidden)
     return found.files, found.problems
