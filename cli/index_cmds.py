@@ -288,11 +288,13 @@ def remove_command(paths, index_dir, as_json):
         result = index.remove(paths)
     if as_json:
         emit_json(result)
-        return
-    result = {key: [display_path(p) for p in values] for key, values in result.items()}
-    click.echo(f"removed {counted(len(result['removed']), 'image')}")
-    for path in result["not_in_index"]:
-        click.echo(f"not in the index: {path}", err=True)
+    else:
+        shown = {key: [display_path(p) for p in values] for key, values in result.items()}
+        click.echo(f"removed {counted(len(shown['removed']), 'image')}")
+        for path in shown["not_in_index"]:
+            click.echo(f"not in the index: {path}", err=True)
+    if result["not_in_index"]:  # as rm does for a name it cannot find: the rest is done
+        raise click.exceptions.Exit(1)
 
 
 def register(group: click.Group) -> None:

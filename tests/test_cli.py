@@ -92,7 +92,9 @@ def test_info_describes_the_index(indexed) -> None:
 
 def test_remove_then_query_no_longer_finds_the_file(indexed) -> None:
     victim = sorted(indexed.rglob("*.png"))[0]
-    assert "removed 1" in run("remove", victim).stdout
+    assert "removed 1 image" in run("remove", victim).stdout
+    again = run("remove", victim, ok=False)  # gone already: said, and a failing exit, as rm does
+    assert again.exit_code == 1 and "not in the index" in again.stderr
     data = json.loads(run("query", victim, "-k", "11", "--json").stdout)
     assert all(Path(n["path"]).resolve() != victim.resolve() for n in data["neighbors"])
 
