@@ -132,8 +132,8 @@ def _load_imagenet() -> LoadedModel:
         cache = Path(torch.hub.get_dir()) / "checkpoints" / Path(weights.url).name
         raise WeightsError(
             f"cannot get torchvision's ImageNet AlexNet weights ({type(exc).__name__}: {exc}); "
-            f"put {Path(weights.url).name} in {cache.parent}, or use --weights PATH "
-            "or train a model with `retrieve train`"
+            f"put {Path(weights.url).name} in {cache.parent}, or name a checkpoint file in "
+            "place of imagenet (--weights PATH, --finetune PATH; `retrieve train` makes one)"
         ) from exc
     finally:
         if said.getvalue().strip():
