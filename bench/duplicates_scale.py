@@ -488,18 +488,14 @@ def screen_stage(real: Path) -> dict | None:
     kept = screen.screen_pairs(found.a, found.b, found.ratio, thumbs, hashes, windows, has)
     seconds = time.perf_counter() - started
 
-    def same_picture(a: int, b: int) -> bool:
-        x, y = items.get(rows[a].path), items.get(rows[b].path)
-        return bool(
-            x and y and "second" not in (x["role"], y["role"]) and x["source"] == y["source"]
-        )
-
-    copy = np.array([same_picture(a, b) for a, b in zip(found.a.tolist(), found.b.tolist())])
-    picture = np.arange(len(rows)) + len(items)  # each row its own picture, but the copies
+    # each row's picture: a source's original and copies share its number; a second shot, or a
+    # file the collection does not list, is a picture of its own
+    picture = np.arange(len(rows)) + len(items)
     for row, r in enumerate(rows):
         item = items.get(r.path)
         if item and item["role"] != "second":
             picture[row] = item["source"]
+    copy = picture[found.a] == picture[found.b]
     signed = np.flatnonzero(has)
     return {
         "images": len(rows),
