@@ -131,6 +131,7 @@ class Ranking:
         self._pixels = cache(self._count_pixels)
         self._sharpness = cache(self._sharpness_of)
         self._palette = cache(reduced_to_palette)
+        self._exif = cache(has_exif)
 
     def _count_pixels(self, row: Row) -> int:
         found = self.signatures.get(row.sha256)
@@ -173,7 +174,7 @@ class Ranking:
                 *ahead,
                 self._steps_below(row.path, sharpest[ahead]),
                 os.path.splitext(row.path)[1].lower() not in LOSSLESS,
-                not has_exif(row.path),
+                not self._exif(row.path),
                 -row.size,
                 row.path,
             )
