@@ -3,6 +3,7 @@ in duplicates_cmds.py)."""
 
 from __future__ import annotations
 
+from collections import Counter
 from pathlib import Path
 
 import click
@@ -55,7 +56,13 @@ def export_command(index_dir, output, fmt, float16, rows_per_shard):
 
 
 @click.command("cluster")
-@click.option("-n", "k", type=click.IntRange(min=1), required=True, help="Number of clusters.")
+@click.option(
+    "-n",
+    "k",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Number of clusters [default: 10, or one per image below 10].",
+)
 @index_option
 @json_option
 @click.option(
@@ -75,9 +82,10 @@ def export_command(index_dir, output, fmt, float16, rows_per_shard):
 @click.option("--seed", type=int, default=0, show_default=True)
 def cluster_command(k, index_dir, as_json, output, pca_dim, seed):
     """k-means on fc7: every image in one cluster; purity and NMI when folders are labels."""
-    from retrieval.collection.clusters import cluster_index
+    from retrieval.collection.clusters import cluster_index, default_cluster_count
 
     with open_index(index_dir) as ix:
+        k = default_cluster_count(ix.count) if k is None else k
         report = cluster_index(ix, k, seed=seed, pca_dim=pca_dim)
     clustering = report.clustering
     if as_json:
@@ -93,15 +101,12 @@ def cluster_command(k, index_dir, as_json, output, pca_dim, seed):
             f"({space}, seed {seed}); "
             f"sizes {' '.join(str(int(n)) for n in sizes)}"
         )
-        for c in range(k):
-            members = [r for r, a in zip(report.rows, clustering.assignment) if a == c]
-            labels = {}
-            for r in members:
-                labels[r.label] = labels.get(r.label, 0) + 1
-            common = ", ".join(
-                f"{name} {n}" for name, n in sorted(labels.items(), key=lambda kv: -kv[1])[:3]
-            )
-            click.echo(f"  cluster {c}: {counted(len(members), 'image')} ({common})")
+        labels = [Counter() for _ in range(k)]
+        for row, c in zip(report.rows, clustering.assignment):
+            labels[c][row.label] += 1
+        for c, count in enumerate(labels):
+            common = ", ".join(f"{name} {n}" for name, n in count.most_common(3))
+            click.echo(f"  cluster {c}: {counted(int(sizes[c]), 'image')} ({common})")
     if report.scores:
         click.echo(
             f"against folder labels: purity {report.scores['purity']:.3f}, "

@@ -127,15 +127,9 @@ def evaluate_command(
     if as_json:
         emit_json(report.to_dict())
         return
-    click.echo(
-        f"{report.images} images: top-1 {100 * report.top1:.2f}%, "
-        f"top-5 {100 * report.top5:.2f}% (centre crop)"
-    )
+    click.echo(f"{report.images} images: {_top_k(report.top1, report.top5)} (centre crop)")
     if report.top1_ten_crop is not None:
-        click.echo(
-            f"ten crops: top-1 {100 * report.top1_ten_crop:.2f}%, "
-            f"top-5 {100 * report.top5_ten_crop:.2f}%"
-        )
+        click.echo(f"ten crops: {_top_k(report.top1_ten_crop, report.top5_ten_crop)}")
     for name, accuracy in report.per_class.items():
         click.echo(f"  {report.display(name, with_id=True)}: {100 * accuracy:.1f}%")
     if report.largest_confusions:
@@ -145,6 +139,11 @@ def evaluate_command(
                 f"  {cell['true']} -> {cell['predicted']}: {cell['count']} "
                 f"({100 * cell['share_of_true']:.1f}% of {cell['true']})"
             )
+
+
+def _top_k(top1: float, top5: float | None) -> str:
+    """Top-1, and top-5 where it was measured (more than five classes)."""
+    return f"top-1 {100 * top1:.2f}%" + ("" if top5 is None else f", top-5 {100 * top5:.2f}%")
 
 
 @click.command("recall")

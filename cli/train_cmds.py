@@ -296,8 +296,8 @@ def train_command(
     )
     if last:
         click.echo(
-            f"val top-1 error {100 * last['top1_error']:.2f}%, "
-            f"top-5 error {100 * last['top5_error']:.2f}%"
+            f"val top-1 error {100 * last['top1_error']:.2f}%"
+            + (f", top-5 error {100 * last['top5_error']:.2f}%" if "top5_error" in last else "")
             + (f", fc7 mAP {last['map']:.3f}" if "map" in last else "")
         )
     if result.best:

@@ -29,6 +29,12 @@ def topk_correct(logits: torch.Tensor, targets: torch.Tensor, ks: Sequence[int] 
     return {k: int(hits[:, : min(k, kmax)].any(dim=1).sum()) for k in ks}
 
 
+def informative_ks(n_classes: int, ks: Sequence[int] = (1, 5)) -> tuple[int, ...]:
+    """The ``ks`` a top-k score says something at: with ``n_classes`` at most k, every row is
+    right (a 3-class model's top-5 is always 100%), so that k is not reported."""
+    return tuple(k for k in ks if k == 1 or k < n_classes)
+
+
 def topk_accuracy(logits: torch.Tensor, targets: torch.Tensor, ks: Sequence[int] = (1, 5)) -> dict:
     """Top-k accuracy in [0, 1] for each ``k``."""
     n = max(int(targets.shape[0]), 1)

@@ -11,7 +11,7 @@ from PIL import Image
 
 from retrieval import Index
 from retrieval.build.options import IndexOptions
-from retrieval.collection.clusters import kmeans, label_scores, purity
+from retrieval.collection.clusters import default_cluster_count, kmeans, label_scores, purity
 from retrieval.collection.layout import snap_to_grid
 from retrieval.collection.vectors import ArrayVectors
 
@@ -57,6 +57,14 @@ def test_a_small_collection_clusters_without_faiss_asking_for_more_points(indexe
     assert result.exit_code == 0, result.output
     assert "15 images in 3 clusters" in result.stdout
     assert "please provide" not in capfd.readouterr().err  # faiss's own warning, on fd 2
+
+
+def test_cluster_without_n_uses_the_default_count_the_page_uses(indexed) -> None:
+    result = CliRunner().invoke(cli(), ["cluster", "--index", str(indexed.directory), "--json"])
+    assert result.exit_code == 0, result.output
+    clusters = {json.loads(line)["cluster"] for line in result.stdout.splitlines()}
+    assert clusters == set(range(default_cluster_count(15))) == set(range(10))
+    assert default_cluster_count(3) == 3 and default_cluster_count(10_000) == 10
 
 
 def test_kmeans_separates_well_apart_blobs_in_full_and_pca_space() -> None:

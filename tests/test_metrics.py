@@ -8,6 +8,7 @@ import torch
 
 from retrieval.metrics import (
     average_precision,
+    informative_ks,
     mean_average_precision,
     precision_at_k,
     recall_at_k,
@@ -87,3 +88,8 @@ def test_recall_at_k_ignores_padding_in_the_true_ids() -> None:
 def test_recall_at_k_refuses_a_k_beyond_the_true_neighbours() -> None:
     with pytest.raises(ValueError):
         recall_at_k(np.zeros((2, 5), int), np.zeros((2, 3), int), 4)
+
+
+def test_top_k_is_reported_only_where_it_can_be_wrong() -> None:
+    assert informative_ks(2) == informative_ks(5) == (1,)  # every row is in its top 5
+    assert informative_ks(6) == informative_ks(1000) == (1, 5)

@@ -43,6 +43,12 @@ def test_the_figure_plots_every_metric_of_the_log_and_marks_the_kept_epoch() -> 
     assert fc7.get_xlabel() == "epoch" and "epoch 3 of 3" in figure.get_suptitle()
 
 
+def test_a_log_without_top_5_draws_no_top_5_line() -> None:
+    rows = [{k: v for k, v in row.items() if k != "top5_error"} for row in ROWS]
+    _, acc, _, _ = curves.curves_figure(rows, title="three classes").axes
+    assert set(_lines(acc)) == {"top-1", "kept: epoch 2"}
+
+
 def test_plot_redraws_the_curves_from_a_metrics_log(tmp_path: Path) -> None:
     from retrieval.cli.main import cli
 

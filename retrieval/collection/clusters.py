@@ -24,6 +24,14 @@ if TYPE_CHECKING:
 
 # Above this many floats (N x D; 512 MiB of float32) k-means runs on a PCA copy.
 PCA_ABOVE = 1 << 27
+# Clusters when none are asked for: enough to sort a collection into kinds, few enough to
+# look at each sheet. The CLI, the page and the map's colours all start here.
+DEFAULT_CLUSTERS = 10
+
+
+def default_cluster_count(count: int) -> int:
+    """How many clusters ``count`` images get when the user names none."""
+    return max(1, min(DEFAULT_CLUSTERS, count))
 
 
 @dataclass

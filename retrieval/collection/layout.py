@@ -86,10 +86,10 @@ def map_layout(
     rows = [source.rows[p] for p in picked]
     vectors = source.take(picked)
     if color == "cluster":
-        from retrieval.collection.clusters import kmeans
+        from retrieval.collection.clusters import default_cluster_count, kmeans
         from retrieval.collection.vectors import ArrayVectors
 
-        k = max(2, min(len({r.label for r in rows}), 12, len(rows)))
+        k = default_cluster_count(len(rows))
         assignment = kmeans(ArrayVectors(vectors), k, seed=seed).assignment
         groups = [f"cluster {int(c)}" for c in assignment]
     elif color == "label":

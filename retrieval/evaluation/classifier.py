@@ -17,7 +17,7 @@ import numpy as np
 from retrieval.devices import resolve_device
 from retrieval.figures.confusion import largest_confusions, save_confusion
 from retrieval.images.class_names import display_name, names_for
-from retrieval.metrics import topk_correct
+from retrieval.metrics import informative_ks, topk_correct
 from retrieval.model.weights import load_model
 from retrieval.progress import Progress
 from retrieval.training.augment import BatchTransform
@@ -35,7 +35,7 @@ class ClassifierReport:
     data: str
     images: int
     top1: float
-    top5: float
+    top5: float | None  # None with 5 classes or fewer, where every image is in its top 5
     top1_ten_crop: float | None
     top5_ten_crop: float | None
     per_class: dict[str, float]
@@ -87,7 +87,7 @@ def evaluate_classifier(
     logits, labels = classify(
         loaded.model, images, transform, prep.resize, batch_size, torch_device, **kwargs
     )
-    ks = (1, 5)
+    ks = informative_ks(logits.shape[1])
     centre = topk_correct(logits, labels, ks)
     n = max(len(labels), 1)
     ten = None
@@ -121,9 +121,9 @@ def evaluate_classifier(
         data=str(data_dir),
         images=len(labels),
         top1=centre[1] / n,
-        top5=centre[5] / n,
+        top5=centre[5] / n if 5 in centre else None,
         top1_ten_crop=ten[1] / n if ten else None,
-        top5_ten_crop=ten[5] / n if ten else None,
+        top5_ten_crop=ten[5] / n if ten and 5 in ten else None,
         per_class=per_class,
         classes=list(classes),
         names={c: n for c, n in names.items() if c in classes},

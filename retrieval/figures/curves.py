@@ -59,6 +59,8 @@ def curves_figure(rows: Sequence[dict[str, Any]], title: str = "") -> Any:
     loss.plot(epochs, [r.get("train_loss") for r in rows], style, label="train loss")
     _panel(acc, "validation accuracy", "accuracy (%)")
     for key, name in (("top1_error", "top-1"), ("top5_error", "top-5")):
+        if not any(key in r for r in rows):
+            continue  # top-5 of 5 classes or fewer: always right, so never measured
         acc.plot(epochs, [_percent_correct(r.get(key)) for r in rows], style, label=name)
     _panel(fc7, "validation fc7 retrieval", "score")
     for key in ("precision@6", "map"):

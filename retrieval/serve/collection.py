@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from anyio import to_thread
 
-from retrieval.collection.clusters import ClusterReport, cluster_index
+from retrieval.collection.clusters import ClusterReport, cluster_index, default_cluster_count
 from retrieval.collection.near import NearOptions, TooManyPairs
 from retrieval.duplicates.calibration import Calibration, CalibrationOptions, calibrate
 from retrieval.duplicates.groups import (
@@ -186,7 +186,7 @@ class CollectionViews:
         if count < 1:
             raise Refused(422, "the index is empty: nothing to cluster")
         top = min(count, MAX_K)
-        k = int_param(params.get("n"), "n", min(10, count), 1, top)
+        k = int_param(params.get("n"), "n", default_cluster_count(count), 1, top)
         per = int_param(params.get("per"), "per", 8, 1, MAX_SHOWN)
         outliers = int_param(params.get("outliers"), "outliers", 8, 0, MAX_SHOWN)
         generation = self.index.generation

@@ -76,7 +76,7 @@ def describe_epoch(row: dict[str, Any], val_name: str = "val") -> str:
     return (
         f"epoch {row['epoch']}/{row['epochs']}: train loss {row['train_loss']:.4f}, "
         f"{val_name} top-1 error {100 * row['top1_error']:.2f}%, "
-        f"top-5 error {100 * row['top5_error']:.2f}%, "
+        + (f"top-5 error {100 * row['top5_error']:.2f}%, " if "top5_error" in row else "")
         + (
             f"fc7 precision@{RETRIEVAL_K} {row[f'precision@{RETRIEVAL_K}']:.3f}, "
             f"mAP {row['map']:.3f}, "

@@ -16,7 +16,12 @@ import torch
 from torch.nn import functional as F
 from torchvision.transforms.v2 import functional as TF
 
-from retrieval.metrics import mean_average_precision, precision_at_k, topk_correct
+from retrieval.metrics import (
+    informative_ks,
+    mean_average_precision,
+    precision_at_k,
+    topk_correct,
+)
 from retrieval.model.alexnet import AlexNet
 from retrieval.progress import Progress, silent
 from retrieval.training.augment import BatchTransform
@@ -112,12 +117,11 @@ def validate(
     logits, labels = classify(
         model, images, transform, side, batch_size, device, fc7=rows, **kwargs
     )
-    correct = topk_correct(logits, labels, (1, 5))
+    correct = topk_correct(logits, labels, informative_ks(logits.shape[1]))
     n = max(len(labels), 1)
     result = {
         "val_loss": float(F.cross_entropy(logits, labels)) if len(labels) else float("nan"),
-        "top1_error": 1 - correct[1] / n,
-        "top5_error": 1 - correct[5] / n,
+        **{f"top{k}_error": 1 - hits / n for k, hits in correct.items()},
     }
     if database is not None and rows:
         db_rows: list[torch.Tensor] = []
