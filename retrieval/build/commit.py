@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 
 from retrieval.build.options import CommitCounts, IndexOptions
+from retrieval.images.walk import label_of
 from retrieval.indexes import auto, flat_file, generation, kinds, store
 from retrieval.indexes.rows import Row, RowUpdate
 from retrieval.indexes.staging import Staging, iter_chunk_features
@@ -24,10 +25,6 @@ from retrieval.version import __version__
 
 TRAINING_SEED = 1234
 DEFAULT_KIND_REASON = "Flat: the default, exact (--index-type auto chooses by size and memory)"
-
-
-def _label(path: str) -> str:
-    return Path(path).parent.name
 
 
 def commit_changes(
@@ -108,7 +105,7 @@ def commit_changes(
                         r.size,
                         r.mtime_ns,
                         r.sha256,
-                        _label(r.path),
+                        label_of(r.path),
                         status,
                         r.reason,
                         r.detail or None,

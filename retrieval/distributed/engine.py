@@ -26,6 +26,7 @@ from retrieval.devices import choose_precision, parse_device, usable_cores
 from retrieval.distributed.manifest import PART_FILES, Manifest, Part, Source, plan, read_part
 from retrieval.errors import RetrieveError
 from retrieval.images.decode import DEFAULT_MAX_MEGAPIXELS
+from retrieval.images.walk import label_of
 from retrieval.indexes.shards import ShardRows, SkippedRows, write_identity, write_shard
 from retrieval.units import counted
 
@@ -436,7 +437,7 @@ def _write_part(out: Path, number: int, files: dict, seen: dict[int, tuple]) -> 
             continue
         rows.id.append(key)
         rows.path.append(path)
-        rows.label.append(Path(path).parent.name)
+        rows.label.append(label_of(path))
         rows.sha256.append(str(sha256))
         rows.size.append(int(size))
         rows.mtime.append(int(mtime))

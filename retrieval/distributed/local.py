@@ -19,6 +19,7 @@ from retrieval.distributed.manifest import PART_FILES, Source, plan, read_part
 from retrieval.errors import RetrieveError
 from retrieval.extraction import extract_fc7
 from retrieval.extraction.types import ExtractOptions
+from retrieval.images.walk import label_of
 from retrieval.indexes.shards import ShardRows, SkippedRows, write_identity, write_shard
 
 
@@ -56,7 +57,7 @@ def extract_locally(
                 if record.ok:
                     rows.id.append(key)
                     rows.path.append(record.path)
-                    rows.label.append(Path(record.path).parent.name)
+                    rows.label.append(label_of(record.path))
                     rows.sha256.append(record.sha256)
                     rows.size.append(record.size)
                     rows.mtime.append(record.mtime_ns)

@@ -16,6 +16,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from retrieval.errors import RetrieveError
+from retrieval.images.walk import label_of
 from retrieval.indexes.rows import Row
 from retrieval.metrics import mean_average_precision, precision_at_k, recall_at_k
 from retrieval.results import expand_queries
@@ -82,7 +83,7 @@ def evaluate_retrieval(
         good = [r for r in batch.records if r.ok]
         if not good:
             continue
-        query_labels = np.array([codes.get(Path(r.path).parent.name, -2) for r in good])
+        query_labels = np.array([codes.get(label_of(r.path), -2) for r in good])
         self_ids = [_own_id(index, r.path) for r in good]
         for start in range(0, len(good), SEARCH_BATCH):
             part = slice(start, start + SEARCH_BATCH)

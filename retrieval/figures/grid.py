@@ -14,7 +14,7 @@ from retrieval.errors import ImageReadError, RetrieveError
 from retrieval.figures.fonts import label_font
 from retrieval.images.class_names import name_of
 from retrieval.images.decode import load_image
-from retrieval.images.walk import find_images
+from retrieval.images.walk import find_images, label_of
 from retrieval.results import QueryResult
 
 log = logging.getLogger(__name__)
@@ -90,7 +90,7 @@ def render_grid(results: Sequence[QueryResult], output: Path, *, tile: int = 128
         y = header + row_number * (tile + caption + pad)
         canvas.paste(_tile(result.query, tile), (pad, y))
         draw.rectangle([pad - 3, y - 3, pad + tile + 2, y + tile + 2], outline=QUERY_FRAME, width=3)
-        query_label = _readable(Path(result.query).parent.name, result.query)
+        query_label = _readable(label_of(result.query), result.query)
         draw.text(
             (pad, y + tile + 4), _fit_text(draw, query_label, font, tile), fill=TEXT, font=font
         )

@@ -27,6 +27,13 @@ IMAGE_SUFFIXES: frozenset[str] = frozenset(
 NO_SUFFIX = "(no suffix)"
 
 
+def label_of(path: str | Path) -> str:
+    """An image's label: the name of the folder it sits in (``cats/001.jpg`` is a cat). Every
+    index row records it, and retrieval quality and the figures read a query's label the same
+    way."""
+    return Path(path).parent.name
+
+
 @dataclass(frozen=True)
 class WalkProblem:
     """A path the walk could not enter or resolve; not an image row, but worth telling."""
