@@ -9,8 +9,8 @@ import numpy as np
 from PIL import Image
 
 from retrieval.devices import faiss_threads
+from retrieval.duplicates import keypoints as orb
 from retrieval.duplicates.edits import edited
-from retrieval.duplicates.verify import _described, _detected, _matches, _mirrored
 from tests.corpus import scene
 
 
@@ -35,10 +35,10 @@ def as_rows(matches) -> np.ndarray:
 
 def keypoints(image: Image.Image, mirrored: bool = False):
     grey = np.asarray(image.convert("L"))
-    detected, found = _detected(grey)
+    points, found = orb.detected(grey)
     if not mirrored:
         return found
-    return _described(grey[:, ::-1], _mirrored(detected, grey.shape[1]))
+    return orb.described(grey[:, ::-1], orb.mirrored(points, grey.shape[1]))
 
 
 def test_matches_are_opencvs_brute_force_matches() -> None:
@@ -53,7 +53,7 @@ def test_matches_are_opencvs_brute_force_matches() -> None:
             (scene(seed + 100, (320, 240)), False),  # a different picture: few or no matches
         ):
             found_b = keypoints(other, mirrored)
-            ours, theirs = _matches(found_a, found_b), opencv_matches(found_a, found_b)
+            ours, theirs = orb.matches(found_a, found_b), opencv_matches(found_a, found_b)
             assert (ours is None) == (theirs is None), (seed, mirrored)
             if ours is not None:
                 assert np.array_equal(as_rows(ours), as_rows(theirs)), (seed, mirrored)

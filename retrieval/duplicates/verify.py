@@ -13,12 +13,9 @@
    keypoints too, but its aligned pixels differ (parallax, light, people); an edited copy's
    do not.
 3. **Second shots** (both tests): a re-shoot of a still scene can pass either test on its whole
-   overlap, because the static part dominates the correlation. So each pair is also compared on
-   a 12 x 12 grid of blocks (``_second_shot``): an edited copy agrees block by block everywhere
-   except where something was painted on one of the two, which is a caption bar or a border
-   along an edge (peeled off first) or a small logo; a second shot has either blocks that only
-   roughly agree all over (the view moved: the median block correlation is low) or a connected
-   patch of disagreeing blocks away from the edges (something in the scene moved).
+   overlap, because the static part dominates the correlation, so each pair is also compared
+   block by block (``second_shot.py``): an edited copy agrees everywhere but where something
+   was painted on it; a second shot's blocks only roughly agree, or a patch of them differs.
 
 Small pictures are weaker evidence: below COMPARE_SIDE the correlation bars close towards 1
 in proportion and fewer pHash bits may differ (:func:`size_bar`, :func:`framing_bits`).
@@ -36,7 +33,8 @@ from typing import Any
 
 import numpy as np
 
-from retrieval.devices import faiss_threads
+from retrieval.duplicates import keypoints as orb
+from retrieval.duplicates.second_shot import second_shot
 from retrieval.errors import ImageReadError
 from retrieval.images.decode import load_image
 from retrieval.images.hashes import (
@@ -51,7 +49,6 @@ WORK_SIDE = 512  # the geometric check's images: longer side at most this
 EDGE = 3  # pixels of a margin next to the picture left out when judging it (blended there)
 MIN_SHORT_SIDE = 256  # ... and smaller ones scaled up to this, so ORB finds corners
 COMPARE_SIDE = 128  # correlations are taken at this size (fine detail, not noise)
-KEYPOINTS = 600  # ORB keypoints per image
 UNREADABLE = "a file could not be read"  # a verdict's edits when one picture could not be opened
 
 
@@ -143,13 +140,13 @@ class ImageCache:
         entry = self._entry(path)
         if "points" not in entry:
             grey = entry["grey"]
-            entry["detected"], entry["points"] = ([], None) if grey is None else _detected(grey)
+            entry["detected"], entry["points"] = ([], None) if grey is None else orb.detected(grey)
         if not mirrored:
             return entry["points"]
         if "mirrored" not in entry:
             grey = entry["grey"]
-            flipped = _mirrored(entry["detected"], 0 if grey is None else grey.shape[1])
-            entry["mirrored"] = _described(None if grey is None else grey[:, ::-1], flipped)
+            flipped = orb.mirrored(entry["detected"], 0 if grey is None else grey.shape[1])
+            entry["mirrored"] = orb.described(None if grey is None else grey[:, ::-1], flipped)
         return entry["mirrored"]
 
 
@@ -285,18 +282,18 @@ def _geometry(
     a = images.grey(path_a)
     matched: dict[bool, tuple[np.ndarray, np.ndarray] | None] = {}
     # both similarities before either stretch: a pair a similarity verifies is judged as before
-    for model in (_similarity, _stretch):
-        for mirrored in (False, True):
-            if mirrored not in matched:
-                found_b = images.keypoints(path_b, mirrored)
-                matched[mirrored] = None if found_b is None else _matches(found_a, found_b)
+    for model in (orb.similarity, orb.stretch):
+        for flip in (False, True):
+            if flip not in matched:
+                found_b = images.keypoints(path_b, flip)
+                matched[flip] = None if found_b is None else orb.matches(found_a, found_b)
             least = (
                 options.inliers
-                if model is _similarity
+                if model is orb.similarity
                 else max(options.inliers, options.stretch_inliers)
             )
             # a fit's inliers are some of the matches: too few matches, no fit worth the RANSAC
-            pairs = matched[mirrored]
+            pairs = matched[flip]
             if pairs is None or len(pairs[0]) < max(least, best.inliers + 1):
                 continue
             fit = model(*pairs)
@@ -306,8 +303,8 @@ def _geometry(
             if inliers < least or inliers <= best.inliers:
                 continue
             b = images.grey(path_b)
-            b_used = np.ascontiguousarray(b[:, ::-1]) if mirrored else b
-            verdict = _aligned(a, b_used, matrix, inliers, mirrored, options, overlap_bar)
+            b_used = np.ascontiguousarray(b[:, ::-1]) if flip else b
+            verdict = _aligned(a, b_used, matrix, inliers, flip, options, overlap_bar)
             if verdict.copy:
                 return verdict
             best = verdict
@@ -346,127 +343,6 @@ def _aligned(
         kept = [e for e in verdict.edits if e != "re-encoded"]
         verdict.edits = [*kept, f"painted over ({1 - agree:.0%} of it differs)"]
     return verdict
-
-
-def _orb():
-    import cv2
-
-    return cv2.ORB_create(nfeatures=KEYPOINTS, fastThreshold=12)
-
-
-def _detected(image: np.ndarray) -> tuple[list, tuple[np.ndarray, np.ndarray] | None]:
-    """The ORB keypoints of a working copy, and (points, descriptors) of them (None: fewer
-    than 8)."""
-    keypoints, descriptors = _orb().detectAndCompute(np.ascontiguousarray(image), None)
-    if descriptors is None or len(keypoints) < 8:
-        return list(keypoints), None
-    return list(keypoints), (np.float32([k.pt for k in keypoints]), descriptors)
-
-
-def _mirrored(keypoints: list, width: int) -> list:
-    """``keypoints`` of a picture ``width`` px wide, where they fall in its mirror image (a
-    corner is a corner either way round, so the mirror needs no detection of its own: that
-    is most of ORB's time)."""
-    import cv2
-
-    return [
-        cv2.KeyPoint(
-            width - 1 - k.pt[0], k.pt[1], k.size, (180 - k.angle) % 360, k.response, k.octave
-        )
-        for k in keypoints
-    ]
-
-
-def _described(image: np.ndarray | None, keypoints: list):
-    """(points, ORB descriptors) of ``keypoints`` on ``image``; None when fewer than 8."""
-    if image is None or len(keypoints) < 8:
-        return None
-    points, descriptors = _orb().compute(np.ascontiguousarray(image), keypoints)
-    if descriptors is None or len(points) < 8:
-        return None
-    return np.float32([p.pt for p in points]), descriptors
-
-
-def _matches(found_a, found_b) -> tuple[np.ndarray, np.ndarray] | None:
-    """``b``'s and ``a``'s points of the descriptor matches that pass the ratio test: each of
-    ``b``'s descriptors with its nearest two of ``a``'s, by exact Hamming distance in a faiss
-    flat binary index. The ratio test keeps only a strictly nearest one, so these are the
-    matches OpenCV's brute-force matcher finds, in a quarter of its time (no match objects)."""
-    import faiss
-
-    points_a, desc_a = found_a
-    points_b, desc_b = found_b
-    index = faiss.IndexBinaryFlat(8 * desc_a.shape[1])
-    index.add(np.ascontiguousarray(desc_a))
-    with faiss_threads(1):  # verification runs a thread per core already
-        distances, nearest = index.search(np.ascontiguousarray(desc_b), 2)
-    good = np.flatnonzero((nearest[:, 1] >= 0) & (distances[:, 0] < 0.8 * distances[:, 1]))
-    if len(good) < 8:
-        return None
-    return points_b[good], points_a[nearest[good, 0]]
-
-
-def _similarity(source: np.ndarray, target: np.ndarray) -> tuple[np.ndarray, int] | None:
-    """A similarity taking ``b``'s points onto ``a``'s, and its RANSAC inlier count."""
-    import cv2
-
-    matrix, mask = cv2.estimateAffinePartial2D(
-        source,
-        target,
-        method=cv2.RANSAC,
-        ransacReprojThreshold=4.0,
-        maxIters=2000,
-        confidence=0.995,
-    )
-    if matrix is None or mask is None:
-        return None
-    scale = math.hypot(matrix[0, 0], matrix[1, 0])
-    if not 0.05 < scale < 20:
-        return None
-    return matrix, int(mask.sum())
-
-
-STRETCH_SEEDS = 256  # RANSAC draws for the stretch: two matches each
-STRETCH_MAX = 2.5  # one axis scaled at most this much more than the other (4:3 <-> 1:1 is 1.33)
-
-
-def _stretch(source: np.ndarray, target: np.ndarray) -> tuple[np.ndarray, int] | None:
-    """A stretch (x and y scaled apart, then shifted; no turn, no shear) taking ``b``'s points
-    onto ``a``'s, and its inlier count: RANSAC on two matches (each axis's scale and shift
-    from their two coordinates), refitted by least squares on the inliers. None when the
-    aspect ratio hardly changes (the similarity has judged that) or changes beyond reason."""
-    rng = np.random.default_rng(len(source))  # seeded: one pair, one verdict
-    first, second = rng.integers(0, len(source), (2, STRETCH_SEEDS))
-    d_source = source[first] - source[second]
-    d_target = target[first] - target[second]
-    spread = np.abs(d_source).min(axis=1) >= 8  # both axes' scales measurable
-    if not spread.any():
-        return None
-    scales = d_target[spread] / d_source[spread]  # (draws, 2)
-    shifts = target[first[spread]] - scales * source[first[spread]]
-    sane = (scales > 0.05).all(axis=1) & (scales < 20).all(axis=1)
-    if not sane.any():
-        return None
-    scales, shifts = scales[sane], shifts[sane]
-    moved = source[None] * scales[:, None] + shifts[:, None]  # (draws, matches, 2)
-    errors = np.linalg.norm(moved - target[None], axis=2)
-    counts = (errors < 4.0).sum(axis=1)
-    inliers = errors[int(counts.argmax())] < 4.0
-    if inliers.sum() < 4:
-        return None
-    rows = []
-    for axis in (0, 1):
-        design = np.stack([source[inliers, axis], np.ones(int(inliers.sum()))], axis=1)
-        rows.append(np.linalg.lstsq(design, target[inliers, axis], rcond=None)[0])
-    (scale_x, shift_x), (scale_y, shift_y) = rows
-    if min(scale_x, scale_y) <= 0.05:
-        return None
-    ratio = abs(math.log(scale_x / scale_y))
-    if ratio < 0.03 or ratio > math.log(STRETCH_MAX):
-        return None
-    matrix = np.array([[scale_x, 0.0, shift_x], [0.0, scale_y, shift_y]])
-    errors = np.linalg.norm(source @ matrix[:, :2].T + matrix[:, 2] - target, axis=1)
-    return matrix, int((errors < 4.0).sum())
 
 
 def _overlap(a: np.ndarray, b: np.ndarray, matrix: np.ndarray):
@@ -518,91 +394,18 @@ def _blocks_agreeing(x: np.ndarray, y: np.ndarray, keep: np.ndarray, grid: int =
     return agree / counted if counted >= grid else 0.0
 
 
-SECOND_SHOT_GRID = 12  # blocks of about 10 x 10 px at COMPARE_SIDE: a moved object spans several
-TEXTURED = 8.0  # a block's grey-level spread (std) from which it has something to compare
-DISAGREE = 0.5  # a block pair correlating below this shows different things
-# Bands along an edge where most blocks disagree are taken as painted (a caption bar over the
-# picture: at most 22% of its height in bench/duplicates.py, so up to 3-4 lines of 12) and left
-# out before looking for a moved object; a second shot whose difference lies only there passes.
-EDGE_LINES = 4
-
-
 def _second_shot(
     x: np.ndarray, y: np.ndarray, keep: np.ndarray, options: VerifyOptions, painted: bool = False
 ) -> str | None:
-    """Why two aligned pictures are two shots of one scene rather than one picture edited, or
-    None when they look like one picture. ``painted``: the pair is accepted as painted over
-    (a caption on a textureless picture can be most of its texture), so the blocks' overall
-    agreement is not asked again; a moved patch still is."""
-    import cv2
-
-    grid = SECOND_SHOT_GRID
-    corr, spread_x, spread_y = _block_statistics(x, y, keep, grid)
-    # flat in both says nothing; textured in one only counts (an object moved over a clear sky
-    # is flat there), textured in both is what the overall agreement is judged on
-    corr[np.maximum(spread_x, spread_y) < TEXTURED] = np.nan
-    both = ~np.isnan(corr) & (np.minimum(spread_x, spread_y) >= TEXTURED)
-    textured = ~np.isnan(corr)
-    if not painted and both.sum() >= grid:
-        median = float(np.median(corr[both]))
-        if median < options.block_median:
-            return f"a second shot: its blocks only roughly agree (median {median:.2f})"
-    differ = textured & (np.nan_to_num(corr, nan=1.0) < DISAGREE)
-    differ &= ~_painted_bands(textured, differ)
-    count, labels = cv2.connectedComponents(differ.astype(np.uint8), connectivity=4)
-    largest = max((int((labels == n).sum()) for n in range(1, count)), default=0)
-    if largest >= options.moved_blocks:
-        return f"a second shot: something moved ({largest} of {grid * grid} blocks differ)"
-    return None
-
-
-def _block_statistics(
-    x: np.ndarray, y: np.ndarray, keep: np.ndarray, grid: int
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Per block of a ``grid`` x ``grid`` split (numpy's array_split): the correlation of ``x``
-    and ``y`` over the kept pixels (NaN where under 90% of the block is kept) and each one's
-    standard deviation, from block sums in one pass instead of a loop over the blocks."""
-    splits = [np.array_split(np.arange(n), grid) for n in x.shape]
-    starts = [np.array([part[0] if len(part) else 0 for part in split]) for split in splits]
-    sizes = [np.array([len(part) for part in split]) for split in splits]
-
-    def sums(values: np.ndarray) -> np.ndarray:
-        out = np.add.reduceat(np.add.reduceat(values, starts[0], axis=0), starts[1], axis=1)
-        out[sizes[0] == 0, :] = 0  # reduceat gives a lone element for an empty slice
-        out[:, sizes[1] == 0] = 0
-        return out
-
-    k = keep.astype(np.float64)
-    a, b = x.astype(np.float64) * k, y.astype(np.float64) * k
-    count = sums(k)
-    area = np.outer(sizes[0], sizes[1])
-    with np.errstate(invalid="ignore", divide="ignore"):
-        mean_a, mean_b = sums(a) / count, sums(b) / count
-        var_a = np.maximum(sums(a * a) / count - mean_a**2, 0)
-        var_b = np.maximum(sums(b * b) / count - mean_b**2, 0)
-        cov = sums(a * b) / count - mean_a * mean_b
-        norm = np.sqrt(var_a * var_b)
-        corr = np.where(norm > 0, cov / np.where(norm > 0, norm, 1), 0.0)
-        corr[(area == 0) | (count < 0.9 * area)] = np.nan
-    return corr, np.sqrt(var_a), np.sqrt(var_b)
-
-
-def _painted_bands(textured: np.ndarray, differ: np.ndarray) -> np.ndarray:
-    """The blocks of the lines along each edge, up to EDGE_LINES deep, in which most textured
-    blocks differ: where a caption bar or a band painted over the picture lies."""
-    band = np.zeros(differ.shape, bool)
-    for grid_t, grid_d, out in ((textured, differ, band), (textured.T, differ.T, band.T)):
-        for order in (range(len(grid_t)), range(len(grid_t) - 1, -1, -1)):
-            for depth, line in enumerate(order):
-                if depth >= EDGE_LINES:
-                    break
-                seen = grid_t[line]
-                if not seen.any():
-                    continue  # nothing there to judge (a flat strip): look one line further in
-                if grid_d[line][seen].mean() < 0.5:
-                    break
-                out[line] = True
-    return band
+    """``second_shot`` at ``options``' bars."""
+    return second_shot(
+        x,
+        y,
+        keep,
+        block_median=options.block_median,
+        moved_blocks=options.moved_blocks,
+        painted=painted,
+    )
 
 
 def _margin(image: np.ndarray, outside: np.ndarray) -> str | None:
