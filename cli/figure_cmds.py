@@ -58,13 +58,18 @@ def grid_command(queries, output, k, n, seed, tile, index_dir, weights, device, 
 
 
 @click.command("visualize")
-@click.option("--weights", required=True, help="imagenet, random[:SEED] or a checkpoint.")
+@click.option(
+    "--weights",
+    default=None,
+    help="imagenet, random[:SEED] or a checkpoint [default: the model of --index].",
+)
+@index_option
 @click.option(
     "-o",
     "--output",
     type=click.Path(dir_okay=False, path_type=Path),
-    required=True,
-    help="PNG to write.",
+    default=None,
+    help="PNG to write [default: kernels.png, or feature-maps.png with --image].",
 )
 @click.option(
     "--image",
@@ -85,17 +90,28 @@ def grid_command(queries, output, k, n, seed, tile, index_dir, weights, device, 
     help="Pixels per kernel / map pixel [default: fit about 1000 px].",
 )
 @device_option
-def visualize_command(weights, output, image, layer, scale, device):
+def visualize_command(weights, index_dir, output, image, layer, scale, device):
     """The conv1 kernels as coloured patches (the paper's Figure 3), or the feature maps of one
-    layer for --image."""
+    layer for --image; of --weights, else of the model the index was built with."""
+    from contextlib import nullcontext
+
+    from retrieval.errors import IndexNotFoundError
     from retrieval.figures import kernels as visualize
 
-    if image is None:
-        path = visualize.draw_kernels(weights, output, scale=scale, device=device)
-    else:
-        path = visualize.draw_feature_maps(
-            weights, image, output, layer=layer, scale=scale, device=device
-        )
+    if output is None:
+        output = Path("kernels.png" if image is None else "feature-maps.png")
+    try:
+        opened = nullcontext() if weights else open_index(index_dir, device=device)
+    except IndexNotFoundError as exc:
+        raise click.UsageError(f"{exc}; or name a model with --weights") from None
+    with opened as ix:
+        model = weights or ix.model
+        if image is None:
+            path = visualize.draw_kernels(model, output, scale=scale, device=device)
+        else:
+            path = visualize.draw_feature_maps(
+                model, image, output, layer=layer, scale=scale, device=device
+            )
     click.echo(str(path))
 
 

@@ -67,6 +67,25 @@ def test_visualize_command_writes_the_png(grey_model: Path, tmp_path: Path) -> N
     assert out.exists() and result.stdout.strip() == str(out)
 
 
+def test_visualize_without_weights_draws_the_index_model(
+    small_model: Path, photos: Path, in_tmp: Path
+) -> None:
+    from retrieval import Index, IndexOptions
+    from retrieval.cli.main import cli
+
+    Index.create("idx", photos, IndexOptions(weights=str(small_model))).close()
+    result = CliRunner().invoke(cli, ["visualize", "--index", "idx"])
+    assert result.exit_code == 0, result.output
+    assert result.stdout.strip() == "kernels.png"  # the default name, in the current folder
+    expected = draw_kernels(small_model, in_tmp / "expected.png")
+    assert np.array_equal(np.asarray(Image.open("kernels.png")), np.asarray(Image.open(expected)))
+    other = draw_kernels("random:5", in_tmp / "other.png")
+    assert not np.array_equal(np.asarray(Image.open("kernels.png")), np.asarray(Image.open(other)))
+
+    missing = CliRunner().invoke(cli, ["visualize", "--index", "nowhere"])
+    assert missing.exit_code == 2 and "--weights" in missing.output
+
+
 def test_figure_labels_draw_letters_beyond_ascii() -> None:
     """Folder names like ``Müller`` or ``Smørrebrød`` must not come out as rows of empty boxes:
     Pillow's default font draws one box for every letter it lacks, so two such letters would

@@ -15,13 +15,21 @@ from retrieval.atomic import atomic_path
 from retrieval.devices import resolve_device
 from retrieval.errors import RetrieveError
 from retrieval.images.decode import load_image
-from retrieval.model.weights import load_model
+from retrieval.model.weights import LoadedModel, load_model
 
 # The paper's names for layer outputs (after the ReLU, or LRN in the paper variant, where both sit
 # in the same slot); each model's own ``layers`` gives their module names, batch norm or not.
 LAYERS = ("conv1", "pool1", "conv2", "pool2", "conv3", "conv4", "conv5", "pool5", "fc6", "fc7")
 GROUP_GAP = 4  # white pixels between the two groups' blocks (Figure 3's two GPUs)
 TARGET_WIDTH = 1000  # pixels the default scale aims for
+
+
+def _loaded(model: str | Path | LoadedModel, device: str) -> tuple[LoadedModel, torch.device]:
+    """``model`` as given (an index's, already checked), or loaded from its weights spec."""
+    if isinstance(model, LoadedModel):
+        return model, next(model.model.parameters()).device
+    torch_device = resolve_device(device)
+    return load_model(model, torch_device), torch_device
 
 
 def _save_png(grid: torch.Tensor, output: Path, scale: int) -> Path:
@@ -69,11 +77,15 @@ def grouped_kernel_grid(weight: torch.Tensor, groups: int = 1) -> torch.Tensor:
 
 
 def draw_kernels(
-    weights: str | Path, output: str | Path, *, scale: int | None = None, device: str = "cpu"
+    model: str | Path | LoadedModel,
+    output: str | Path,
+    *,
+    scale: int | None = None,
+    device: str = "cpu",
 ) -> Path:
     """The first layer's kernels as coloured patches (paper Figure 3) in a PNG; a two-group
-    network's two halves as two blocks."""
-    loaded = load_model(weights, resolve_device(device))
+    network's two halves as two blocks. ``model``: a weights spec or a loaded model."""
+    loaded, _ = _loaded(model, device)
     conv1 = loaded.model.conv_layers()[0][1]
     grid = grouped_kernel_grid(conv1.weight, loaded.args.groups)
     return _save_png(grid, Path(output), scale or _default_scale(grid.shape[-1]))
@@ -108,7 +120,7 @@ def feature_map_grid(maps: torch.Tensor) -> torch.Tensor:
 
 
 def draw_feature_maps(
-    weights: str | Path,
+    model: str | Path | LoadedModel,
     image: str | Path,
     output: str | Path,
     *,
@@ -117,8 +129,7 @@ def draw_feature_maps(
     device: str = "cpu",
 ) -> Path:
     """The activations of ``layer`` for ``image``, one tile per channel, in a PNG."""
-    torch_device = resolve_device(device)
-    loaded = load_model(weights, torch_device)
+    loaded, torch_device = _loaded(model, device)
     pil = load_image(Path(image), mode=loaded.preprocessing.mode)
     x = loaded.preprocessing(pil).unsqueeze(0).to(torch_device)
     grid = feature_map_grid(layer_output(loaded.model, x, layer)[0])
