@@ -6,11 +6,14 @@ from pathlib import Path
 
 import click
 
+from retrieval.units import counted
+
 from .options import (
     device_option,
     display_path,
     index_option,
     k_option,
+    neighbours_found,
     open_index,
     search_options,
     weights_option,
@@ -52,9 +55,8 @@ def grid_command(queries, output, k, n, seed, tile, index_dir, weights, device, 
         if result.error:
             query = display_path(result.query)
             click.echo(f"{query}: cannot use this image: {result.error}", err=True)
-    drawn = sum(1 for r in results if r.neighbors)
-    queries = "1 query" if drawn == 1 else f"{drawn} queries"
-    click.echo(f"wrote {path} ({queries} x {k} neighbours)")
+    drawn = counted(sum(1 for r in results if r.neighbors), "query", "queries")
+    click.echo(f"wrote {path} ({drawn} x {counted(neighbours_found(results, k), 'neighbour')})")
 
 
 @click.command("visualize")

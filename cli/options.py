@@ -16,6 +16,7 @@ from typing import Any
 import click
 
 from retrieval.devices import usable_cores
+from retrieval.units import counted
 
 DEFAULT_K = 6
 
@@ -95,6 +96,16 @@ workers_option = click.option(
     default=None,
     help="Decoder processes for image folders [default: one per core].",
 )
+
+
+def neighbours_found(results: list, k: int) -> int:
+    """The most neighbours any result got, saying on stderr when that is fewer than ``k`` (the
+    index holds fewer images than were asked for: all of them are shown)."""
+    found = max((len(r.neighbors) for r in results), default=0)
+    if any(r.neighbors for r in results) and found < k:
+        shown = counted(found, "neighbour")
+        click.echo(f"only {shown} of the {k} asked: the index holds no others", err=True)
+    return found
 
 
 def with_options(options: list) -> Callable:

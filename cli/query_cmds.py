@@ -13,6 +13,7 @@ from .options import (
     index_option,
     json_option,
     k_option,
+    neighbours_found,
     open_index,
     search_options,
     weights_option,
@@ -44,6 +45,7 @@ def query_command(images, k, index_dir, weights, device, nprobe, ef_search, as_j
             for n in result.neighbors:
                 path = display_path(n.path)
                 click.echo(f"  {n.rank:>3}  {n.distance:10.4f}  {path}  [{n.label}]")
+    neighbours_found(results, k)
     failed = [r for r in results if r.error]
     if failed and len(failed) == len(results):
         raise click.ClickException(f"no query image could be used ({failed[0].error})")

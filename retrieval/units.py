@@ -34,6 +34,7 @@ def human_bytes(size: float) -> str:
     return f"{size:.1f} {unit}"
 
 
-def counted(n: int, noun: str) -> str:
-    """``1 epoch``, ``3 epochs``: a count with its noun, for lines a user reads."""
-    return f"{n} {noun}{'' if n == 1 else 's'}"
+def counted(n: int, noun: str, plural: str | None = None) -> str:
+    """``1 epoch``, ``3 epochs``: a count with its noun, for lines a user reads (``plural``
+    where adding an s is wrong: ``query``, ``queries``)."""
+    return f"{n} {noun if n == 1 else plural or noun + 's'}"

@@ -14,6 +14,7 @@ from click.testing import CliRunner
 from PIL import Image
 
 from retrieval.cli.main import cli
+from tests.corpus import make_image
 
 
 def run(*args: str, ok: bool = True):
@@ -164,9 +165,29 @@ def test_user_mistakes_get_one_line_and_an_exit_code(photos, in_tmp, args, code,
         assert len(result.stderr.strip().splitlines()) == 1
 
 
-def test_k_larger_than_the_index_is_an_error(indexed) -> None:
-    result = CliRunner().invoke(cli, ["query", str(sorted(indexed.rglob("*.png"))[0]), "-k", "50"])
-    assert result.exit_code == 1 and "use -k 12" in result.stderr
+def test_k_larger_than_the_index_answers_with_all_it_holds_and_says_so(indexed) -> None:
+    """k is a most: the default 6 on a collection of 3 is not a user's mistake."""
+    query = str(sorted(indexed.rglob("*.png"))[0])
+    result = CliRunner().invoke(cli, ["query", query, "-k", "50", "--json"])
+    assert result.exit_code == 0, result.output
+    assert len(json.loads(result.stdout)["neighbors"]) == 12
+    assert "only 12 neighbours of the 50 asked" in result.stderr
+    grid = CliRunner().invoke(cli, ["grid", query, "-k", "50", "-o", "g.png", "--tile", "32"])
+    assert grid.exit_code == 0, grid.output
+    assert "(1 query x 11 neighbours)" in grid.stdout  # the query itself left out
+    with Image.open("g.png") as image:
+        assert image.width < 14 * 36  # 11 columns drawn, not 50
+
+
+def test_an_index_of_no_images_says_so_instead_of_searching(in_tmp, small_model) -> None:
+    (in_tmp / "bad").mkdir()
+    (in_tmp / "bad" / "x.jpg").write_text("not a picture")
+    run("index", "bad", "--weights", str(small_model))
+    make_image(in_tmp / "q.png")
+    for command in (["query", "q.png"], ["grid", "q.png"], ["cluster"]):
+        result = CliRunner().invoke(cli, command)
+        assert result.exit_code == 1, result.output
+        assert "holds no images yet" in result.stderr and "Traceback" not in result.output
 
 
 def _retrieve() -> str:

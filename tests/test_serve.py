@@ -138,11 +138,18 @@ def test_k_is_taken_from_the_form_or_the_query_string(client) -> None:
     assert len(upload(client, jpeg_bytes()).json()["neighbors"]) == 6
 
 
-@pytest.mark.parametrize("k", ["0", "-1", "1001", "x", "2.5", "13"])
-def test_k_outside_one_to_a_thousand_or_the_index_gets_422(client, k) -> None:
+@pytest.mark.parametrize("k", ["0", "-1", "1001", "x", "2.5"])
+def test_k_outside_one_to_a_thousand_gets_422(client, k) -> None:
     answer = upload(client, jpeg_bytes(), k=k)
     assert answer.status_code == 422 and "k" in answer.json()["error"]
     assert client.get("/api/neighbors/1", params={"k": k}).status_code == 422
+
+
+def test_k_beyond_the_index_is_answered_with_all_it_holds(client) -> None:
+    """k is a most: the page's default 6 must work on a collection of 3."""
+    assert len(upload(client, jpeg_bytes(), k=13).json()["neighbors"]) == 12
+    others = client.get("/api/neighbors/1", params={"k": 12}).json()["neighbors"]
+    assert len(others) == 11 and 1 not in {n["id"] for n in others}
 
 
 def _truncated_jpeg() -> bytes:

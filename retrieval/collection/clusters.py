@@ -18,6 +18,7 @@ import numpy as np
 from retrieval.collection.near import NearOptions, reduce
 from retrieval.collection.vectors import IndexVectors, VectorSource, blocks, sample_positions
 from retrieval.errors import RetrieveError
+from retrieval.results import EMPTY_INDEX
 
 if TYPE_CHECKING:
     from retrieval.search.index import Index
@@ -120,6 +121,8 @@ def cluster_index(
 ) -> ClusterReport:
     """Cluster every indexed image of ``index``; scores when the images carry labels."""
     source = IndexVectors(index)
+    if source.count < 1:
+        raise RetrieveError(f"nothing to cluster: {EMPTY_INDEX}")
     clustering = kmeans(source, k, seed=seed, pca_dim=pca_dim)
     scores = label_scores([r.label for r in source.rows], clustering.assignment)
     return ClusterReport(source.rows, clustering, scores)

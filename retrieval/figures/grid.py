@@ -44,6 +44,14 @@ def _fit_text(draw: ImageDraw.ImageDraw, text: str, font: ImageFont.ImageFont, w
     return text + "…"
 
 
+def _title(draw: ImageDraw.ImageDraw, k: int, font: ImageFont.ImageFont, width: int) -> str:
+    """The neighbours' heading, as much of it as fits above them (a grid of two is narrow)."""
+    for title in (f"{k} nearest by Euclidean distance of fc7, nearest first", f"{k} nearest"):
+        if draw.textlength(title, font=font) <= width:
+            return title
+    return _fit_text(draw, title, font, width)
+
+
 def _readable(label: str, path: str) -> str:
     """A WordNet-id folder (n01440764) by the name a ``words.txt`` near the image gives it."""
     return name_of(label, path) or label
@@ -80,12 +88,7 @@ def render_grid(results: Sequence[QueryResult], output: Path, *, tile: int = 128
     draw = ImageDraw.Draw(canvas)
     neighbours_x = pad + tile + pad + gap
     draw.text((pad, 6), "query", fill=TEXT, font=font)
-    draw.text(
-        (neighbours_x, 6),
-        f"{k} nearest by Euclidean distance of fc7, nearest first",
-        fill=TEXT,
-        font=font,
-    )
+    draw.text((neighbours_x, 6), _title(draw, k, font, width - neighbours_x), fill=TEXT, font=font)
     for row_number, result in enumerate(rows):
         y = header + row_number * (tile + caption + pad)
         canvas.paste(_tile(result.query, tile), (pad, y))

@@ -270,10 +270,11 @@ class Index:
         exclude_self: bool = False,
         names: Sequence[str] | None = None,
     ) -> list[QueryResult]:
-        """The ``k`` nearest indexed images of each query, by Euclidean distance of fc7, nearest
-        first. Queries are image files or folders, encoded bytes, PIL images, or an ``(n, d)``
-        array of fc7 vectors (``names`` labels an array's rows). A query that cannot be used gets
-        ``error``. ``exclude_self``: an indexed query file leaves itself out of its list."""
+        """The ``k`` nearest indexed images of each query (all of them, where the index holds
+        fewer), by Euclidean distance of fc7, nearest first. Queries are image files or folders,
+        encoded bytes, PIL images, or an ``(n, d)`` array of fc7 vectors (``names`` labels an
+        array's rows). A query that cannot be used gets ``error``. ``exclude_self``: an indexed
+        query file leaves itself out of its list."""
         if isinstance(queries, np.ndarray):
             return self._search_vectors(queries, k, names, nprobe, ef_search)
         queries = list(queries)
@@ -307,7 +308,7 @@ class Index:
         decoded). KeyError for an id the index does not hold."""
         ids = [int(i) for i in ids]
         with self._use() as view:
-            check_k(k, max(1, view.snapshot.count - 1))
+            check_k(k, view.snapshot.count)
             rows = view.snapshot.rows_by_id(ids)
             missing = [i for i in ids if i not in rows or rows[i].status != "indexed"]
             if missing:

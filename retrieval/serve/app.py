@@ -112,7 +112,7 @@ def create_app(index: Index, options: ServeOptions = ServeOptions()) -> Any:
     async def neighbors(request: Request) -> Response:
         started = time.perf_counter()
         row_id = _row_id(request.path_params["id"])
-        k = _k(request.query_params.get("k"), index.count - 1)
+        k = _k(request.query_params.get("k"))
         try:
             [result] = await to_thread.run_sync(lambda: index.neighbors([row_id], k))
         except KeyError:
@@ -207,7 +207,7 @@ async def _read_upload(request: Request, index: Index, options: ServeOptions) ->
         file = form.get("file")
         if file is None or isinstance(file, str):
             raise Refused(400, "send the image as the multipart file field 'file'")
-        k = _k(form.get("k") or request.query_params.get("k"), index.count)
+        k = _k(form.get("k") or request.query_params.get("k"))
         return Upload(await file.read(), k, file.filename or "<upload>")
     if kind.startswith("application/json"):
         try:
@@ -218,7 +218,7 @@ async def _read_upload(request: Request, index: Index, options: ServeOptions) ->
             raise Refused(400, 'send {"url": "http://..."} or a multipart field \'file\'')
         if not options.allow_url:
             raise Refused(403, "this server does not fetch URLs (start it with --allow-url)")
-        k = _k(body.get("k") or request.query_params.get("k"), index.count)
+        k = _k(body.get("k") or request.query_params.get("k"))
         url = body["url"]
         try:
             data = await to_thread.run_sync(
@@ -230,11 +230,9 @@ async def _read_upload(request: Request, index: Index, options: ServeOptions) ->
     raise Refused(415, "send multipart/form-data with the image in the field 'file'")
 
 
-def _k(text: Any, count: int) -> int:
-    k = int_param(text, "k", 6, 1, MAX_K)
-    if k > count:
-        raise Refused(422, f"k={k} is larger than the index allows ({max(count, 0)} images)")
-    return k
+def _k(text: Any) -> int:
+    """At most this many neighbours (an index holding fewer answers with all it holds)."""
+    return int_param(text, "k", 6, 1, MAX_K)
 
 
 def _row_id(text: str) -> int:

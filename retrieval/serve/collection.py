@@ -183,9 +183,7 @@ class CollectionViews:
     async def clusters(self, params: Any) -> dict[str, Any]:
         started = time.perf_counter()
         count = self.index.count
-        if count < 1:
-            raise Refused(422, "the index is empty: nothing to cluster")
-        top = min(count, MAX_K)
+        top = max(1, min(count, MAX_K))
         k = int_param(params.get("n"), "n", default_cluster_count(count), 1, top)
         per = int_param(params.get("per"), "per", 8, 1, MAX_SHOWN)
         outliers = int_param(params.get("outliers"), "outliers", 8, 0, MAX_SHOWN)
