@@ -444,6 +444,17 @@ def test_a_slow_query_does_not_block_other_requests(index, monkeypatch) -> None:
         assert answers[0].status_code == 200
 
 
+def test_an_index_of_no_images_answers_a_query_with_why(tmp_path, small_model, caplog) -> None:
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / "x.jpg").write_text("not a picture")
+    Index.create(tmp_path / "idx", tmp_path / "bad", IndexOptions(weights=str(small_model))).close()
+    with Index.open(tmp_path / "idx") as empty, client_for(empty) as c:
+        answer = upload(c, jpeg_bytes())
+        assert answer.status_code == 400 and "holds no images" in answer.json()["error"]
+        assert c.get("/api/clusters").status_code == 422
+    assert "Traceback" not in caplog.text and "failed" not in caplog.text
+
+
 def test_serving_a_folder_that_holds_no_index_is_one_line_error(tmp_path) -> None:
     result = CliRunner().invoke(cli, ["serve", "--index", str(tmp_path / "nothing")])
     assert result.exit_code == 1 and "Traceback" not in result.output

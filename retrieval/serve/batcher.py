@@ -55,7 +55,7 @@ def answer_uploads(index: Index, uploads: list[Upload]) -> list[Answer]:
         answers[slot].classes = classes
     k = max(uploads[i].k for i in good)
     names = [uploads[i].name for i in good]
-    found = index.search(features, min(k, index.count), names=names)
+    found = index.search(features, k, names=names)
     for slot, result in zip(good, found):
         result.neighbors = result.neighbors[: uploads[slot].k]  # nearest first: a prefix
         answers[slot].result = result
@@ -99,6 +99,8 @@ class QueryBatcher:
                 batch.append(item)
             try:
                 outcomes = answer_uploads(self.index, [upload for upload, _, _ in batch])
+            except RetrieveError as error:  # the user's to read (an empty index): no traceback
+                outcomes = [error] * len(batch)
             except Exception as error:  # handed to every waiting request, never kills the thread
                 log.exception("a batch of %d queries failed", len(batch))
                 outcomes = [error] * len(batch)
