@@ -166,6 +166,8 @@ def test_query_with_other_weights_is_refused(photos, tmp_path, small_model) -> N
     _index(photos, index_dir, small_model)
     with pytest.raises(IndexMismatchError, match=r"does not fit the index .*weights: the index"):
         search(index_dir, [next(photos.rglob("*.png"))], 2, weights="random:9")
+    with pytest.raises(IndexMismatchError, match="leave out --weights to use the index's own"):
+        search(index_dir, [next(photos.rglob("*.png"))], 2, weights="random:9")
 
 
 def test_reindex_with_other_weights_needs_rebuild(photos, tmp_path, small_model) -> None:
@@ -175,11 +177,13 @@ def test_reindex_with_other_weights_needs_rebuild(photos, tmp_path, small_model)
         _index(photos, index_dir, "random:1")
 
 
-def test_k_larger_than_the_index_says_how_many(photos, tmp_path, small_model) -> None:
+def test_k_larger_than_the_index_gives_every_image(photos, tmp_path, small_model) -> None:
     index_dir = tmp_path / "idx"
     _index(photos, index_dir, small_model)
-    with pytest.raises(RetrieveError, match="holds 12 images; use -k 12"):
-        search(index_dir, [next(photos.rglob("*.png"))], 13)
+    (result,) = search(index_dir, [next(photos.rglob("*.png"))], 13)
+    assert len(result.neighbors) == 12 and len({n.id for n in result.neighbors}) == 12
+    with pytest.raises(RetrieveError, match="between 1 and 1000"):
+        search(index_dir, [next(photos.rglob("*.png"))], 1001)
 
 
 def test_missing_index_is_reported(tmp_path) -> None:

@@ -49,10 +49,11 @@ def checked_model(
     precision: str | None,
     *,
     what: str,
+    querying: bool = False,
 ) -> tuple[LoadedModel, str]:
     """``model`` set up to embed as ``recorded`` says (its preprocessing), and the precision to
     embed at; or refused with the one part that differs (weights, architecture, layer, width,
-    precision)."""
+    precision) and what to do: ``querying`` an index, use its own model; building one, rebuild."""
     from retrieval.model.preprocess import Preprocessing
 
     if precision == "auto":
@@ -66,6 +67,11 @@ def checked_model(
         hint = "add --rebuild to rebuild it with this model"
         if why.startswith("precision"):
             hint = "leave out --precision (or add --rebuild to rebuild it)"
+        elif querying:
+            hint = (
+                "leave out --weights to use the index's own model, or rebuild the index with "
+                f"this one (retrieve index FOLDER --weights {model.source} --rebuild)"
+            )
         raise IndexMismatchError(f"{model.source} does not fit {what}: {why}; {hint}")
     model.preprocessing = Preprocessing.from_dict(recorded.preprocessing)
     return model, candidate.precision

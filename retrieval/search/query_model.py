@@ -73,7 +73,7 @@ class QueryEmbedder:
         # What the caller asked, not what the last load resolved: a rebuilt index may have
         # another precision, which a resolved "fp32" would refuse.
         asked, identity = self._asked.precision, Identity.from_dict(manifest["identity"])
-        loaded, precision = checked_model(identity, loaded, asked, what=self._what)
+        loaded, precision = checked_model(identity, loaded, asked, what=self._what, querying=True)
         if identity.precision == "bf16" and asked in (None, "auto"):
             precision = self._bf16_or_fp32(manifest)
         return Embedder(loaded, precision, self._asked)
