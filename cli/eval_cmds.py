@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from retrieval.units import human_bytes
+from retrieval.units import counted, human_bytes
 
 from .options import (
     DEFAULT_K,
@@ -96,12 +96,20 @@ def evaluate_command(
             precision=None if precision == "auto" else precision,  # auto: the index's own
         ) as index:
             report = evaluate_retrieval(index, data_dir, k=k, map_depth=map_depth)
-        data = report.to_dict()
+            indexed = index.count
         if as_json:
-            emit_json(data)
-        else:
-            for key, value in data.items():
-                click.echo(f"{key}: {value}")
+            emit_json(report.to_dict())
+            return
+        ranking = "full ranking" if report.map_depth >= indexed else f"first {report.map_depth}"
+        click.echo(
+            f"{counted(report.queries, 'query', 'queries')} against "
+            f"{counted(indexed, 'indexed image')}: precision@{report.k} "
+            f"{report.precision_at_k:.3f}, mAP {report.mean_average_precision:.3f} ({ranking}), "
+            f"{report.seconds:.1f} s"
+        )
+        if report.skipped_queries:
+            unused = counted(report.skipped_queries, "query image")
+            click.echo(f"{unused} could not be used", err=True)
         return
     if not weights:
         raise click.UsageError(

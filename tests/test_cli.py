@@ -103,6 +103,9 @@ def test_remove_then_query_no_longer_finds_the_file(indexed) -> None:
 def test_evaluate_retrieval_reports_precision_and_map(indexed) -> None:
     data = json.loads(run("evaluate", indexed, "--retrieval", "-k", "3", "--json").stdout)
     assert 0 <= data["precision@3"] <= 1 and 0 <= data["mean_average_precision"] <= 1
+    text = run("evaluate", indexed, "--retrieval", "-k", "3").stdout
+    assert text.startswith("12 queries against 12 indexed images: precision@3 ")
+    assert f"precision@3 {data['precision@3']:.3f}, mAP " in text and "(full ranking)" in text
 
 
 def test_evaluate_with_an_index_and_no_classifier_evaluates_retrieval(indexed) -> None:
