@@ -163,6 +163,7 @@ def train(spec: RunSpec, run_dir: Path, train_dir: Path, time_budget: str) -> di
         str(train_dir),
         "-o",
         str(model),
+        "--overwrite",  # a re-run of the table measures again
         *train_options(spec, time_budget),
     ]
     print("$", " ".join(command), file=sys.stderr, flush=True)

@@ -124,6 +124,7 @@ def main() -> None:
         str(folder),
         "-o",
         str(model),
+        "--overwrite",  # --skip-train reuses it; otherwise each run trains afresh
         "--image-size",
         str(args.image_size),
         *args.train_options,

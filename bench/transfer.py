@@ -101,7 +101,8 @@ def make_folders(data: Path, out: Path, per_class: int, val_per_class: int, quer
 def train(name: str, data_dir: Path, out: Path, options: list[str]) -> dict[str, Any]:
     """`retrieve train` as a user runs it (this tree's code), timed, with the load average."""
     model = out / f"{name}.pt"
-    command = ["train", str(data_dir), "-o", str(model), "--image-size", IMAGE_SIZE, *options]
+    command = ["train", str(data_dir), "-o", str(model), "--overwrite", "--image-size", IMAGE_SIZE]
+    command += options
     print("$ retrieve", " ".join(command), file=sys.stderr, flush=True)
     runner = [sys.executable, "-c", "from retrieval.cli.main import cli; cli()"]
     env = {**os.environ, "PYTHONPATH": str(ROOT)}

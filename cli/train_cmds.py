@@ -163,6 +163,11 @@ from .progress import stage_bars
     is_flag=True,
     help="Continue the run saved in --output, with the recipe it was started with.",
 )
+@click.option(
+    "--overwrite",
+    is_flag=True,
+    help="Replace a file already at --output (a fresh run otherwise refuses to).",
+)
 @device_option
 @precision_option
 @workers_option
@@ -194,6 +199,7 @@ def train_command(
     checkpoint_every,
     max_steps,
     resume,
+    overwrite,
     device,
     precision,
     workers,
@@ -214,8 +220,10 @@ def train_command(
     from retrieval.training.augment import Augmentation
     from retrieval.training.budget import parse_duration
     from retrieval.training.loop import describe_epoch, make_recipe, metrics_log_path, train
-    from retrieval.training.prepare import RunOptions
+    from retrieval.training.prepare import RunOptions, refuse_to_replace
 
+    if not (resume or overwrite):
+        refuse_to_replace(output)
     curves = curves_path(output)
 
     def on_epoch(row: dict) -> None:

@@ -122,6 +122,36 @@ def test_resume_without_a_checkpoint_or_after_the_end_is_refused(
         train(shapes, tmp_path / "done.pt", recipe, RunOptions(workers=0, resume=True))
 
 
+def test_a_fresh_run_does_not_write_over_a_file_at_its_output(shapes: Path, tmp_path: Path) -> None:
+    from retrieval.cli.main import cli
+
+    out = tmp_path / "model.pt"
+    args = ["train", str(shapes), "-o", str(out), "--image-size", str(SIZE), "--workers", "0"]
+    assert CliRunner().invoke(cli, [*args, "--epochs", "1"]).exit_code == 0
+    trained = out.read_bytes()
+    again = CliRunner().invoke(cli, [*args, "--epochs", "1"])
+    assert again.exit_code == 1 and out.read_bytes() == trained  # untouched
+    assert "a finished run's checkpoint (1 epochs)" in again.stderr
+    assert "--finetune" in again.stderr and "--overwrite" in again.stderr
+
+    notes = tmp_path / "notes.pt"
+    notes.write_text("my notes")
+    refused = CliRunner().invoke(cli, [*args[:2], "-o", str(notes), "--epochs", "1"])
+    assert refused.exit_code == 1 and notes.read_text() == "my notes"
+    assert "not a checkpoint" in refused.stderr and "--finetune" not in refused.stderr
+
+    cut = tmp_path / "cut.pt"
+    stop = [*args[:2], "-o", str(cut), "--image-size", str(SIZE), "--workers", "0"]
+    assert CliRunner().invoke(cli, [*stop, "--epochs", "2", "--max-steps", "1"]).exit_code == 0
+    unfinished = CliRunner().invoke(cli, [*stop, "--epochs", "2"])
+    assert unfinished.exit_code == 1 and "continue it with --resume" in unfinished.stderr
+    assert CliRunner().invoke(cli, [*stop, "--resume"]).exit_code == 0
+
+    replaced = CliRunner().invoke(cli, [*args, "--epochs", "2", "--overwrite"])
+    assert replaced.exit_code == 0, replaced.output
+    assert read_checkpoint(out)["epoch"] == 2
+
+
 def test_idx_files_are_detected_as_a_one_channel_data_set(tmp_path: Path) -> None:
     data = open_training_data(write_idx(tmp_path / "fashion-mnist"))
     assert (data.source, data.channels, data.val_name) == ("idx", 1, "test")

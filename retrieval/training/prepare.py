@@ -124,6 +124,29 @@ def retrieval_sample(data: DataSplits, seed: int, size: int) -> ImageSet | None:
     return data.train.subset(pick[:size].sort().values)
 
 
+def refuse_to_replace(output: Path) -> None:
+    """A fresh run must not write over a file already at ``output``: a checkpoint there may be
+    hours of training. Says what it is and the ways on (another -o, --resume, --finetune,
+    --overwrite)."""
+    if not output.exists():
+        return
+    ways = ["write to another -o", "replace it with --overwrite"]
+    try:
+        state = read_checkpoint(output)
+    except WeightsError:
+        what = "a file that is not a checkpoint"
+    else:
+        epoch = state.get("epoch")
+        if "train_state" in state and not state.get("finished"):
+            what = f"an unfinished run's checkpoint (epoch {epoch})"
+            ways.insert(0, "continue it with --resume")
+        else:
+            done = f" ({epoch} epochs)" if state.get("finished") and epoch else ""
+            what = f"a {'finished run' if done else 'model'}'s checkpoint{done}"
+            ways.insert(1, f"start from it with --finetune {output}")
+    raise DataError(f"{output} exists: {what}; {', '.join(ways[:-1])} or {ways[-1]}")
+
+
 def read_resume_state(output: Path) -> dict[str, Any]:
     if not output.exists():
         raise WeightsError(f"--resume: no checkpoint at {output} to continue from")
