@@ -51,12 +51,14 @@ def grid_command(queries, output, k, n, seed, tile, index_dir, weights, device, 
         path, results = index.grid(
             queries, output, k=k, n=n, seed=seed, tile=tile, nprobe=nprobe, ef_search=ef_search
         )
+        indexed = index.count
     for result in results:
         if result.error:
             query = display_path(result.query)
             click.echo(f"{query}: cannot use this image: {result.error}", err=True)
     drawn = counted(sum(1 for r in results if r.neighbors), "query", "queries")
-    click.echo(f"wrote {path} ({drawn} x {counted(neighbours_found(results, k), 'neighbour')})")
+    shown = counted(neighbours_found(results, k, indexed), "neighbour")
+    click.echo(f"wrote {path} ({drawn} x {shown})")
 
 
 @click.command("visualize")

@@ -98,13 +98,17 @@ workers_option = click.option(
 )
 
 
-def neighbours_found(results: list, k: int) -> int:
-    """The most neighbours any result got, saying on stderr when that is fewer than ``k`` (the
-    index holds fewer images than were asked for: all of them are shown)."""
+def neighbours_found(results: list, k: int, indexed: int) -> int:
+    """The most neighbours any result got, saying on stderr why when that is fewer than ``k``:
+    the index (of ``indexed`` images) holds no more, or an approximate search found no more."""
     found = max((len(r.neighbors) for r in results), default=0)
     if any(r.neighbors for r in results) and found < k:
-        shown = counted(found, "neighbour")
-        click.echo(f"only {shown} of the {k} asked: the index holds no others", err=True)
+        why = (
+            f"the index holds {counted(indexed, 'image')}"
+            if found >= indexed - 1  # a query's own row is left out of a grid
+            else "the approximate search found no more (raise --nprobe or --ef-search)"
+        )
+        click.echo(f"only {counted(found, 'neighbour')} of the {k} asked: {why}", err=True)
     return found
 
 

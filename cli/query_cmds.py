@@ -33,6 +33,7 @@ def query_command(images, k, index_dir, weights, device, nprobe, ef_search, as_j
     """List the K nearest indexed images of each query image (files or folders)."""
     with open_index(index_dir, weights, device) as index:
         results = index.search(images, k, nprobe=nprobe, ef_search=ef_search)
+        indexed = index.count
     for result in results:
         if as_json:
             emit_json(result.to_dict())
@@ -45,7 +46,7 @@ def query_command(images, k, index_dir, weights, device, nprobe, ef_search, as_j
             for n in result.neighbors:
                 path = display_path(n.path)
                 click.echo(f"  {n.rank:>3}  {n.distance:10.4f}  {path}  [{n.label}]")
-    neighbours_found(results, k)
+    neighbours_found(results, k, indexed)
     failed = [r for r in results if r.error]
     if failed and len(failed) == len(results):
         raise click.ClickException(f"no query image could be used ({failed[0].error})")

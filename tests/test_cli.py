@@ -174,7 +174,7 @@ def test_k_larger_than_the_index_answers_with_all_it_holds_and_says_so(indexed) 
     result = CliRunner().invoke(cli, ["query", query, "-k", "50", "--json"])
     assert result.exit_code == 0, result.output
     assert len(json.loads(result.stdout)["neighbors"]) == 12
-    assert "only 12 neighbours of the 50 asked" in result.stderr
+    assert "only 12 neighbours of the 50 asked: the index holds 12 images" in result.stderr
     grid = CliRunner().invoke(cli, ["grid", query, "-k", "50", "-o", "g.png", "--tile", "32"])
     assert grid.exit_code == 0, grid.output
     assert "(1 query x 11 neighbours)" in grid.stdout  # the query itself left out
