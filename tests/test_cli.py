@@ -14,6 +14,7 @@ from click.testing import CliRunner
 from PIL import Image
 
 from retrieval.cli.main import cli
+from retrieval.units import counted
 from tests.corpus import make_image
 
 
@@ -180,6 +181,16 @@ def test_k_larger_than_the_index_answers_with_all_it_holds_and_says_so(indexed) 
     assert "(1 query x 11 neighbours)" in grid.stdout  # the query itself left out
     with Image.open("g.png") as image:
         assert image.width < 14 * 36  # 11 columns drawn, not 50
+
+
+def test_an_approximate_search_finding_fewer_than_k_says_so(indexed, small_model) -> None:
+    run("index", "images", "--index", "ivf", "--index-type", "IVF4,Flat", "--weights", small_model)
+    query = str(sorted(indexed.rglob("*.png"))[0])
+    result = run("query", query, "--index", "ivf", "-k", "12", "--nprobe", "1", "--json")
+    found = len(json.loads(result.stdout)["neighbors"])
+    assert found < 12  # one of four lists probed
+    said = f"only {counted(found, 'neighbour')} of the 12 asked: the approximate search"
+    assert said in result.stderr
 
 
 def test_an_index_of_no_images_says_so_instead_of_searching(in_tmp, small_model) -> None:
