@@ -133,6 +133,7 @@ def test_duplicates_view_shows_a_group_and_a_click_queries_by_its_member(
     from selenium.webdriver.support.ui import Select, WebDriverWait
 
     from retrieval import Index, IndexOptions
+    from retrieval.collection.clusters import default_cluster_count
     from tests.test_collection import make_collection
 
     files = make_collection(tmp_path / "photos")
@@ -175,6 +176,12 @@ def test_duplicates_view_shows_a_group_and_a_click_queries_by_its_member(
         tiles[1].send_keys("\n")  # the keyboard works as a click does
         wait.until(seen.text_to_be_present_in_element((By.ID, "query-title"), f"(#{clicked})"))
         browser.find_element(By.CSS_SELECTOR, "nav button[data-view=clusters]").click()
+        # Opened, the view clusters at the count `retrieve cluster` picks without -n.
+        with Index.open(tmp_path / "idx") as ix:
+            picked = default_cluster_count(ix.count)
+        said = f"in {picked} clusters"
+        wait.until(seen.text_to_be_present_in_element((By.ID, "cluster-status"), said))
+        assert browser.find_element(By.ID, "cluster-k").get_attribute("value") == str(picked)
         browser.find_element(By.ID, "cluster-k").clear()
         browser.find_element(By.ID, "cluster-k").send_keys("3\n")
         wait.until(seen.text_to_be_present_in_element((By.ID, "cluster-status"), "in 3 clusters"))

@@ -250,7 +250,9 @@ async function duplicates(offset) {
 
 async function clusters() {
   const mine = ++asked.clusters;
-  const params = new URLSearchParams({ n: $("#cluster-k").value.trim(), per: 8 });
+  const params = new URLSearchParams({ per: 8 });
+  const n = $("#cluster-k").value.trim();
+  if (n) params.set("n", n); // else the server's default, as `retrieve cluster` without -n
   note("#cluster-status", "clustering…");
   try {
     const answer = await api("/api/clusters?" + params);
@@ -265,6 +267,7 @@ async function clusters() {
         answer.outliers.map((m) => tile(m, "cluster " + m.cluster + ", d = " + m.distance.toFixed(3)))));
     }
     $("#cluster-rows").replaceChildren(...rows);
+    $("#cluster-k").value = answer.k;
     const scores = answer.scores
       ? "; against folder labels: purity " + answer.scores.purity.toFixed(3) + ", NMI " + answer.scores.nmi.toFixed(3)
       : "";
