@@ -255,6 +255,7 @@ def test_action_then_undo_restores_every_file_byte_for_byte(small_model, tmp_pat
     assert undone.exit_code == 0, undone.output
     assert tree_digest(tmp_path / "photos") == before
     assert not any(p.is_symlink() for p in (tmp_path / "photos").rglob("*"))
+    assert list((tmp_path / "aside").iterdir()) == [log]  # the folders the moves made are gone
 
 
 def test_action_needs_a_target_and_never_deletes(collection) -> None:

@@ -134,7 +134,20 @@ def undo(log_path: Path) -> ActionReport:
             report.problems.append(f"{entry.get('path')}: {problem}")
         else:
             report.done.append(entry)
+            _prune_empty(Path(entry["moved_to"]).parent, Path(log_path).parent)
     return report
+
+
+def _prune_empty(folder: Path, root: Path) -> None:
+    """The folders a step made under --to (the log's folder), emptied by its undo, removed up
+    to ``root``: never ``root`` itself, never a folder that still holds anything."""
+    folder, root = folder.resolve(), root.resolve()
+    while root in folder.parents:
+        try:
+            folder.rmdir()  # only ever an empty folder
+        except OSError:
+            return
+        folder = folder.parent
 
 
 def _undo_one(entry: dict) -> str | None:
