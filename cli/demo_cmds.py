@@ -18,6 +18,7 @@ from .progress import stage_bars
     help="Fashion-MNIST idx folder [default: ../shared/datasets/fashion-mnist, else download].",
 )
 @click.option(
+    "-o",
     "--out",
     "out_dir",
     type=click.Path(file_okay=False, path_type=Path),

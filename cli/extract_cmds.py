@@ -14,6 +14,7 @@ from .options import device_option, emit_json, json_option
 @click.command("extract")
 @click.argument("source", required=False)
 @click.option(
+    "-o",
     "--out",
     type=click.Path(path_type=Path, file_okay=False),
     required=True,
