@@ -30,6 +30,12 @@ class RetrieveGroup(click.Group):
                 "faiss is not installed: pip install 'retrieve[cpu]' (or 'retrieve[gpu]', the "
                 "GPU build; the two are alternatives)"
             ) from None
+        except OSError as exc:  # the machine's answer: a folder that cannot be made, a full disk
+            from retrieval.images.diagnose import describe_os_error
+
+            logging.getLogger(__name__).info("the error in full", exc_info=True)  # with -v
+            where = f"{exc.filename}: " if exc.filename else ""
+            raise click.ClickException(where + describe_os_error(exc)) from None
         except KeyboardInterrupt:
             click.echo("interrupted; finished chunks are kept and the next run resumes", err=True)
             sys.exit(130)

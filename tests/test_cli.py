@@ -154,6 +154,7 @@ def test_recall_compares_an_approximate_index_with_the_exact_one(indexed, small_
         (["index", "images", "--weights", "corrupt.pt"], 1, "cannot read weights"),
         (["index", "q.png"], 2, "is a file"),
         (["index", "empty"], 1, "no images"),
+        (["index", "images", "--index", "q.png/index"], 1, "q.png/index: not a directory"),
     ],
 )
 def test_user_mistakes_get_one_line_and_an_exit_code(photos, in_tmp, args, code, message) -> None:
