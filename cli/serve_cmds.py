@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import ipaddress
 import socket
 
@@ -25,6 +26,29 @@ def is_loopback(host: str) -> bool:
     except OSError:
         return False
     return bool(addresses) and all(ipaddress.ip_address(a).is_loopback for a in addresses)
+
+
+def listening_socket(host: str, port: int) -> socket.socket:
+    """A socket bound to ``host:port`` before the server is announced, so a port in use is one
+    clear line rather than a "serving at" line and then uvicorn's error (port 0: a free one)."""
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(
+            host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+        )[0]
+    except OSError as exc:
+        raise click.ClickException(f"cannot listen on {host}: {exc.strerror or exc}") from None
+    listener = socket.socket(family, kind, proto)
+    listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        listener.bind(address)
+    except OSError as exc:
+        listener.close()
+        if exc.errno == errno.EADDRINUSE:
+            raise click.ClickException(
+                f"port {port} on {host} is in use (another server?); choose one with --port"
+            ) from None
+        raise click.ClickException(f"cannot listen on {host}:{port}: {exc.strerror}") from None
+    return listener
 
 
 def parse_size(ctx, param, value: str) -> int:
@@ -89,6 +113,8 @@ def serve_command(
     options = ServeOptions(max_upload=max_upload, token=token, allow_url=allow_url)
     with open_index(index_dir, weights, device, search_precision) as index:
         app = create_app(index, options)
+        listener = listening_socket(host, port)
+        port = listener.getsockname()[1]  # the one chosen, for --port 0
         shown = f"[{host}]" if ":" in host else host
         suffix = "/#token=" + token if token else "/"
         click.echo(
@@ -96,7 +122,8 @@ def serve_command(
             f"http://{shown}:{port}{suffix} (Ctrl+C stops)",
             err=True,
         )
-        uvicorn.run(app, host=host, port=port, log_level="warning", lifespan="on")
+        config = uvicorn.Config(app, host=host, port=port, log_level="warning", lifespan="on")
+        uvicorn.Server(config).run(sockets=[listener])
 
 
 def register(group: click.Group) -> None:

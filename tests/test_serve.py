@@ -455,6 +455,21 @@ def test_an_index_of_no_images_answers_a_query_with_why(tmp_path, small_model, c
     assert "Traceback" not in caplog.text and "failed" not in caplog.text
 
 
+def test_a_port_in_use_is_one_line_before_any_serving_line(built) -> None:
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        args = ["serve", "--index", str(built[1]), "--port", str(port)]
+        result = CliRunner().invoke(cli, args)
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    assert result.stderr.strip() == (
+        f"Error: port {port} on 127.0.0.1 is in use (another server?); choose one with --port"
+    )
+
+
 def test_serving_a_folder_that_holds_no_index_is_one_line_error(tmp_path) -> None:
     result = CliRunner().invoke(cli, ["serve", "--index", str(tmp_path / "nothing")])
     assert result.exit_code == 1 and "Traceback" not in result.output
