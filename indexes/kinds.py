@@ -162,7 +162,8 @@ def _factory(dim: int, factory: str) -> Any:
     try:
         return faiss.index_factory(int(dim), factory, faiss.METRIC_L2)
     except RuntimeError as e:
-        raise RetrieveError(f"bad index kind {factory!r}: {_faiss_message(e)}") from e
+        shown = factory.removeprefix("IDMap2,")  # ours, not the user's (ids are managed here)
+        raise RetrieveError(f"bad index kind {shown!r}: {_faiss_message(e)}") from e
 
 
 def _nodes(index: Any) -> Iterator[Any]:
