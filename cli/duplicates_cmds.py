@@ -9,6 +9,8 @@ from pathlib import Path
 
 import click
 
+from retrieval.units import counted
+
 from .options import (
     device_option,
     display_path,
@@ -243,7 +245,7 @@ def _decide(index_dir, pair, forget: bool) -> None:
         if memory.in_memory:
             raise click.ClickException(f"cannot write {memory.path}: nothing can be remembered")
         if forget:
-            click.echo(f"forgot {memory.forget_decisions()} not-duplicate decisions")
+            click.echo(f"forgot {counted(memory.forget_decisions(), 'not-duplicate decision')}")
             return
         from retrieval.images.walk import is_image_path
 
