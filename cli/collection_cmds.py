@@ -117,7 +117,9 @@ def cluster_command(k, index_dir, as_json, output, pca_dim, seed):
         from retrieval.collection.views import cluster_sheets
 
         written = cluster_sheets(report, output, seed=seed)
-        click.echo(f"wrote {len(written)} sheets to {display_path(str(output))}", err=True)
+        click.echo(
+            f"wrote {counted(len(written), 'sheet')} to {display_path(str(output))}", err=True
+        )
 
 
 @click.command("map")

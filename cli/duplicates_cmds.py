@@ -164,9 +164,13 @@ def duplicates_command(
         report = actions.undo(undo_log)
         for problem in report.problems:
             click.echo(f"not restored: {display_path(problem)}", err=True)
-        click.echo(f"restored {len(report.done)} files from {display_path(str(undo_log))}")
+        click.echo(
+            f"restored {counted(len(report.done), 'file')} from {display_path(str(undo_log))}"
+        )
         if report.problems:
-            raise click.ClickException(f"{len(report.problems)} files could not be restored")
+            raise click.ClickException(
+                f"{counted(len(report.problems), 'file')} could not be restored"
+            )
         return
     if action != "report" and target is None:
         raise click.UsageError(f"--action {action} needs --to DIR (where the duplicates go)")
@@ -213,7 +217,7 @@ def duplicates_command(
     for problem in done.problems:
         click.echo(f"left alone: {problem}", err=True)
     click.echo(
-        f"{action}: {len(done.done)} files to {display_path(str(target))}; undo with "
+        f"{action}: {counted(len(done.done), 'file')} to {display_path(str(target))}; undo with "
         f"retrieve duplicates --undo {display_path(str(done.log))}; "
         "run retrieve index again to update the index",
         err=True,

@@ -135,7 +135,9 @@ def evaluate_command(
     if as_json:
         emit_json(report.to_dict())
         return
-    click.echo(f"{report.images} images: {_top_k(report.top1, report.top5)} (centre crop)")
+    click.echo(
+        f"{counted(report.images, 'image')}: {_top_k(report.top1, report.top5)} (centre crop)"
+    )
     if report.top1_ten_crop is not None:
         click.echo(f"ten crops: {_top_k(report.top1_ten_crop, report.top5_ten_crop)}")
     for name, accuracy in report.per_class.items():

@@ -8,6 +8,8 @@ import socket
 
 import click
 
+from retrieval.units import counted
+
 from .options import device_option, index_option, open_index, weights_option
 
 LOOPBACK_NAMES = {"localhost", "localhost.localdomain", "ip6-localhost"}
@@ -118,7 +120,7 @@ def serve_command(
         shown = f"[{host}]" if ":" in host else host
         suffix = "/#token=" + token if token else "/"
         click.echo(
-            f"serving {index.count} images from {index.directory} at "
+            f"serving {counted(index.count, 'image')} from {index.directory} at "
             f"http://{shown}:{port}{suffix} (Ctrl+C stops)",
             err=True,
         )

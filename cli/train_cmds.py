@@ -6,6 +6,8 @@ from pathlib import Path
 
 import click
 
+from retrieval.units import counted
+
 from .options import device_option, emit_json, json_option, precision_option, workers_option
 from .progress import stage_bars
 
@@ -300,7 +302,8 @@ def train_command(
     last = result.last
     state = "finished" if result.finished else "stopped (continue with --resume)"
     click.echo(
-        f"{result.checkpoint}: {state} after {result.epochs} epochs in {result.seconds:.0f} s"
+        f"{result.checkpoint}: {state} after {counted(result.epochs, 'epoch')} "
+        f"in {result.seconds:.0f} s"
     )
     if last:
         click.echo(

@@ -131,7 +131,7 @@ def test_a_fresh_run_does_not_write_over_a_file_at_its_output(shapes: Path, tmp_
     trained = out.read_bytes()
     again = CliRunner().invoke(cli, [*args, "--epochs", "1"])
     assert again.exit_code == 1 and out.read_bytes() == trained  # untouched
-    assert "a finished run's checkpoint (1 epochs)" in again.stderr
+    assert "a finished run's checkpoint (1 epoch)" in again.stderr
     assert "--finetune" in again.stderr and "--overwrite" in again.stderr
 
     notes = tmp_path / "notes.pt"

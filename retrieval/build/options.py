@@ -8,6 +8,7 @@ from dataclasses import dataclass, field, fields
 from retrieval.extraction.types import ExtractOptions
 from retrieval.images.walk import describe_other_types
 from retrieval.indexes import kinds
+from retrieval.units import counted
 
 DEFAULT_CHUNK_SIZE = 1024
 
@@ -61,7 +62,7 @@ class IndexReport(CommitCounts):
         )
         if reasons:
             text += f" ({reasons})"
-        text += f"; the index holds {self.count} images ({self.index_dir})"
+        text += f"; the index holds {counted(self.count, 'image')} ({self.index_dir})"
         earlier = self.total_skipped - self.skipped
         if earlier > 0:  # counted as unchanged above: say they are still not in the index
             files = "1 file" if earlier == 1 else f"{earlier} files"

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from retrieval.figures.sheets import SheetRow, Tile, draw_sheet
+from retrieval.units import counted
 
 MAX_ROWS = 40
 MAX_TILES = 8
@@ -37,7 +38,10 @@ def cluster_sheets(
         )
         tiles = [Tile(rows[p].path, f"d = {clustering.distance[p]:.2f}") for p in near]
         tiles += [Tile(rows[p].path, f"random, d = {clustering.distance[p]:.2f}") for p in extra]
-        title = f"cluster {c}: {len(members)} images (nearest the centroid, then a random few)"
+        title = (
+            f"cluster {c}: {counted(len(members), 'image')} "
+            "(nearest the centroid, then a random few)"
+        )
         written.append(
             draw_sheet([SheetRow(title, tiles)], folder / f"cluster-{c:03d}.png", title="")
         )

@@ -26,6 +26,7 @@ from retrieval.training.datasets import DataSplits, open_training_data, stratifi
 from retrieval.training.imagesets import FileImages, ImageSet, default_workers
 from retrieval.training.recipes import Recipe
 from retrieval.training.start import StartingPoint
+from retrieval.units import counted
 
 log = logging.getLogger(__name__)
 
@@ -141,7 +142,7 @@ def refuse_to_replace(output: Path) -> None:
             what = f"an unfinished run's checkpoint (epoch {epoch})"
             ways.insert(0, "continue it with --resume")
         else:
-            done = f" ({epoch} epochs)" if state.get("finished") and epoch else ""
+            done = f" ({counted(epoch, 'epoch')})" if state.get("finished") and epoch else ""
             what = f"a {'finished run' if done else 'model'}'s checkpoint{done}"
             ways.insert(1, f"start from it with --finetune {output}")
     raise DataError(f"{output} exists: {what}; {', '.join(ways[:-1])} or {ways[-1]}")
