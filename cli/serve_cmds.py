@@ -115,17 +115,17 @@ def serve_command(
     options = ServeOptions(max_upload=max_upload, token=token, allow_url=allow_url)
     with open_index(index_dir, weights, device, search_precision) as index:
         app = create_app(index, options)
-        listener = listening_socket(host, port)
-        port = listener.getsockname()[1]  # the one chosen, for --port 0
-        shown = f"[{host}]" if ":" in host else host
-        suffix = "/#token=" + token if token else "/"
-        click.echo(
-            f"serving {counted(index.count, 'image')} from {index.directory} at "
-            f"http://{shown}:{port}{suffix} (Ctrl+C stops)",
-            err=True,
-        )
-        config = uvicorn.Config(app, host=host, port=port, log_level="warning", lifespan="on")
-        uvicorn.Server(config).run(sockets=[listener])
+        with listening_socket(host, port) as listener:
+            port = listener.getsockname()[1]  # the one chosen, for --port 0
+            shown = f"[{host}]" if ":" in host else host
+            suffix = "/#token=" + token if token else "/"
+            click.echo(
+                f"serving {counted(index.count, 'image')} from {index.directory} at "
+                f"http://{shown}:{port}{suffix} (Ctrl+C stops)",
+                err=True,
+            )
+            config = uvicorn.Config(app, host=host, port=port, log_level="warning", lifespan="on")
+            uvicorn.Server(config).run(sockets=[listener])
 
 
 def register(group: click.Group) -> None:

@@ -247,7 +247,7 @@ def test_knobs_given_to_a_search_apply_to_that_search_only(data, built):
 def test_bad_factory_string_and_bad_specs_raise_retrieve_error():
     with pytest.raises(RetrieveError, match="bad index kind"):
         build_index(IndexSpec("IVF64,Bogus"), DIM, None)
-    with pytest.raises(RetrieveError, match="^bad index kind 'Bogus': "):  # as the user wrote it
+    with pytest.raises(RetrieveError, match=r"^bad index kind 'Bogus': "):  # as the user wrote it
         build_index(IndexSpec("Bogus"), DIM, None)
     with pytest.raises(RetrieveError, match="bad index kind"):
         build_index(IndexSpec("IVF16,PQ7"), DIM, np.ones((1000, DIM), np.float32))  # 7 ∤ 64

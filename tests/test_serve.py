@@ -405,16 +405,17 @@ def test_the_server_answers_from_a_new_generation_within_seconds(tmp_path, small
 def test_binding_beyond_loopback_without_a_token_warns(built, monkeypatch) -> None:
     import uvicorn
 
-    ran = []
-    monkeypatch.setattr(uvicorn, "run", lambda app, **kw: ran.append(kw))
-    loud = CliRunner().invoke(cli, ["serve", "--index", str(built[1]), "--host", "0.0.0.0"])
-    assert loud.exit_code == 0 and "warning" in loud.stderr and ran[0]["host"] == "0.0.0.0"
-    quiet = CliRunner().invoke(
-        cli, ["serve", "--index", str(built[1]), "--token", "t", "--host", "0.0.0.0"]
+    ran = []  # where each server would have listened (it is not started)
+    monkeypatch.setattr(
+        uvicorn.Server, "run", lambda self, sockets: ran.append(sockets[0].getsockname()[0])
     )
+    serve = ["serve", "--index", str(built[1]), "--port", "0"]
+    loud = CliRunner().invoke(cli, [*serve, "--host", "0.0.0.0"])
+    assert loud.exit_code == 0 and "warning" in loud.stderr and ran[0] == "0.0.0.0"
+    quiet = CliRunner().invoke(cli, [*serve, "--token", "t", "--host", "0.0.0.0"])
     assert "warning" not in quiet.stderr
-    local = CliRunner().invoke(cli, ["serve", "--index", str(built[1])])
-    assert "warning" not in local.stderr and ran[-1]["host"] == "127.0.0.1"
+    local = CliRunner().invoke(cli, serve)
+    assert "warning" not in local.stderr and ran[-1] == "127.0.0.1"
     assert is_loopback("::1") and is_loopback("localhost") and not is_loopback("10.1.2.3")
     bad = CliRunner().invoke(cli, ["serve", "--index", str(built[1]), "--max-upload", "lots"])
     assert bad.exit_code == 2
