@@ -7,7 +7,10 @@ imported inside the commands so ``retrieve --help`` answers at once.
 
 from __future__ import annotations
 
+import contextlib
+import io
 import logging
+import os
 import sys
 
 import click
@@ -30,6 +33,9 @@ class RetrieveGroup(click.Group):
                 "faiss is not installed: pip install 'retrieve[cpu]' (or 'retrieve[gpu]', the "
                 "GPU build; the two are alternatives)"
             ) from None
+        except BrokenPipeError:  # `retrieve query ... | head`: the reader has what it wanted
+            _quiet_stdout()
+            sys.exit(141)  # 128 + SIGPIPE, what a shell reports for a command a pipe cut short
         except OSError as exc:  # the machine's answer: a folder that cannot be made, a full disk
             from retrieval.images.diagnose import describe_os_error
 
@@ -39,6 +45,13 @@ class RetrieveGroup(click.Group):
         except KeyboardInterrupt:
             click.echo("interrupted; finished chunks are kept and the next run resumes", err=True)
             sys.exit(130)
+
+
+def _quiet_stdout() -> None:
+    """Python flushes stdout on its way out; into a closed pipe that is a second error. (Not a
+    real file, as under a test's capture: nothing to flush into a pipe.)"""
+    with contextlib.suppress(OSError, ValueError, io.UnsupportedOperation):
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
 
 
 @click.group(cls=RetrieveGroup, context_settings={"help_option_names": ["-h", "--help"]})

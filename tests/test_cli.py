@@ -170,6 +170,25 @@ def test_user_mistakes_get_one_line_and_an_exit_code(photos, in_tmp, args, code,
         assert len(result.stderr.strip().splitlines()) == 1
 
 
+def test_a_closed_pipe_ends_quietly_and_other_os_errors_are_one_line() -> None:
+    from retrieval.cli.main import RetrieveGroup
+
+    group = RetrieveGroup()
+
+    @group.command("piped")
+    def piped() -> None:
+        raise BrokenPipeError(32, "Broken pipe")  # `retrieve query ... | head` once head is done
+
+    @group.command("full")
+    def full() -> None:
+        raise OSError(28, "No space left on device", "out/grid.png")
+
+    cut = CliRunner().invoke(group, ["piped"])
+    assert cut.exit_code == 141 and cut.stderr == ""
+    disk = CliRunner().invoke(group, ["full"])
+    assert disk.exit_code == 1 and disk.stderr == "Error: out/grid.png: no space left on device\n"
+
+
 def test_k_larger_than_the_index_answers_with_all_it_holds_and_says_so(indexed) -> None:
     """k is a most: the default 6 on a collection of 3 is not a user's mistake."""
     query = str(sorted(indexed.rglob("*.png"))[0])
