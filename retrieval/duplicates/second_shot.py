@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import numpy as np
 
-SECOND_SHOT_GRID = 12  # blocks of about 10 x 10 px at COMPARE_SIDE: a moved object spans several
+SECOND_SHOT_GRID = 12  # blocks of about 10 x 10 px at 128 px: a moved object spans several
 TEXTURED = 8.0  # a block's grey-level spread (std) from which it has something to compare
 DISAGREE = 0.5  # a block pair correlating below this shows different things
 # Bands along an edge where most blocks disagree are taken as painted (a caption bar over the
