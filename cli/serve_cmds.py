@@ -32,17 +32,12 @@ def is_loopback(host: str) -> bool:
 
 def listening_socket(host: str, port: int) -> socket.socket:
     """A socket bound to ``host:port`` before the server is announced, so a port in use is one
-    clear line rather than a "serving at" line and then uvicorn's error (port 0: a free one)."""
-    try:
-        family, kind, proto, _, address = socket.getaddrinfo(
-            host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
-        )[0]
-    except OSError as exc:
-        raise click.ClickException(f"cannot listen on {host}: {exc.strerror or exc}") from None
-    listener = socket.socket(family, kind, proto)
+    clear line rather than a "serving at" line and then uvicorn's error (port 0: a free one).
+    The family is chosen as uvicorn chooses it: IPv6 for an address with a colon."""
+    listener = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
     listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
-        listener.bind(address)
+        listener.bind((host, port))
     except OSError as exc:
         listener.close()
         if exc.errno == errno.EADDRINUSE:
