@@ -65,8 +65,7 @@ class IndexReport(CommitCounts):
         text += f"; the index holds {counted(self.count, 'image')} ({self.index_dir})"
         earlier = self.total_skipped - self.skipped
         if earlier > 0:  # counted as unchanged above: say they are still not in the index
-            files = "1 file" if earlier == 1 else f"{earlier} files"
-            text += f"; {files} skipped in an earlier run, unchanged since"
+            text += f"; {counted(earlier, 'file')} skipped in an earlier run, unchanged since"
         if self.other_types:
             text += "; " + describe_other_types(self.other_types)
         if self.aliases == 1:
