@@ -23,6 +23,7 @@ from __future__ import annotations
 import math
 import os
 from collections.abc import Sequence
+from dataclasses import dataclass
 from functools import cache
 from typing import TYPE_CHECKING
 
@@ -55,39 +56,52 @@ def pixels(path: str) -> int:
 
 
 ORIENTATION = 0x0112  # the EXIF tag an editor or a viewer writes to turn a picture
-
-
-def has_exif(path: str) -> bool:
-    """Whether the file carries EXIF metadata beyond an orientation tag (a camera's: its make,
-    the time it was taken; a copy rotated by a viewer carries the orientation alone)."""
-    from PIL import Image
-
-    try:
-        with Image.open(path) as image:
-            return any(tag != ORIENTATION for tag in image.getexif())
-    except Exception:
-        return False
-
-
 FEW_COLOURS = 16  # a palette image using more is taken for a photo reduced to a palette
 
 
-def reduced_to_palette(path: str) -> bool:
-    """A picture reduced to a palette: a 1-bit image, or a palette one (GIF, PNG-8) using more
-    than FEW_COLOURS (80 Imagenette photos quantised used 37-256 colours, 8 for a nearly flat
-    one; a logo or a chart drawn in a few colours is as good as any copy of it)."""
+@dataclass(frozen=True)
+class Header:
+    """What ``best`` reads from a file's header and palette, the file opened once for both."""
+
+    # A picture reduced to a palette: a 1-bit image, or a palette one (GIF, PNG-8) using more
+    # than FEW_COLOURS (80 Imagenette photos quantised used 37-256 colours, 8 for a nearly flat
+    # one; a logo or a chart drawn in a few colours is as good as any copy of it).
+    reduced_to_palette: bool = False
+    # EXIF metadata beyond an orientation tag (a camera's: its make, the time it was taken; a
+    # copy rotated by a viewer carries the orientation alone).
+    has_exif: bool = False
+
+
+def header(path: str) -> Header:
+    """The file's :class:`Header`, each fact False where it cannot be read (a broken EXIF block
+    says nothing of the palette, nor a truncated palette of the EXIF)."""
     from PIL import Image
 
     try:
         with Image.open(path) as image:
-            if image.mode == "1":
-                return True
-            if image.mode not in ("P", "PA"):
-                return False
-            used = image.getcolors(maxcolors=256)
-            return used is None or len(used) > FEW_COLOURS
+            return Header(_answer(_reduced_to_palette, image), _answer(_has_exif, image))
     except Exception:
+        return Header()
+
+
+def _answer(question, image) -> bool:
+    try:
+        return question(image)
+    except Exception:  # an unreadable part of a file simply ranks last on that criterion
         return False
+
+
+def _reduced_to_palette(image) -> bool:
+    if image.mode == "1":
+        return True
+    if image.mode not in ("P", "PA"):
+        return False
+    used = image.getcolors(maxcolors=256)
+    return used is None or len(used) > FEW_COLOURS
+
+
+def _has_exif(image) -> bool:
+    return any(tag != ORIENTATION for tag in image.getexif())
 
 
 def sharpness(grey: np.ndarray | None) -> float:
@@ -130,8 +144,7 @@ class Ranking:
         self.padded: set[int] = set()  # row ids verified to be another member plus a margin
         self._pixels = cache(self._count_pixels)
         self._sharpness = cache(self._sharpness_of)
-        self._palette = cache(reduced_to_palette)
-        self._exif = cache(has_exif)
+        self._header = cache(header)
 
     def _count_pixels(self, row: Row) -> int:
         found = self.signatures.get(row.sha256)
@@ -158,7 +171,8 @@ class Ranking:
 
     def _ahead_of_sharpness(self, row: Row) -> tuple:
         """``best``'s criteria before sharpness: not padded, pixels, colour, full colour."""
-        return (row.id in self.padded, -self._pixels(row), self._grey(row), self._palette(row.path))
+        palette = self._header(row.path).reduced_to_palette
+        return (row.id in self.padded, -self._pixels(row), self._grey(row), palette)
 
     def _best(self, rows: Sequence[Row]):
         """``best``'s sort key, sharpness counted from the sharpest of the rows that tie on
@@ -174,7 +188,7 @@ class Ranking:
                 *ahead,
                 self._steps_below(row.path, sharpest[ahead]),
                 os.path.splitext(row.path)[1].lower() not in LOSSLESS,
-                not self._exif(row.path),
+                not self._header(row.path).has_exif,
                 -row.size,
                 row.path,
             )
